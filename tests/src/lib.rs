@@ -1,0 +1,1 @@
+//! VMM-shaped test host.

@@ -1,0 +1,1 @@
+//! Cloud Hypervisor glue for the Xe VF migration engine.
