@@ -218,14 +218,38 @@ mod tests {
     #[test]
     fn states_match_kernel_bindings() {
         let pairs = [
-            (DeviceState::Error, b::vfio_device_mig_state_VFIO_DEVICE_STATE_ERROR),
-            (DeviceState::Stop, b::vfio_device_mig_state_VFIO_DEVICE_STATE_STOP),
-            (DeviceState::Running, b::vfio_device_mig_state_VFIO_DEVICE_STATE_RUNNING),
-            (DeviceState::StopCopy, b::vfio_device_mig_state_VFIO_DEVICE_STATE_STOP_COPY),
-            (DeviceState::Resuming, b::vfio_device_mig_state_VFIO_DEVICE_STATE_RESUMING),
-            (DeviceState::RunningP2p, b::vfio_device_mig_state_VFIO_DEVICE_STATE_RUNNING_P2P),
-            (DeviceState::PreCopy, b::vfio_device_mig_state_VFIO_DEVICE_STATE_PRE_COPY),
-            (DeviceState::PreCopyP2p, b::vfio_device_mig_state_VFIO_DEVICE_STATE_PRE_COPY_P2P),
+            (
+                DeviceState::Error,
+                b::vfio_device_mig_state_VFIO_DEVICE_STATE_ERROR,
+            ),
+            (
+                DeviceState::Stop,
+                b::vfio_device_mig_state_VFIO_DEVICE_STATE_STOP,
+            ),
+            (
+                DeviceState::Running,
+                b::vfio_device_mig_state_VFIO_DEVICE_STATE_RUNNING,
+            ),
+            (
+                DeviceState::StopCopy,
+                b::vfio_device_mig_state_VFIO_DEVICE_STATE_STOP_COPY,
+            ),
+            (
+                DeviceState::Resuming,
+                b::vfio_device_mig_state_VFIO_DEVICE_STATE_RESUMING,
+            ),
+            (
+                DeviceState::RunningP2p,
+                b::vfio_device_mig_state_VFIO_DEVICE_STATE_RUNNING_P2P,
+            ),
+            (
+                DeviceState::PreCopy,
+                b::vfio_device_mig_state_VFIO_DEVICE_STATE_PRE_COPY,
+            ),
+            (
+                DeviceState::PreCopyP2p,
+                b::vfio_device_mig_state_VFIO_DEVICE_STATE_PRE_COPY_P2P,
+            ),
         ];
         for (ours, kernel) in pairs {
             assert_eq!(ours.raw(), kernel, "{ours}");
@@ -242,6 +266,9 @@ mod tests {
         assert_eq!(f.to_string(), "STOP_COPY|P2P");
         assert!(MigrationFlags::parse("stop_copy|dirty").is_err());
         assert_eq!(MigrationFlags::from_bits(0x11).unknown_bits(), 0x10);
-        assert_eq!(MigrationFlags::from_bits(0x11).to_string(), "STOP_COPY|0x10");
+        assert_eq!(
+            MigrationFlags::from_bits(0x11).to_string(),
+            "STOP_COPY|0x10"
+        );
     }
 }
