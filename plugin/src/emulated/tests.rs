@@ -270,6 +270,72 @@ fn stream_matches_size_and_packet_order() {
         .rfind(|p| p.header.kind == PacketType::Vram)
         .unwrap();
     assert_eq!(last_vram.header.offset + last_vram.header.size, lmem);
+
+    // Both tiles load back into place.
+    dev.fill_vram(77, 30).unwrap();
+    walk(&dev, &[RunningP2p, Running]);
+    let stream = save(&dev);
+    let dst = EmulatedXeVf::new(EmulatedConfig {
+        workload: false,
+        ..cfg
+    })
+    .unwrap();
+    restore(&dst, &stream).unwrap();
+    assert_eq!(dst.digest().unwrap(), dev.digest().unwrap());
+}
+
+#[test]
+fn fill_vram_leaves_the_asked_share_of_zero_pages() {
+    struct ZeroPages {
+        zero: u64,
+        total: u64,
+        page: Vec<u8>,
+    }
+    impl crate::xe_stream::XeStreamVisitor for ZeroPages {
+        fn on_payload(
+            &mut self,
+            h: &crate::xe_stream::PacketHeader,
+            _off: u64,
+            data: &[u8],
+        ) -> std::result::Result<(), crate::xe_stream::XeStreamError> {
+            if h.kind != PacketType::Vram {
+                return Ok(());
+            }
+            for b in data {
+                self.page.push(*b);
+                if self.page.len() == 4096 {
+                    self.total += 1;
+                    self.zero += u64::from(self.page.iter().all(|b| *b == 0));
+                    self.page.clear();
+                }
+            }
+            Ok(())
+        }
+    }
+    let dev = EmulatedXeVf::new(EmulatedConfig {
+        workload: false,
+        ..small(14)
+    })
+    .unwrap();
+    for percent in [0u8, 70, 100] {
+        dev.fill_vram(14, percent).unwrap();
+        let stream = save(&dev);
+        walk(&dev, &[RunningP2p, Running]);
+        let mut pages = ZeroPages {
+            zero: 0,
+            total: 0,
+            page: Vec::new(),
+        };
+        let mut parser = crate::xe_stream::XeStreamParser::new(Default::default());
+        parser.feed(&stream, &mut pages).unwrap();
+        parser.finish().unwrap();
+        assert_eq!(pages.total, 1024);
+        let share = pages.zero * 100 / pages.total;
+        assert!(
+            share.abs_diff(u64::from(percent)) <= 8,
+            "{percent}% asked, {share}% zero"
+        );
+    }
 }
 
 #[test]
@@ -472,20 +538,23 @@ fn injected_arc_failure_and_error_state() {
 
 #[test]
 fn reset_zeroes_everything() {
-    let dev = EmulatedXeVf::new(small(10)).unwrap();
-    dev.fill_vram(10, 10).unwrap();
-    wait_for("workload progress", || dev.generation() > 3);
-    walk(&dev, &[RunningP2p, Stop]);
-    let _open = dev.set_state(Resuming).unwrap();
-    dev.reset().unwrap();
-    assert_eq!(dev.state().unwrap(), Running);
-    walk(&dev, &[RunningP2p]);
-    let fresh = EmulatedXeVf::new(EmulatedConfig {
+    let src = EmulatedXeVf::new(small(10)).unwrap();
+    wait_for("workload progress", || src.generation() > 3);
+    let stream = save(&src);
+    // No workload here, so nothing moves after the reset.
+    let dev = EmulatedXeVf::new(EmulatedConfig {
         workload: false,
         ..small(10)
     })
     .unwrap();
-    assert_eq!(dev.digest().unwrap(), fresh.digest().unwrap());
+    let fresh = dev.digest().unwrap();
+    dev.fill_vram(10, 10).unwrap();
+    restore(&dev, &stream).unwrap();
+    assert!(dev.generation() > 3);
+    let _open = dev.set_state(Resuming).unwrap();
+    dev.reset().unwrap();
+    assert_eq!(dev.state().unwrap(), Running);
+    assert_eq!(dev.digest().unwrap(), fresh);
     assert_eq!(dev.generation(), 0);
 }
 

@@ -83,7 +83,9 @@ pub(crate) struct Workload {
 }
 
 /// Held while the workload must not touch the device.
-pub(crate) struct Quiesced<'a>(#[allow(dead_code)] MutexGuard<'a, GateState>);
+pub(crate) struct Quiesced<'a> {
+    _gate: MutexGuard<'a, GateState>,
+}
 
 impl Workload {
     /// Starts the (paused) workload thread, unless `enabled` is false.
@@ -116,7 +118,9 @@ impl Workload {
 
     /// Blocks the workload for as long as the guard lives.
     pub(crate) fn quiesce(&self) -> Quiesced<'_> {
-        Quiesced(lock(&self.gate.state))
+        Quiesced {
+            _gate: lock(&self.gate.state),
+        }
     }
 }
 
