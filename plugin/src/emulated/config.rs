@@ -1,0 +1,143 @@
+// Copyright 2026 The xe-vf-migration authors
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Shape of an emulated VF and the stream length that shape implies.
+
+use crate::device::{DeviceError, Result};
+use crate::uapi::MigrationFlags;
+use crate::xe_stream::{Descriptor, HEADER_LEN};
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+/// Largest GGTT/MMIO/GuC blob per GT; they live in RAM.
+pub const MAX_SMALL_COMPONENT: u64 = 64 * MIB;
+/// The GuC blob of GT 0 starts with the workload generation counter.
+pub const MIN_GUC_SIZE: u64 = 8;
+
+/// Shape and behaviour of an [`super::EmulatedXeVf`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EmulatedConfig {
+    /// PCI device id; 0xe20b is a Battlemage (Arc B580) id that
+    /// `xe-vfio-pci` binds.
+    pub device_id: u16,
+    pub revision_id: u8,
+    /// LMEM quota of the VF in bytes, split evenly over the tiles.
+    pub vram_size: u64,
+    pub tiles: u8,
+    /// GTs per tile (primary + media).
+    pub gts_per_tile: u8,
+    /// Bytes of GGTT entries per GT.
+    pub ggtt_size: u64,
+    /// Bytes of saved registers per GT.
+    pub mmio_size: u64,
+    /// Bytes of GuC VF state per GT.
+    pub guc_size: u64,
+    /// Payload bytes of one VRAM packet.
+    pub vram_chunk_size: u64,
+    /// What `VFIO_DEVICE_FEATURE_MIGRATION` reports.
+    pub migration_flags: MigrationFlags,
+    /// Run a background workload while RUNNING.
+    pub workload: bool,
+    /// Seeds the workload's access pattern.
+    pub seed: u64,
+}
+
+impl Default for EmulatedConfig {
+    fn default() -> Self {
+        EmulatedConfig {
+            device_id: 0xe20b,
+            revision_id: 0,
+            vram_size: 256 * MIB,
+            tiles: 1,
+            gts_per_tile: 2,
+            ggtt_size: 64 * KIB,
+            mmio_size: 16 * KIB,
+            guc_size: 32 * KIB,
+            vram_chunk_size: 2 * MIB,
+            migration_flags: MigrationFlags::XE_VF,
+            workload: true,
+            seed: 0x5eed,
+        }
+    }
+}
+
+impl EmulatedConfig {
+    /// Rejects shapes the model cannot represent.
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |what: String| {
+            Err(DeviceError::Other(format!(
+                "invalid emulated VF config: {what}"
+            )))
+        };
+        if self.tiles == 0 || self.gts_per_tile == 0 {
+            return invalid("tiles and gts_per_tile must be at least 1".into());
+        }
+        if u16::from(self.tiles) * u16::from(self.gts_per_tile) > u16::from(u8::MAX) {
+            return invalid(format!(
+                "{} tiles x {} GTs exceed 255 GT ids",
+                self.tiles, self.gts_per_tile
+            ));
+        }
+        if self.vram_size == 0 || !self.vram_size.is_multiple_of(u64::from(self.tiles)) {
+            return invalid(format!(
+                "vram_size {} must be non-zero and divisible by {} tiles",
+                self.vram_size, self.tiles
+            ));
+        }
+        if self.vram_chunk_size == 0 {
+            return invalid("vram_chunk_size must be non-zero".into());
+        }
+        for (name, size, min) in [
+            ("ggtt_size", self.ggtt_size, 1),
+            ("mmio_size", self.mmio_size, 1),
+            ("guc_size", self.guc_size, MIN_GUC_SIZE),
+        ] {
+            if !(min..=MAX_SMALL_COMPONENT).contains(&size) {
+                return invalid(format!(
+                    "{name} {size} outside {min}..={MAX_SMALL_COMPONENT}"
+                ));
+            }
+        }
+        if !self.migration_flags.contains(MigrationFlags::STOP_COPY) {
+            return invalid(format!(
+                "migration_flags {} lack STOP_COPY",
+                self.migration_flags
+            ));
+        }
+        Ok(())
+    }
+
+    /// Device-wide number of GTs (GT ids are `0..gt_count`).
+    pub fn gt_count(&self) -> u8 {
+        self.tiles.saturating_mul(self.gts_per_tile)
+    }
+
+    /// Tile a device-wide GT id belongs to.
+    pub fn tile_of(&self, gt: u8) -> u8 {
+        gt / self.gts_per_tile.max(1)
+    }
+
+    /// LMEM bytes of each tile.
+    pub fn lmem_per_tile(&self) -> u64 {
+        self.vram_size / u64::from(self.tiles.max(1))
+    }
+
+    /// The descriptor this device writes and requires.
+    pub fn descriptor(&self) -> Descriptor {
+        Descriptor::new(self.device_id, self.revision_id)
+    }
+
+    /// Exact byte length of the STOP_COPY stream: every packet's header
+    /// and payload, descriptor and trailer included.
+    pub fn stop_copy_size(&self) -> u64 {
+        let header = HEADER_LEN as u64;
+        let lmem = self.lmem_per_tile();
+        let chunks = lmem.div_ceil(self.vram_chunk_size.max(1));
+        let per_gt = 3 * header + self.ggtt_size + self.mmio_size + self.guc_size;
+        let per_tile = chunks * header + lmem;
+        (header + self.descriptor().encoded_len())
+            + u64::from(self.gt_count()) * per_gt
+            + u64::from(self.tiles) * per_tile
+            + header
+    }
+}
