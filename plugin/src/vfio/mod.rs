@@ -8,11 +8,11 @@
 //! migration data fd inside its `VfioDevice` and buffers the stream, while
 //! the engine must own the fd as a [`File`] and stream it.
 //!
-//! Layout: [`feature`] builds and parses the ioctl buffers, `kernel` holds
+//! Layout: `feature` builds and parses the ioctl buffers, `kernel` holds
 //! the two syscalls behind a trait (faked in unit tests), `sysfs` checks the
 //! device and reads its identity.
 
-pub mod feature;
+mod feature;
 mod kernel;
 mod sysfs;
 #[cfg(test)]
@@ -20,7 +20,7 @@ mod tests;
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -146,7 +146,6 @@ impl VfioMigrationDevice {
     /// and closed on drop; `identity` comes from the caller because an fd
     /// has no sysfs directory.
     pub fn from_device_fd(fd: OwnedFd, identity: DeviceIdentity) -> Self {
-        use std::os::fd::AsRawFd;
         let name = format!("fd{}", fd.as_raw_fd());
         VfioMigrationDevice {
             kernel: Box::new(DeviceFd::Cdev(fd)),
