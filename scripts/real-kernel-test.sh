@@ -140,7 +140,9 @@ resolve_kernel() {
     depends=$(apt_field "linux-headers-$abi-amd64" Depends)
     headers_common=$(grep -oE 'linux-headers-[^ ,]+-common' <<<"$depends" | head -n 1)
     kbuild=$(grep -oE 'linux-kbuild-[^ ,]+' <<<"$depends" | head -n 1)
-    [ -n "$headers_common" ] && [ -n "$kbuild" ] || die "cannot read the dependencies of linux-headers-$abi-amd64"
+    if [ -z "$headers_common" ] || [ -z "$kbuild" ]; then
+        die "cannot read the dependencies of linux-headers-$abi-amd64"
+    fi
     series=$(sed -E 's/^(6\.[0-9]+).*/\1/' <<<"$abi")
     local source="linux-source-$series"
     # Prefer the source of the very same upload; mtty.c is what matters.
@@ -355,6 +357,7 @@ report() {
     [ -n "$start" ] && TIMINGS+=("guest-boot-to-test=${start}s")
     [ -n "$start" ] && [ -n "$end" ] &&
         TIMINGS+=("guest-test=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }')s")
+    # shellcheck disable=SC2153 # VERSION comes from kernel.env
     log "kernel $KREL (packages $VERSION), timings: ${TIMINGS[*]}"
     if [ "$QEMU_RC" = 124 ] || [ "$QEMU_RC" = 137 ]; then
         log "FAIL: guest did not finish within ${BOOT_TIMEOUT}s"

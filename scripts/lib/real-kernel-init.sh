@@ -1,4 +1,5 @@
 #!/bin/busybox sh
+# shellcheck shell=dash
 # Copyright 2026 The xe-vf-migration authors
 # SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 #
