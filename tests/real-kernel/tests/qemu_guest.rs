@@ -1,0 +1,100 @@
+// Copyright 2026 The xe-vf-migration authors
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Host side of the real-kernel test: runs `scripts/real-kernel-test.sh`,
+//! which boots a Debian kernel under qemu and runs this crate's binary in
+//! the guest against two mtty mdevs.
+//!
+//! Run it alone with
+//! `cargo test -p xe-vf-kernel-test --test qemu_guest real_kernel_mtty_migration -- --nocapture`.
+//! It skips (with the reason printed) only when qemu is missing and the
+//! script could not install it (not root), or when `XE_SKIP_REAL_KERNEL=1`.
+
+use std::env;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const RESULT_PREFIX: &str = "XE-VF-KERNEL-TEST: RESULT ";
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("..")
+}
+
+fn on_path(tool: &str) -> bool {
+    env::var_os("PATH")
+        .map(|path| env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
+        .unwrap_or(false)
+}
+
+/// Effective uid 0, read from procfs to avoid `unsafe` for `geteuid`.
+fn is_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("Uid:"))
+                .and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn skip_reason() -> Option<String> {
+    if env::var("XE_SKIP_REAL_KERNEL").is_ok_and(|v| v == "1") {
+        return Some("XE_SKIP_REAL_KERNEL=1".to_string());
+    }
+    if !on_path("qemu-system-x86_64") && !is_root() {
+        return Some("qemu-system-x86_64 is missing and installing it needs root".to_string());
+    }
+    None
+}
+
+#[test]
+fn real_kernel_mtty_migration() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("SKIPPED real_kernel_mtty_migration: {reason}");
+        return;
+    }
+    let root = repo_root();
+    let script = root.join("scripts").join("real-kernel-test.sh");
+    assert!(script.is_file(), "{} missing", script.display());
+
+    let output = Command::new(&script)
+        .current_dir(&root)
+        .output()
+        .expect("running real-kernel-test.sh");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    eprintln!("--- real-kernel-test.sh stderr ---\n{stderr}");
+    eprintln!("--- real-kernel-test.sh stdout ---\n{stdout}");
+
+    assert!(
+        output.status.success(),
+        "real-kernel-test.sh failed ({}); serial log in target/real-kernel/serial.log",
+        output.status
+    );
+    let results: Vec<&str> = stdout
+        .lines()
+        .filter(|line| line.starts_with(RESULT_PREFIX))
+        .collect();
+    assert_eq!(results.len(), 1, "expected one RESULT line: {results:?}");
+    let (verdict, json) = results[0][RESULT_PREFIX.len()..]
+        .split_once(' ')
+        .expect("RESULT line has a verdict and a payload");
+    assert_eq!(verdict, "pass");
+
+    let report: serde_json::Value = serde_json::from_str(json).expect("RESULT payload is JSON");
+    let devices = report["checks"]["devices"]
+        .as_array()
+        .expect("checks.devices is an array");
+    assert_eq!(devices.len(), 2, "both mdevs probed: {report}");
+    for device in devices {
+        let flags = device["migration_flags"]
+            .as_u64()
+            .expect("migration_flags is a number");
+        // mtty implements STOP_COPY (1) and P2P (2) since 6.7 (and PRE_COPY).
+        assert_eq!(flags & 0b11, 0b11, "mtty migration flags {flags:#x}");
+        assert_eq!(device["device_state"], "RUNNING");
+    }
+}
