@@ -13,7 +13,7 @@ use super::{
 };
 
 /// What a decoder read.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DecodeSummary {
     /// Device bytes the stream decodes to.
     pub decoded_bytes: u64,

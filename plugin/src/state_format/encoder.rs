@@ -52,7 +52,7 @@ impl EncoderOptions {
 }
 
 /// What an encoder wrote.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct EncodeSummary {
     /// Device bytes taken in (the decoded size).
     pub raw_bytes: u64,

@@ -1,0 +1,181 @@
+// Copyright 2026 The xe-vf-migration authors
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Bounded, pipelined byte pumps and deadline-aware fd I/O.
+//!
+//! Device data moves through a fixed pool of buffers: one thread fills
+//! them, the caller drains them, so reading the source overlaps writing
+//! the destination while memory stays `depth * buffer_size`.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Waits until `fd` is ready for `events` or `timeout` passes.
+fn wait_fd(fd: &File, events: libc::c_short, timeout: Duration, what: &str) -> io::Result<()> {
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: `pfd` is a valid, initialised pollfd and we pass a count
+        // of exactly one; poll does not retain the pointer.
+        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        match rc {
+            0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("{what} stalled: no progress for {} ms", timeout.as_millis()),
+                ))
+            }
+            n if n > 0 => return Ok(()),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+/// A device data fd whose reads and writes fail after `timeout` without
+/// progress instead of blocking forever on a stuck device.
+pub struct DeadlineFd {
+    file: File,
+    timeout: Duration,
+}
+
+impl DeadlineFd {
+    pub fn new(file: File, timeout: Duration) -> Self {
+        DeadlineFd { file, timeout }
+    }
+}
+
+impl Read for DeadlineFd {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        wait_fd(&self.file, libc::POLLIN, self.timeout, "device data stream")?;
+        self.file.read(buf)
+    }
+}
+
+impl Write for DeadlineFd {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        wait_fd(
+            &self.file,
+            libc::POLLOUT,
+            self.timeout,
+            "device data stream",
+        )?;
+        self.file.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Reads `reader` to EOF on a thread of its own into a bounded buffer pool.
+pub struct ReadAhead {
+    filled: Option<Receiver<io::Result<Vec<u8>>>>,
+    empty: Option<SyncSender<Vec<u8>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ReadAhead {
+    /// Starts reading; at most `depth` buffers of `buffer_size` exist.
+    pub fn spawn<R: Read + Send + 'static>(
+        mut reader: R,
+        buffer_size: usize,
+        depth: usize,
+    ) -> io::Result<Self> {
+        let depth = depth.max(1);
+        let (filled_tx, filled) = sync_channel::<io::Result<Vec<u8>>>(depth);
+        let (empty, empty_rx) = sync_channel::<Vec<u8>>(depth);
+        for _ in 0..depth {
+            // Cannot block: the channel holds `depth` items.
+            let _ = empty.try_send(vec![0u8; buffer_size.max(1)]);
+        }
+        let thread = std::thread::Builder::new()
+            .name("xe-read-ahead".into())
+            .spawn(move || {
+                while let Ok(mut buf) = empty_rx.recv() {
+                    buf.resize(buf.capacity().max(1), 0);
+                    let result = loop {
+                        match reader.read(&mut buf) {
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                            other => break other,
+                        }
+                    };
+                    match result {
+                        Ok(0) => {
+                            buf.clear();
+                            let _ = filled_tx.send(Ok(buf));
+                            return;
+                        }
+                        Ok(n) => {
+                            buf.truncate(n);
+                            if filled_tx.send(Ok(buf)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = filled_tx.send(Err(e));
+                            return;
+                        }
+                    }
+                }
+            })?;
+        Ok(ReadAhead {
+            filled: Some(filled),
+            empty: Some(empty),
+            thread: Some(thread),
+        })
+    }
+
+    /// Next chunk; an empty chunk means EOF.
+    pub fn next_chunk(&mut self) -> io::Result<Vec<u8>> {
+        match self.filled.as_ref().map(Receiver::recv) {
+            Some(Ok(r)) => r,
+            _ => Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "read-ahead thread ended unexpectedly",
+            )),
+        }
+    }
+
+    /// Hands a drained buffer back to the reader.
+    pub fn recycle(&self, buf: Vec<u8>) {
+        if let Some(empty) = &self.empty {
+            let _ = empty.try_send(buf);
+        }
+    }
+
+    /// Stops the reader and waits for it. The caller must first make its
+    /// source return (EOF, error, or closed by the device), or this waits
+    /// for the source's own timeout.
+    pub fn join(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        // Without a receiver the thread's next send fails, so it stops
+        // after the read it may be blocked in.
+        drop(self.filled.take());
+        drop(self.empty.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
