@@ -357,6 +357,10 @@ report() {
     [ -n "$start" ] && TIMINGS+=("guest-boot-to-test=${start}s")
     [ -n "$start" ] && [ -n "$end" ] &&
         TIMINGS+=("guest-test=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }')s")
+    # One line per check: name, verdict, time (details are in the JSON).
+    { grep -aE "^$TAG check [a-z0-9_]+: (pass|FAIL) in" "$SERIAL_LOG" 2>/dev/null || true; } | tr -d '\r' |
+        sed -E "s/^$TAG check ([a-z0-9_]+): (pass|FAIL) in ([0-9.]+ ms).*/\2 \1 (\3)/" |
+        while IFS= read -r line; do log "check $line"; done
     # shellcheck disable=SC2153 # VERSION comes from kernel.env
     log "kernel $KREL (packages $VERSION), timings: ${TIMINGS[*]}"
     if [ "$QEMU_RC" = 124 ] || [ "$QEMU_RC" = 137 ]; then

@@ -13,7 +13,8 @@
 //!
 //! Everything goes to stdout (the serial console). The host script only
 //! trusts one line: `XE-VF-KERNEL-TEST: RESULT pass|fail <json>`, printed
-//! last, exactly once.
+//! last, exactly once; `pass` only if every mandatory check passed. The
+//! JSON lists each check with its verdict, details and time.
 
 mod checks;
 mod environment;
@@ -47,6 +48,7 @@ fn parse_args() -> anyhow::Result<[PathBuf; 2]> {
     }
 }
 
+/// Sets up and runs every check; `Err` only if the run could not start.
 fn run() -> anyhow::Result<Report> {
     let paths = parse_args()?;
 
@@ -69,7 +71,7 @@ fn run() -> anyhow::Result<Report> {
         devices.push(info);
     }
 
-    let checks = checks::run_checks(&paths)?;
+    let checks = checks::run_checks(&paths);
     Ok(Report {
         environment,
         devices,
@@ -87,10 +89,18 @@ fn print_result(pass: bool, payload: &serde_json::Value) {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
 
-    match run().and_then(|report| Ok(serde_json::to_value(report)?)) {
-        Ok(report) => {
-            print_result(true, &report);
-            ExitCode::SUCCESS
+    let outcome = run().and_then(|report| {
+        let pass = report.checks.all_mandatory_passed;
+        Ok((pass, serde_json::to_value(report)?))
+    });
+    match outcome {
+        Ok((pass, report)) => {
+            print_result(pass, &report);
+            if pass {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Err(e) => {
             let error = format!("{e:#}");

@@ -85,16 +85,70 @@ fn real_kernel_mtty_migration() {
     assert_eq!(verdict, "pass");
 
     let report: serde_json::Value = serde_json::from_str(json).expect("RESULT payload is JSON");
-    let devices = report["checks"]["devices"]
+    let checks = &report["checks"];
+    print_summary(checks);
+
+    let devices = checks["devices"]
         .as_array()
         .expect("checks.devices is an array");
-    assert_eq!(devices.len(), 2, "both mdevs probed: {report}");
+    assert_eq!(devices.len(), 2, "both mdevs opened: {checks}");
     for device in devices {
         let flags = device["migration_flags"]
             .as_u64()
             .expect("migration_flags is a number");
         // mtty implements STOP_COPY (1) and P2P (2) since 6.7 (and PRE_COPY).
         assert_eq!(flags & 0b11, 0b11, "mtty migration flags {flags:#x}");
-        assert_eq!(device["device_state"], "RUNNING");
+        assert_eq!(device["initial_state"], "RUNNING");
+        assert!(device["stop_copy_size"].as_u64().unwrap_or(0) > 0);
+    }
+
+    let list = checks["checks"]
+        .as_array()
+        .expect("checks.checks is an array");
+    let names: Vec<&str> = list.iter().filter_map(|c| c["name"].as_str()).collect();
+    assert_eq!(
+        names, EXPECTED_CHECKS,
+        "the guest ran a different set of checks"
+    );
+    let failed: Vec<String> = list
+        .iter()
+        .filter(|c| c["passed"] != true)
+        .map(|c| format!("{}: {}", c["name"], c["error"]))
+        .collect();
+    assert!(failed.is_empty(), "checks failed: {failed:#?}");
+    assert_eq!(checks["all_mandatory_passed"], true);
+}
+
+/// Every check the guest binary runs, in order.
+const EXPECTED_CHECKS: [&str; 9] = [
+    "open_and_flags",
+    "mig_data_size_vs_stop_copy",
+    "save_a_running_to_stop_copy",
+    "restore_into_b",
+    "invalid_arcs",
+    "garbage_restore_recovers",
+    "garbage_header_full_size",
+    "state_format_save_restore",
+    "pre_copy",
+];
+
+/// One line per check: verdict, time, and its details.
+fn print_summary(checks: &serde_json::Value) {
+    eprintln!("--- real-kernel checks ---");
+    for check in checks["checks"].as_array().into_iter().flatten() {
+        let verdict = if check["passed"] == true {
+            "pass"
+        } else {
+            "FAIL"
+        };
+        eprintln!(
+            "{verdict} {:<30} {:>8.1} ms  {}",
+            check["name"].as_str().unwrap_or("?"),
+            check["millis"].as_f64().unwrap_or(f64::NAN),
+            check["details"]
+        );
+        if !check["error"].is_null() {
+            eprintln!("     error: {}", check["error"]);
+        }
     }
 }
