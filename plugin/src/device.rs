@@ -86,8 +86,10 @@ pub type Result<T> = std::result::Result<T, DeviceError>;
 
 /// A device that speaks the VFIO migration uAPI v2.
 ///
-/// `set_state` performs exactly one arc of the kernel's state machine
-/// (callers walk multi-arc paths with [`crate::fsm`]). An arc that opens a
+/// Callers ask `set_state` for one arc at a time, walking longer paths with
+/// [`crate::fsm`] so that every step can be checked and recovered. (Linux's
+/// VFIO core would also accept a non-adjacent pair of supported states and
+/// walk it internally; nothing here relies on either behaviour.) An arc that opens a
 /// data stream (`STOP -> STOP_COPY`, `STOP -> RESUMING`, `RUNNING ->
 /// PRE_COPY`, ...) returns its data fd, a real file descriptor.
 pub trait MigrationDevice: Send + Sync {

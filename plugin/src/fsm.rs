@@ -248,7 +248,7 @@ pub fn walk(
                 // recovering so the device is not held open.
                 drop(data_fd.take());
                 warn!("arc {cur} -> {next} failed: {source}; recovering to {recovery}");
-                let recovery = recover(device, flags, recovery);
+                let recovery = recover_after(device, flags, recovery, Some((cur, next)));
                 return Err(WalkError::Arc {
                     from: cur,
                     to: next,
@@ -267,10 +267,26 @@ pub fn recover(
     flags: MigrationFlags,
     target: DeviceState,
 ) -> Recovery {
+    recover_after(device, flags, target, None)
+}
+
+/// [`recover`], knowing which arc failed: a route back that starts with
+/// that same arc is not tried again (a failed RESUMING -> STOP would
+/// otherwise load known-bad data twice); the device is reset instead.
+fn recover_after(
+    device: &dyn MigrationDevice,
+    flags: MigrationFlags,
+    target: DeviceState,
+    failed_arc: Option<(DeviceState, DeviceState)>,
+) -> Recovery {
     match device.state() {
         Ok(Error) | Err(_) => {}
         Ok(cur) => {
-            if walk_plain(device, flags, cur, target).is_ok() {
+            let repeats_failure = path(flags, cur, target)
+                .ok()
+                .and_then(|p| p.first().copied())
+                .is_some_and(|first| Some((cur, first)) == failed_arc);
+            if !repeats_failure && walk_plain(device, flags, cur, target).is_ok() {
                 info!("device recovered to {target}");
                 return Recovery::Recovered(target);
             }
@@ -562,6 +578,22 @@ mod tests {
         let err = walk(&dev, Resuming, Stop).unwrap_err();
         assert_eq!(err.recovery(), Some(Recovery::ResetThenRecovered(Stop)));
         assert_eq!(dev.state().unwrap(), Stop);
+    }
+
+    #[test]
+    fn failed_load_is_not_retried_on_the_way_back() {
+        let dev = Scripted::new(SC_P2P, Resuming);
+        *dev.fail.lock().unwrap() = Some((Resuming, Stop, false));
+        let err = walk(&dev, Running, Running).unwrap_err();
+        assert_eq!(err.recovery(), Some(Recovery::ResetThenRecovered(Running)));
+        let loads = dev
+            .arcs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|&&a| a == (Resuming, Stop))
+            .count();
+        assert_eq!(loads, 1, "RESUMING -> STOP must be attempted once");
     }
 
     #[test]

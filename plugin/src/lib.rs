@@ -9,11 +9,13 @@
 //! the VMM-side device-state format in [`state_format`], and the streaming
 //! save/restore paths in [`engine`].
 
+pub mod backend;
 pub mod device;
 pub mod device_config;
 pub mod emulated;
 pub mod engine;
 pub mod fsm;
+pub mod proc_stats;
 pub mod state_format;
 pub mod uapi;
 pub mod vfio;

@@ -154,6 +154,17 @@ impl VfioMigrationDevice {
         }
     }
 
+    /// Identity from a PCI sysfs directory, for an fd handed over by the
+    /// VMM together with its `path=`; `None` if the ids cannot be read.
+    pub fn sysfs_identity(sysfs_path: &Path) -> Option<DeviceIdentity> {
+        sysfs::read_pci_ids(sysfs_path).map(|ids| DeviceIdentity {
+            vendor_id: ids.vendor_id,
+            device_id: ids.device_id,
+            revision_id: ids.revision_id,
+            vram_size: None,
+        })
+    }
+
     #[cfg(test)]
     fn with_kernel(kernel: Box<dyn FeatureIoctl>, identity: DeviceIdentity) -> Self {
         VfioMigrationDevice {
