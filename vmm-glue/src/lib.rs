@@ -1,1 +1,18 @@
-//! Cloud Hypervisor glue for the Xe VF migration engine.
+// Copyright 2026 The xe-vf-migration authors
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Cloud Hypervisor integration of the Xe VF migration engine.
+//!
+//! [`migration`] and [`protocol`] mirror CH's `vm-migration` contracts;
+//! [`xe_vf::XeVfDevice`] implements them for one VF and
+//! [`device_set::XeVfSet`] orders several; [`snapshot`] owns the on-disk
+//! layout and [`dirty`] the dirty-tracking policy.
+
+pub mod device_set;
+pub mod dirty;
+pub mod migration;
+pub mod protocol;
+pub mod snapshot;
+pub mod xe_vf;
+
+pub use xe_vf::{DeviceMigrationInfo, XeVfDevice};

@@ -1,0 +1,443 @@
+// Copyright 2026 The xe-vf-migration authors
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! `XeVfDevice`: one Xe VF as a Cloud Hypervisor migratable device.
+//!
+//! It plays the part of CH's `VfioPciDevice` migration hooks, with three
+//! differences that make an Xe VF migratable at all: device data is
+//! streamed (into a file beside `state.json`, or through an additive phase
+//! of the migration protocol) instead of base64 in JSON; dirty tracking
+//! does not require device DMA logging; and compatibility is checked before
+//! the source stops.
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::sync::Arc;
+
+use anyhow::anyhow;
+use log::{info, warn};
+use serde::{Deserialize, Serialize};
+use xe_vf_plugin::backend::Backend;
+use xe_vf_plugin::device_config::DeviceConfig;
+use xe_vf_plugin::engine::{self, EngineError, RestoreReport, SaveReport, TransferOptions};
+use xe_vf_plugin::fsm;
+use xe_vf_plugin::state_format::{DEVICE_KIND_XE_VF, FORMAT_VERSION};
+use xe_vf_plugin::{DeviceIdentity, DeviceState, MigrationDevice, MigrationFlags};
+
+use crate::dirty::{self, DirtyMode, DirtyTracker};
+use crate::migration::{
+    MemoryRange, MemoryRangeTable, Migratable, MigratableError, Pausable, Snapshot, Snapshottable,
+    Transportable,
+};
+use crate::snapshot::{self, PendingDataFile, XeVfSnapshotState};
+
+/// What a destination needs to know of a source VF before anything stops.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceMigrationInfo {
+    pub id: String,
+    pub device_kind: String,
+    pub identity: DeviceIdentity,
+    pub migration_flags: u64,
+    pub expected_size: u64,
+}
+
+/// One Xe VF passed through to a VM.
+pub struct XeVfDevice {
+    id: String,
+    config: DeviceConfig,
+    backend: Backend,
+    device: Arc<dyn MigrationDevice>,
+    opts: TransferOptions,
+    dirty: DirtyTracker,
+    dma_ranges: Vec<MemoryRange>,
+}
+
+fn anyhow_engine(e: EngineError) -> anyhow::Error {
+    anyhow!(e)
+}
+
+impl XeVfDevice {
+    /// Opens the VF `config` names (`--device` syntax).
+    pub fn new(id: &str, config: DeviceConfig) -> anyhow::Result<Self> {
+        let backend = Backend::open(&config)?;
+        Self::with_backend(id, config, backend)
+    }
+
+    /// Wraps an already opened backend.
+    pub fn with_backend(id: &str, config: DeviceConfig, backend: Backend) -> anyhow::Result<Self> {
+        let device = backend.device();
+        if config.migration {
+            let flags = device.migration_flags()?;
+            if !flags.contains(MigrationFlags::STOP_COPY) {
+                anyhow::bail!("device {id}: migration=on but the device reports flags {flags}");
+            }
+        }
+        Ok(XeVfDevice {
+            id: id.to_string(),
+            config,
+            backend,
+            device,
+            opts: TransferOptions::default(),
+            dirty: DirtyTracker::default(),
+            dma_ranges: Vec::new(),
+        })
+    }
+
+    /// Creates the device and loads it from CH's snapshot, as CH builds
+    /// devices on restore; it is left in STOP until `resume()`.
+    pub fn new_from_snapshot(
+        id: &str,
+        config: DeviceConfig,
+        snapshot: &Snapshot,
+        source_url: &str,
+    ) -> anyhow::Result<(Self, RestoreReport)> {
+        let mut dev = Self::new(id, config)?;
+        let report = dev.restore_from_snapshot(snapshot, source_url)?;
+        Ok((dev, report))
+    }
+
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    pub fn device(&self) -> &Arc<dyn MigrationDevice> {
+        &self.device
+    }
+
+    pub fn config(&self) -> &DeviceConfig {
+        &self.config
+    }
+
+    /// Transfer tuning (buffer sizes, zero elision, device timeout).
+    pub fn set_transfer_options(&mut self, opts: TransferOptions) {
+        self.opts = opts;
+    }
+
+    /// Guest ranges the VF can DMA into (what the VMM DMA-mapped for it).
+    pub fn set_dma_ranges(&mut self, ranges: Vec<MemoryRange>) {
+        self.dma_ranges = ranges;
+    }
+
+    pub fn state(&self) -> Result<DeviceState, MigratableError> {
+        self.device
+            .state()
+            .map_err(|e| MigratableError::Pause(anyhow!("device {}: {e}", self.id)))
+    }
+
+    fn require_migration(
+        &self,
+        phase: fn(anyhow::Error) -> MigratableError,
+    ) -> Result<(), MigratableError> {
+        if self.config.migration {
+            Ok(())
+        } else {
+            Err(phase(anyhow!(
+                "device {}: migration=off in its --device options",
+                self.id
+            )))
+        }
+    }
+
+    /// Walks to `target`, returning to `recovery` if an arc fails.
+    fn walk(
+        &self,
+        target: DeviceState,
+        recovery: DeviceState,
+        phase: fn(anyhow::Error) -> MigratableError,
+    ) -> Result<(), MigratableError> {
+        fsm::walk(&*self.device, target, recovery)
+            .map(|_| ())
+            .map_err(|e| phase(anyhow!("device {}: {e}", self.id)))
+    }
+
+    /// RUNNING -> RUNNING_P2P: the first half of a multi-device pause, so
+    /// no VF DMAs into a peer that has already stopped.
+    pub fn quiesce(&mut self) -> Result<(), MigratableError> {
+        let flags = self
+            .device
+            .migration_flags()
+            .map_err(|e| MigratableError::Pause(anyhow!("device {}: {e}", self.id)))?;
+        if flags.contains(MigrationFlags::P2P) && self.state()? == DeviceState::Running {
+            self.walk(
+                DeviceState::RunningP2p,
+                DeviceState::Running,
+                MigratableError::Pause,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// STOP -> RUNNING_P2P: the first half of a multi-device resume.
+    pub fn unquiesce(&mut self) -> Result<(), MigratableError> {
+        let flags = self
+            .device
+            .migration_flags()
+            .map_err(|e| MigratableError::Resume(anyhow!("device {}: {e}", self.id)))?;
+        if flags.contains(MigrationFlags::P2P) && self.state()? == DeviceState::Stop {
+            self.walk(
+                DeviceState::RunningP2p,
+                DeviceState::Stop,
+                MigratableError::Resume,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// What the destination checks before the source stops.
+    pub fn migration_info(&self) -> Result<DeviceMigrationInfo, MigratableError> {
+        let header = engine::header_for(&*self.device, &self.opts)
+            .map_err(|e| MigratableError::StartMigration(anyhow_engine(e)))?;
+        Ok(DeviceMigrationInfo {
+            id: self.id.clone(),
+            device_kind: header.device_kind,
+            identity: header.identity,
+            migration_flags: header.migration_flags,
+            expected_size: header.expected_size,
+        })
+    }
+
+    /// Destination side: can the source's state load into this VF?
+    pub fn check_incoming(&self, source: &DeviceMigrationInfo) -> Result<(), MigratableError> {
+        self.require_migration(MigratableError::MigrateReceive)?;
+        if source.device_kind != self.opts.device_kind {
+            return Err(MigratableError::MigrateReceive(anyhow!(
+                "device {}: source sends '{}' state, this VF takes '{}'",
+                self.id,
+                source.device_kind,
+                self.opts.device_kind
+            )));
+        }
+        engine::check_compatible(&source.identity, &self.device.identity())
+            .map_err(|e| MigratableError::MigrateReceive(anyhow!("device {}: {e}", self.id)))
+    }
+
+    /// Source side: streams the stopped VF's state into `out`.
+    pub fn send_state<W: Write>(
+        &self,
+        out: W,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<SaveReport, MigratableError> {
+        self.require_migration(MigratableError::MigrateSend)?;
+        engine::save(&*self.device, out, &self.opts, progress)
+            .map_err(|e| MigratableError::MigrateSend(anyhow!("device {}: {e}", self.id)))
+    }
+
+    /// Destination side: loads a streamed state; the VF is left in STOP.
+    pub fn receive_state<R: Read + Send + 'static>(
+        &self,
+        input: R,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<RestoreReport, MigratableError> {
+        self.require_migration(MigratableError::MigrateReceive)?;
+        engine::restore(&*self.device, input, &self.opts, progress)
+            .map_err(|e| MigratableError::MigrateReceive(anyhow!("device {}: {e}", self.id)))
+    }
+
+    /// Loads the state a snapshot in `source_url` (`file:///dir`) holds.
+    pub fn restore_from_snapshot(
+        &mut self,
+        snapshot: &Snapshot,
+        source_url: &str,
+    ) -> Result<RestoreReport, MigratableError> {
+        let state: XeVfSnapshotState = snapshot.to_state()?;
+        let restore_err = |e: String| MigratableError::Restore(anyhow!("device {}: {e}", self.id));
+        if !state.format_supported() {
+            return Err(restore_err(format!(
+                "snapshot data format version {} is not supported (this build reads {FORMAT_VERSION})",
+                state.format_version
+            )));
+        }
+        engine::check_compatible(&state.identity, &self.device.identity())
+            .map_err(|e| restore_err(e.to_string()))?;
+        let dir = snapshot::snapshot_dir(source_url).map_err(|e| restore_err(e.to_string()))?;
+        let file = snapshot::open_data_file(&dir, &state.data_file)
+            .map_err(|e| restore_err(e.to_string()))?;
+        let report = engine::restore(
+            &*self.device,
+            BufReader::with_capacity(1 << 20, file),
+            &self.opts,
+            &mut |_| {},
+        )
+        .map_err(|e| restore_err(e.to_string()))?;
+        if report.header.identity != state.identity {
+            warn!(
+                "device {}: data file identity {} differs from state.json's {}",
+                self.id, report.header.identity, state.identity
+            );
+        }
+        info!(
+            "device {}: restored {} bytes from {}",
+            self.id, report.decoded.decoded_bytes, state.data_file
+        );
+        Ok(report)
+    }
+}
+
+impl Pausable for XeVfDevice {
+    /// RUNNING -> (RUNNING_P2P ->) STOP; the device keeps its state.
+    fn pause(&mut self) -> Result<(), MigratableError> {
+        if self.state()? == DeviceState::Stop {
+            return Ok(());
+        }
+        self.walk(
+            DeviceState::Stop,
+            DeviceState::Running,
+            MigratableError::Pause,
+        )
+    }
+
+    /// Back to RUNNING from STOP (or RUNNING_P2P).
+    fn resume(&mut self) -> Result<(), MigratableError> {
+        self.walk(
+            DeviceState::Running,
+            DeviceState::Stop,
+            MigratableError::Resume,
+        )
+    }
+}
+
+impl Snapshottable for XeVfDevice {
+    fn id(&self) -> String {
+        self.id.clone()
+    }
+
+    /// The small JSON section; the data itself is streamed by `send()`.
+    fn snapshot(&mut self) -> Result<Snapshot, MigratableError> {
+        self.require_migration(MigratableError::Snapshot)?;
+        let info = self
+            .migration_info()
+            .map_err(|e| MigratableError::Snapshot(anyhow!("{e}")))?;
+        Snapshot::new_from_state(&XeVfSnapshotState {
+            format_version: FORMAT_VERSION,
+            device_kind: info.device_kind,
+            identity: info.identity,
+            migration_flags: info.migration_flags,
+            expected_size: info.expected_size,
+            data_file: snapshot::data_file_name(&self.id),
+        })
+    }
+}
+
+impl Transportable for XeVfDevice {
+    /// Streams the device data into the snapshot directory, beside CH's
+    /// `state.json`: temporary name, fsync, rename.
+    fn send(&self, snapshot: &Snapshot, destination_url: &str) -> Result<(), MigratableError> {
+        let send_err = |e: String| MigratableError::MigrateSend(anyhow!("device {}: {e}", self.id));
+        let state: XeVfSnapshotState = snapshot
+            .to_state()
+            .map_err(|e| send_err(format!("snapshot section: {e}")))?;
+        let dir = snapshot::snapshot_dir(destination_url).map_err(|e| send_err(e.to_string()))?;
+        let mut pending =
+            PendingDataFile::create(&dir, &state.data_file).map_err(|e| send_err(e.to_string()))?;
+        let saved = {
+            let mut out = BufWriter::with_capacity(1 << 20, pending.file());
+            let report = self.send_state(&mut out, &mut |_| {});
+            report.and_then(|r| {
+                out.flush()
+                    .map(|()| r)
+                    .map_err(|e| send_err(format!("writing {}: {e}", state.data_file)))
+            })
+        };
+        match saved {
+            Ok(report) => {
+                let path = pending.commit().map_err(|e| send_err(e.to_string()))?;
+                info!(
+                    "device {}: {} device bytes saved to {} ({} bytes on disk)",
+                    self.id,
+                    report.raw_bytes,
+                    path.display(),
+                    report.encoded_bytes
+                );
+                Ok(())
+            }
+            Err(e) => {
+                pending.discard();
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Migratable for XeVfDevice {
+    fn start_dirty_log(&mut self) -> Result<(), MigratableError> {
+        self.require_migration(MigratableError::StartDirtyLog)?;
+        let mode = dirty::resolve(self.config.dirty_tracking, &self.backend)
+            .map_err(|e| MigratableError::StartDirtyLog(anyhow!("device {}: {e}", self.id)))?;
+        if let (DirtyMode::Device { page_size }, Backend::Vfio(vfio)) = (mode, &self.backend) {
+            let ranges: Vec<(u64, u64)> =
+                self.dma_ranges.iter().map(|r| (r.gpa, r.length)).collect();
+            vfio.dma_logging_start(page_size, &ranges)
+                .map_err(|e| MigratableError::StartDirtyLog(anyhow!("device {}: {e}", self.id)))?;
+        }
+        info!("device {}: dirty tracking {mode:?}", self.id);
+        self.dirty.start(mode);
+        Ok(())
+    }
+
+    fn stop_dirty_log(&mut self) -> Result<(), MigratableError> {
+        if let (Some(DirtyMode::Device { .. }), Backend::Vfio(vfio)) =
+            (self.dirty.mode(), &self.backend)
+        {
+            vfio.dma_logging_stop()
+                .map_err(|e| MigratableError::StopDirtyLog(anyhow!("device {}: {e}", self.id)))?;
+        }
+        self.dirty.stop();
+        Ok(())
+    }
+
+    fn dirty_log(&mut self) -> Result<MemoryRangeTable, MigratableError> {
+        match (self.dirty.mode(), &self.backend) {
+            (None, _) => Ok(MemoryRangeTable::default()),
+            (Some(DirtyMode::All), _) => {
+                let stopped = !self
+                    .device
+                    .state()
+                    .map_err(|e| MigratableError::DirtyLog(anyhow!("device {}: {e}", self.id)))?
+                    .is_running();
+                Ok(self.dirty.all_mode_log(stopped, &self.dma_ranges))
+            }
+            (Some(DirtyMode::Device { page_size }), Backend::Vfio(vfio)) => {
+                let mut tables = Vec::new();
+                for r in &self.dma_ranges {
+                    let bitmap = vfio
+                        .dma_logging_report(r.gpa, r.length, page_size)
+                        .map_err(|e| {
+                            MigratableError::DirtyLog(anyhow!("device {}: {e}", self.id))
+                        })?;
+                    tables.push(MemoryRangeTable::from_bitmap(bitmap, r.gpa, page_size));
+                }
+                Ok(MemoryRangeTable::new_from_tables(tables))
+            }
+            (Some(DirtyMode::Device { .. }), Backend::Emulated(_)) => {
+                Err(MigratableError::DirtyLog(anyhow!(
+                    "device {}: emulated VF has no DMA logging",
+                    self.id
+                )))
+            }
+        }
+    }
+
+    /// Everything that can be checked before memory moves: migration is
+    /// enabled and a dirty-tracking mode works.
+    fn start_migration(&mut self) -> Result<(), MigratableError> {
+        self.require_migration(MigratableError::StartMigration)?;
+        dirty::resolve(self.config.dirty_tracking, &self.backend)
+            .map(|_| ())
+            .map_err(|e| MigratableError::StartMigration(anyhow!("device {}: {e}", self.id)))
+    }
+
+    /// The destination holds the state: the source VF stays stopped.
+    fn complete_migration(&mut self) -> Result<(), MigratableError> {
+        let state = self.state()?;
+        if state.is_running() {
+            return Err(MigratableError::CompleteMigration(anyhow!(
+                "device {}: still {state} at completion; it must be stopped",
+                self.id
+            )));
+        }
+        info!("device {}: migration complete, VF left in {state}", self.id);
+        Ok(())
+    }
+}
+
+/// The device-kind string this glue migrates.
+pub const DEVICE_KIND: &str = DEVICE_KIND_XE_VF;
