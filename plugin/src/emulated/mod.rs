@@ -133,6 +133,37 @@ impl EmulatedXeVf {
         }))
     }
 
+    /// One arc of the uAPI state machine.
+    fn single_arc(&self, control: &mut Control, new_state: DeviceState) -> Result<Option<File>> {
+        let from = control.state;
+        if let Some((errno, enter_error)) = self.faults.take_arc(from, new_state) {
+            log::warn!("emulated Xe VF: injected failure of {from} -> {new_state} (errno {errno})");
+            if enter_error {
+                self.enter_error(control);
+            }
+            return Err(arc_error(from, new_state, errno));
+        }
+        if !arc_allowed(self.config.migration_flags, from, new_state) {
+            return Err(arc_error(from, new_state, libc::EINVAL));
+        }
+        if !workload_runs(new_state) {
+            // Returns once no workload iteration is in flight.
+            self.workload.set_running(false);
+        }
+        match self.do_arc(control, from, new_state) {
+            Ok(fd) => {
+                control.state = new_state;
+                self.workload.set_running(workload_runs(new_state));
+                log::debug!("emulated Xe VF: {from} -> {new_state}");
+                Ok(fd)
+            }
+            Err(e) => {
+                self.workload.set_running(workload_runs(from));
+                Err(e)
+            }
+        }
+    }
+
     pub fn config(&self) -> &EmulatedConfig {
         &self.config
     }
@@ -331,38 +362,29 @@ impl MigrationDevice for EmulatedXeVf {
         Ok(lock(&self.control).state)
     }
 
+    /// Like Linux's VFIO core, a request for a non-adjacent state is
+    /// accepted when the state machine has a path to it and performed arc
+    /// by arc (`vfio_mig_get_next_state()`); a failed arc stops the walk
+    /// where it is.
     fn set_state(&self, new_state: DeviceState) -> Result<Option<File>> {
         let mut control = lock(&self.control);
         let from = control.state;
         if from == new_state {
             return Ok(None);
         }
-        if let Some((errno, enter_error)) = self.faults.take_arc(from, new_state) {
-            log::warn!("emulated Xe VF: injected failure of {from} -> {new_state} (errno {errno})");
-            if enter_error {
-                self.enter_error(&mut control);
-            }
-            return Err(arc_error(from, new_state, errno));
-        }
-        if !arc_allowed(self.config.migration_flags, from, new_state) {
-            return Err(arc_error(from, new_state, libc::EINVAL));
-        }
-        if !workload_runs(new_state) {
-            // Returns once no workload iteration is in flight.
-            self.workload.set_running(false);
-        }
-        match self.do_arc(&mut control, from, new_state) {
-            Ok(fd) => {
-                control.state = new_state;
-                self.workload.set_running(workload_runs(new_state));
-                log::debug!("emulated Xe VF: {from} -> {new_state}");
-                Ok(fd)
-            }
-            Err(e) => {
-                self.workload.set_running(workload_runs(from));
-                Err(e)
+        let steps = if arc_allowed(self.config.migration_flags, from, new_state) {
+            vec![new_state]
+        } else {
+            crate::fsm::path(self.config.migration_flags, from, new_state)
+                .map_err(|_| arc_error(from, new_state, libc::EINVAL))?
+        };
+        let mut data_fd = None;
+        for step in steps {
+            if let Some(fd) = self.single_arc(&mut control, step)? {
+                data_fd = Some(fd);
             }
         }
+        Ok(data_fd)
     }
 
     fn stop_copy_size(&self) -> Result<u64> {
