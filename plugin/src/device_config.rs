@@ -281,7 +281,7 @@ impl DeviceConfig {
         Ok(cfg)
     }
 
-    /// The id CH would derive is the VMM's business; this is the one given.
+    /// The id given with `id=`, if any.
     pub fn id(&self) -> Option<&str> {
         self.id.as_deref()
     }
