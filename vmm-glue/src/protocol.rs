@@ -488,13 +488,10 @@ impl MemoryRange {
 
     /// Decodes and rejects a range whose end wraps.
     pub fn from_bytes(buf: &[u8; MEMORY_RANGE_LEN]) -> Result<Self, ProtocolError> {
-        let (word, middle, length) = split_header(buf);
-        let mut gpa = [0u8; 8];
-        gpa[0..2].copy_from_slice(&word.to_le_bytes());
-        gpa[2..8].copy_from_slice(&middle);
+        let [g0, g1, g2, g3, g4, g5, g6, g7, l0, l1, l2, l3, l4, l5, l6, l7] = *buf;
         MemoryRange {
-            gpa: u64::from_le_bytes(gpa),
-            length,
+            gpa: u64::from_le_bytes([g0, g1, g2, g3, g4, g5, g6, g7]),
+            length: u64::from_le_bytes([l0, l1, l2, l3, l4, l5, l6, l7]),
         }
         .checked()
     }

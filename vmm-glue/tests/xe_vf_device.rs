@@ -172,7 +172,7 @@ fn incompatible_destination_is_refused_early() {
 
 #[test]
 fn dirty_tracking_policy() {
-    let mut d = dev("a", "emulated=on,vram=1M,workload=off,");
+    let mut d = dev("a", "emulated=on,vram=1M,workload=off");
     d.set_dma_ranges(vec![MemoryRange {
         gpa: 0,
         length: 1 << 20,
