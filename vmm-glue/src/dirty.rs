@@ -12,7 +12,7 @@
 //!   range is reported dirty in the final pass, so the last memory pass
 //!   carries whatever the VF wrote.
 //!
-//! `auto` picks the first that works in the order device, all.
+//! `auto` picks the first that works in the order device, iommufd, all.
 
 use std::path::Path;
 
@@ -25,11 +25,17 @@ use crate::migration::{MemoryRange, MemoryRangeTable};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DirtyMode {
     Device { page_size: u64 },
+    Iommufd { page_size: u64 },
     All,
 }
 
 /// Picks the mode for `requested`, or says why none can work.
-pub fn resolve(requested: DirtyTracking, backend: &Backend) -> Result<DirtyMode, String> {
+/// `has_hwpt` says whether the VMM handed over the VF's iommufd HWPT.
+pub fn resolve(
+    requested: DirtyTracking,
+    backend: &Backend,
+    has_hwpt: bool,
+) -> Result<DirtyMode, String> {
     let device_logging = || match backend {
         Backend::Vfio(d) => d.supports_dma_logging().unwrap_or(false),
         Backend::Emulated(_) => false,
@@ -49,9 +55,10 @@ pub fn resolve(requested: DirtyTracking, backend: &Backend) -> Result<DirtyMode,
                     .to_string())
             }
         }
+        DirtyTracking::Iommufd if has_hwpt => Ok(DirtyMode::Iommufd { page_size: 4096 }),
         DirtyTracking::Iommufd => Err(if Path::new("/dev/iommu").exists() {
-            "dirty_tracking=iommufd: this build cannot yet drive IOMMU HWPT dirty \
-             tracking for the VF; use dirty_tracking=all"
+            "dirty_tracking=iommufd: the VMM gave this VF no iommufd HWPT with \
+             dirty tracking; use dirty_tracking=all"
                 .to_string()
         } else {
             "dirty_tracking=iommufd: host has no /dev/iommu (no iommufd); \
@@ -61,6 +68,8 @@ pub fn resolve(requested: DirtyTracking, backend: &Backend) -> Result<DirtyMode,
         DirtyTracking::All => Ok(DirtyMode::All),
         DirtyTracking::Auto => Ok(if device_logging() {
             DirtyMode::Device { page_size: 4096 }
+        } else if has_hwpt {
+            DirtyMode::Iommufd { page_size: 4096 }
         } else {
             DirtyMode::All
         }),
@@ -126,14 +135,17 @@ mod tests {
     #[test]
     fn xe_vf_without_dma_logging_gets_all_or_a_clear_refusal() {
         let b = emulated();
-        assert_eq!(resolve(DirtyTracking::Auto, &b), Ok(DirtyMode::All));
-        assert_eq!(resolve(DirtyTracking::All, &b), Ok(DirtyMode::All));
-        let dev = resolve(DirtyTracking::Device, &b).unwrap_err();
+        assert_eq!(resolve(DirtyTracking::Auto, &b, false), Ok(DirtyMode::All));
+        assert_eq!(resolve(DirtyTracking::All, &b, false), Ok(DirtyMode::All));
+        let dev = resolve(DirtyTracking::Device, &b, true).unwrap_err();
         assert!(dev.contains("no VFIO DMA logging"), "{dev}");
-        let off = resolve(DirtyTracking::Off, &b).unwrap_err();
+        let off = resolve(DirtyTracking::Off, &b, true).unwrap_err();
         assert!(off.contains("refused"), "{off}");
-        let iommufd = resolve(DirtyTracking::Iommufd, &b).unwrap_err();
+        let iommufd = resolve(DirtyTracking::Iommufd, &b, false).unwrap_err();
         assert!(iommufd.contains("iommufd"), "{iommufd}");
+        let hwpt = Ok(DirtyMode::Iommufd { page_size: 4096 });
+        assert_eq!(resolve(DirtyTracking::Iommufd, &b, true), hwpt);
+        assert_eq!(resolve(DirtyTracking::Auto, &b, true), hwpt);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 pub mod device_set;
 pub mod dirty;
+pub mod iommufd_dirty;
 pub mod migration;
 pub mod protocol;
 pub mod snapshot;

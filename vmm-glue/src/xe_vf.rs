@@ -24,6 +24,7 @@ use xe_vf_plugin::state_format::{DEVICE_KIND_XE_VF, FORMAT_VERSION};
 use xe_vf_plugin::{DeviceIdentity, DeviceState, MigrationDevice, MigrationFlags};
 
 use crate::dirty::{self, DirtyMode, DirtyTracker};
+use crate::iommufd_dirty::HwptDirtyTracker;
 use crate::migration::{
     MemoryRange, MemoryRangeTable, Migratable, MigratableError, Pausable, Snapshot, Snapshottable,
     Transportable,
@@ -49,6 +50,7 @@ pub struct XeVfDevice {
     opts: TransferOptions,
     dirty: DirtyTracker,
     dma_ranges: Vec<MemoryRange>,
+    hwpt: Option<HwptDirtyTracker>,
 }
 
 fn anyhow_engine(e: EngineError) -> anyhow::Error {
@@ -79,6 +81,7 @@ impl XeVfDevice {
             opts: TransferOptions::default(),
             dirty: DirtyTracker::default(),
             dma_ranges: Vec::new(),
+            hwpt: None,
         })
     }
 
@@ -110,6 +113,20 @@ impl XeVfDevice {
     /// Transfer tuning (buffer sizes, zero elision, device timeout).
     pub fn set_transfer_options(&mut self, opts: TransferOptions) {
         self.opts = opts;
+    }
+
+    /// The iommufd HWPT the VMM attached the VF to, for
+    /// `dirty_tracking=iommufd` (and `auto` when the device cannot log).
+    pub fn set_iommufd_hwpt(&mut self, hwpt: HwptDirtyTracker) {
+        self.hwpt = Some(hwpt);
+    }
+
+    fn resolve_dirty_mode(&self) -> Result<DirtyMode, String> {
+        dirty::resolve(
+            self.config.dirty_tracking,
+            &self.backend,
+            self.hwpt.is_some(),
+        )
     }
 
     /// Guest ranges the VF can DMA into (what the VMM DMA-mapped for it).
@@ -360,13 +377,26 @@ impl Transportable for XeVfDevice {
 impl Migratable for XeVfDevice {
     fn start_dirty_log(&mut self) -> Result<(), MigratableError> {
         self.require_migration(MigratableError::StartDirtyLog)?;
-        let mode = dirty::resolve(self.config.dirty_tracking, &self.backend)
-            .map_err(|e| MigratableError::StartDirtyLog(anyhow!("device {}: {e}", self.id)))?;
-        if let (DirtyMode::Device { page_size }, Backend::Vfio(vfio)) = (mode, &self.backend) {
-            let ranges: Vec<(u64, u64)> =
-                self.dma_ranges.iter().map(|r| (r.gpa, r.length)).collect();
-            vfio.dma_logging_start(page_size, &ranges)
-                .map_err(|e| MigratableError::StartDirtyLog(anyhow!("device {}: {e}", self.id)))?;
+        let start_err =
+            |e: String| MigratableError::StartDirtyLog(anyhow!("device {}: {e}", self.id));
+        let mode = self.resolve_dirty_mode().map_err(start_err)?;
+        match (mode, &self.backend, &self.hwpt) {
+            (DirtyMode::Device { page_size }, Backend::Vfio(vfio), _) => {
+                let ranges: Vec<(u64, u64)> =
+                    self.dma_ranges.iter().map(|r| (r.gpa, r.length)).collect();
+                vfio.dma_logging_start(page_size, &ranges)
+                    .map_err(|e| start_err(e.to_string()))?;
+            }
+            (DirtyMode::Iommufd { page_size }, _, Some(hwpt)) => {
+                hwpt.set_tracking(true)
+                    .map_err(|e| start_err(format!("IOMMU_HWPT_SET_DIRTY_TRACKING: {e}")))?;
+                // Reading clears what was recorded before the start.
+                for r in &self.dma_ranges {
+                    hwpt.read_bitmap(r.gpa, r.length, page_size)
+                        .map_err(|e| start_err(format!("IOMMU_HWPT_GET_DIRTY_BITMAP: {e}")))?;
+                }
+            }
+            _ => {}
         }
         info!("device {}: dirty tracking {mode:?}", self.id);
         self.dirty.start(mode);
@@ -374,53 +404,62 @@ impl Migratable for XeVfDevice {
     }
 
     fn stop_dirty_log(&mut self) -> Result<(), MigratableError> {
-        if let (Some(DirtyMode::Device { .. }), Backend::Vfio(vfio)) =
-            (self.dirty.mode(), &self.backend)
-        {
-            vfio.dma_logging_stop()
-                .map_err(|e| MigratableError::StopDirtyLog(anyhow!("device {}: {e}", self.id)))?;
+        let stop_err =
+            |e: String| MigratableError::StopDirtyLog(anyhow!("device {}: {e}", self.id));
+        match (self.dirty.mode(), &self.backend, &self.hwpt) {
+            (Some(DirtyMode::Device { .. }), Backend::Vfio(vfio), _) => {
+                vfio.dma_logging_stop()
+                    .map_err(|e| stop_err(e.to_string()))?;
+            }
+            (Some(DirtyMode::Iommufd { .. }), _, Some(hwpt)) => {
+                hwpt.set_tracking(false)
+                    .map_err(|e| stop_err(e.to_string()))?;
+            }
+            _ => {}
         }
         self.dirty.stop();
         Ok(())
     }
 
     fn dirty_log(&mut self) -> Result<MemoryRangeTable, MigratableError> {
-        match (self.dirty.mode(), &self.backend) {
-            (None, _) => Ok(MemoryRangeTable::default()),
-            (Some(DirtyMode::All), _) => {
-                let stopped = !self
-                    .device
-                    .state()
-                    .map_err(|e| MigratableError::DirtyLog(anyhow!("device {}: {e}", self.id)))?
-                    .is_running();
-                Ok(self.dirty.all_mode_log(stopped, &self.dma_ranges))
-            }
-            (Some(DirtyMode::Device { page_size }), Backend::Vfio(vfio)) => {
-                let mut tables = Vec::new();
-                for r in &self.dma_ranges {
-                    let bitmap = vfio
-                        .dma_logging_report(r.gpa, r.length, page_size)
-                        .map_err(|e| {
-                            MigratableError::DirtyLog(anyhow!("device {}: {e}", self.id))
-                        })?;
-                    tables.push(MemoryRangeTable::from_bitmap(bitmap, r.gpa, page_size));
-                }
-                Ok(MemoryRangeTable::new_from_tables(tables))
-            }
-            (Some(DirtyMode::Device { .. }), Backend::Emulated(_)) => {
-                Err(MigratableError::DirtyLog(anyhow!(
-                    "device {}: emulated VF has no DMA logging",
-                    self.id
-                )))
-            }
+        let log_err = |e: String| MigratableError::DirtyLog(anyhow!("device {}: {e}", self.id));
+        let mode = match self.dirty.mode() {
+            None => return Ok(MemoryRangeTable::default()),
+            Some(mode) => mode,
+        };
+        if mode == DirtyMode::All {
+            let stopped = !self
+                .device
+                .state()
+                .map_err(|e| log_err(e.to_string()))?
+                .is_running();
+            return Ok(self.dirty.all_mode_log(stopped, &self.dma_ranges));
         }
+        let mut tables = Vec::new();
+        for r in &self.dma_ranges {
+            let (bitmap, page_size) = match (mode, &self.backend, &self.hwpt) {
+                (DirtyMode::Device { page_size }, Backend::Vfio(vfio), _) => (
+                    vfio.dma_logging_report(r.gpa, r.length, page_size)
+                        .map_err(|e| log_err(e.to_string()))?,
+                    page_size,
+                ),
+                (DirtyMode::Iommufd { page_size }, _, Some(hwpt)) => (
+                    hwpt.read_bitmap(r.gpa, r.length, page_size)
+                        .map_err(|e| log_err(e.to_string()))?,
+                    page_size,
+                ),
+                _ => return Err(log_err(format!("dirty mode {mode:?} has no source"))),
+            };
+            tables.push(MemoryRangeTable::from_bitmap(bitmap, r.gpa, page_size));
+        }
+        Ok(MemoryRangeTable::new_from_tables(tables))
     }
 
     /// Everything that can be checked before memory moves: migration is
     /// enabled and a dirty-tracking mode works.
     fn start_migration(&mut self) -> Result<(), MigratableError> {
         self.require_migration(MigratableError::StartMigration)?;
-        dirty::resolve(self.config.dirty_tracking, &self.backend)
+        self.resolve_dirty_mode()
             .map(|_| ())
             .map_err(|e| MigratableError::StartMigration(anyhow!("device {}: {e}", self.id)))
     }
