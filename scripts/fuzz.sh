@@ -116,8 +116,8 @@ for t in "${targets[@]}"; do
         failed+=("$t")
         summary+=("$(printf '%-18s FAILED (exit %d) after %s executions' "$t" "$rc" "$execs")")
         echo "!! $t failed (exit $rc); log: $log"
-        grep -E "panicked at|ERROR: libFuzzer|SUMMARY:|ERROR: AddressSanitizer|LeakSanitizer" "$log" | head -n 8 || true
-        grep -A3 "panicked at" "$log" | head -n 4 || true
+        grep -E "ERROR: libFuzzer|ERROR: AddressSanitizer|ERROR: LeakSanitizer" "$log" | head -n 3 || true
+        grep -m1 -A1 "panicked at" "$log" || true
         grep -o "Test unit written to .*" "$log" | sed 's/^/   /' || true
     else
         summary+=("$(printf '%-18s ok: %12s executions, corpus %s' "$t" "$execs" "${corpus_size:-?}")")
