@@ -701,7 +701,15 @@ impl XeStreamParser {
         }
         let stats = &mut self.per_type[header.kind.index()];
         stats.packets += 1;
-        stats.payload_bytes += header.size;
+        // Sizes are untrusted: declared totals past 2^64 can never arrive.
+        stats.payload_bytes =
+            stats
+                .payload_bytes
+                .checked_add(header.size)
+                .ok_or(XeStreamError::RangeOverflow {
+                    offset: stats.payload_bytes,
+                    size: header.size,
+                })?;
         visitor.on_header(self.index, self.packet_start, &header)?;
         self.phase = match header.kind {
             PacketType::Descriptor => Phase::Descriptor {
@@ -1152,6 +1160,24 @@ mod tests {
             let e = Descriptor::decode(&raw).expect_err(what);
             assert_eq!(e.errno(), libc::EINVAL, "{what}: {e}");
         }
+    }
+
+    /// Found by fuzzing: declared sizes summing past 2^64 panicked in the
+    /// per-type counters before any payload arrived.
+    #[test]
+    fn declared_sizes_past_u64_are_an_error_not_an_overflow() {
+        let mut stream = Vec::new();
+        let (hdr, payload) = descriptor_packet(&Descriptor::new(DEVID, REVID)).unwrap();
+        write_packet(&mut stream, &hdr, &payload).unwrap();
+        let ggtt = PacketHeader::new(PacketType::Ggtt, 0, 0, 0, 8);
+        write_packet(&mut stream, &ggtt, &[0; 8]).unwrap();
+        let huge = PacketHeader::new(PacketType::Ggtt, 0, 0, 0, u64::MAX);
+        write_packet_header(&mut stream, &huge).unwrap();
+        let err = parse(&stream, ParserLimits::default()).unwrap_err();
+        assert!(
+            matches!(err.root(), XeStreamError::RangeOverflow { .. }),
+            "{err}"
+        );
     }
 
     #[test]

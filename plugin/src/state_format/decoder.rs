@@ -229,6 +229,8 @@ impl<R: Read> StateDecoder<R> {
                     &mut out[..len]
                 } else {
                     if self.buf.len() < len {
+                        // Exact, so the buffer never exceeds the chunk size.
+                        self.buf.reserve_exact(len - self.buf.len());
                         self.buf.resize(len, 0);
                     }
                     &mut self.buf[..len]

@@ -691,3 +691,28 @@ fn throughput() {
         );
     }
 }
+
+/// Found by fuzzing: the decoder's buffer grew by doubling past a tiny
+/// chunk size.
+#[test]
+fn decoder_buffer_never_exceeds_a_tiny_chunk_size() {
+    let data: Vec<u8> = (1..=200u8).collect();
+    let options = EncoderOptions {
+        chunk_size: 3,
+        zero_elision: true,
+        zero_block: 1,
+    };
+    let (encoded, _) = encode(&data, options);
+    let mut dec = StateDecoder::new(&encoded[..]).unwrap();
+    let mut buf = [0u8; 1];
+    let mut out = Vec::new();
+    while dec.read(&mut buf).unwrap() == 1 {
+        out.push(buf[0]);
+        assert!(
+            dec.buffer_capacity() <= 3,
+            "capacity {}",
+            dec.buffer_capacity()
+        );
+    }
+    assert_eq!(out, data);
+}
