@@ -109,8 +109,12 @@ impl Host {
     pub fn receive_in_background(&self, body: Value) -> JoinHandle<ApiResponse> {
         let api = self.api.clone();
         let handle = std::thread::spawn(move || {
+            // A killed destination answers nothing: status 0.
             api.put("vm.receive-migration", Some(&body))
-                .expect("receive-migration")
+                .unwrap_or_else(|e| ApiResponse {
+                    status: 0,
+                    body: json!({ "error": e.to_string() }),
+                })
         });
         poll(&format!("{} listening", self.name), || {
             let info = self.info();
