@@ -1,0 +1,238 @@
+// Copyright 2026 The xe-vf-migration authors
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Migration transports: `unix:/path` and `tcp:host:port`, as CH's
+//! `send-migration`/`receive-migration` URLs name them.
+
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Where a migration goes or comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MigrationUrl {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl MigrationUrl {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        if let Some(path) = url.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(format!("'{url}' names no socket path"));
+            }
+            Ok(MigrationUrl::Unix(PathBuf::from(path)))
+        } else if let Some(addr) = url.strip_prefix("tcp:") {
+            if !addr.contains(':') {
+                return Err(format!("'{url}' needs tcp:<host>:<port>"));
+            }
+            Ok(MigrationUrl::Tcp(addr.to_string()))
+        } else {
+            Err(format!(
+                "'{url}' is neither unix:<path> nor tcp:<host>:<port>"
+            ))
+        }
+    }
+}
+
+/// A migration connection.
+#[derive(Debug)]
+pub enum Conn {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Conn {
+    /// A second handle on the same socket (for a reader that must own it).
+    pub fn try_clone(&self) -> io::Result<Conn> {
+        Ok(match self {
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+        })
+    }
+
+    /// Read and write timeouts: a stalled peer becomes an error.
+    pub fn set_timeouts(&self, timeout: Duration) -> io::Result<()> {
+        match self {
+            Conn::Unix(s) => {
+                s.set_read_timeout(Some(timeout))?;
+                s.set_write_timeout(Some(timeout))
+            }
+            Conn::Tcp(s) => {
+                s.set_read_timeout(Some(timeout))?;
+                s.set_write_timeout(Some(timeout))?;
+                s.set_nodelay(true)
+            }
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.read(buf),
+            Conn::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.write(buf),
+            Conn::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Connects, retrying while the destination is not listening yet (until
+/// `deadline`), as a migration is often started right after the
+/// destination was told to receive.
+pub fn connect(url: &MigrationUrl, deadline: Instant) -> io::Result<Conn> {
+    loop {
+        let attempt = match url {
+            MigrationUrl::Unix(path) => UnixStream::connect(path).map(Conn::Unix),
+            MigrationUrl::Tcp(addr) => connect_tcp(addr, deadline).map(Conn::Tcp),
+        };
+        match attempt {
+            Ok(c) => return Ok(c),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                ) && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn connect_tcp(addr: &str, deadline: Instant) -> io::Result<TcpStream> {
+    let mut last = io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{addr} resolves to nothing"),
+    );
+    for a in addr.to_socket_addrs()? {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100));
+        match TcpStream::connect_timeout(&a, left) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// A bound listener waiting for the one migration connection.
+pub enum Listener {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    /// Binds `url`. A stale unix socket file is replaced; any other file
+    /// at that path is an error.
+    pub fn bind(url: &MigrationUrl) -> io::Result<Self> {
+        match url {
+            MigrationUrl::Unix(path) => {
+                remove_stale_socket(path)?;
+                Ok(Listener::Unix(UnixListener::bind(path)?, path.clone()))
+            }
+            MigrationUrl::Tcp(addr) => Ok(Listener::Tcp(TcpListener::bind(addr.as_str())?)),
+        }
+    }
+
+    /// Accepts one connection within `timeout`.
+    pub fn accept(&self, timeout: Duration) -> io::Result<Conn> {
+        let fd = match self {
+            Listener::Unix(l, _) => l.as_raw_fd(),
+            Listener::Tcp(l) => l.as_raw_fd(),
+        };
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd on our stack, count 1.
+        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if rc == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no migration connection within {} s", timeout.as_secs()),
+            ));
+        }
+        Ok(match self {
+            Listener::Unix(l, _) => Conn::Unix(l.accept()?.0),
+            Listener::Tcp(l) => Conn::Tcp(l.accept()?.0),
+        })
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Removes `path` if it is a socket left behind; refuses other files.
+pub fn remove_stale_socket(path: &Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            MigrationUrl::parse("unix:/tmp/m.sock").unwrap(),
+            MigrationUrl::Unix("/tmp/m.sock".into())
+        );
+        assert_eq!(
+            MigrationUrl::parse("tcp:10.99.0.2:6000").unwrap(),
+            MigrationUrl::Tcp("10.99.0.2:6000".into())
+        );
+        for bad in ["unix:", "tcp:host", "file:///x", ""] {
+            assert!(MigrationUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn accept_times_out_and_unix_socket_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = MigrationUrl::Unix(dir.path().join("m.sock"));
+        let l = Listener::bind(&url).unwrap();
+        let err = l.accept(Duration::from_millis(10)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        drop(l);
+        assert!(!dir.path().join("m.sock").exists());
+        std::fs::write(dir.path().join("file"), b"x").unwrap();
+        assert!(Listener::bind(&MigrationUrl::Unix(dir.path().join("file"))).is_err());
+    }
+}

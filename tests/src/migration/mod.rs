@@ -1,0 +1,117 @@
+// Copyright 2026 The xe-vf-migration authors
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Live migration over Cloud Hypervisor's protocol, with each VF's state
+//! as a streamed `DeviceState` command (see `xe_vf_glue::protocol`).
+//!
+//! Source: Start, Config (VM config and each VF's migration info; the
+//! destination checks compatibility and may refuse before anything
+//! stops), Memory pass 0 and dirty passes while the VM runs, pause, final
+//! Memory pass (vCPU dirty pages plus every range the VFs may have
+//! DMA'd into), one DeviceState stream per VF, State (small JSON tree),
+//! Complete. Any failure before Complete's Ok resumes the source.
+
+pub mod conn;
+pub mod receive;
+pub mod send;
+
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+use xe_vf_glue::protocol::{Response, Status};
+use xe_vf_glue::DeviceMigrationInfo;
+
+use crate::error::HostError;
+use crate::vm::VmConfig;
+
+/// Largest Config or State payload accepted.
+pub const MAX_JSON_PAYLOAD: u64 = 1 << 20;
+/// Largest error message carried by an Error response.
+pub const MAX_ERROR_MESSAGE: u64 = 64 * 1024;
+
+/// Payload of the `Config` command.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MigrationConfig {
+    pub vm: VmConfig,
+    /// One per device, in device order.
+    pub devices: Vec<DeviceMigrationInfo>,
+}
+
+/// Reads a JSON payload of `length` bytes, bounded.
+pub fn read_json_payload<T: for<'de> Deserialize<'de>, R: Read>(
+    conn: &mut R,
+    length: u64,
+    what: &str,
+) -> Result<T, HostError> {
+    if length > MAX_JSON_PAYLOAD {
+        return Err(HostError::bad_request(
+            what,
+            format!("payload of {length} bytes exceeds {MAX_JSON_PAYLOAD}"),
+        ));
+    }
+    let mut buf = vec![0u8; length as usize];
+    conn.read_exact(&mut buf)
+        .map_err(|e| HostError::failed(what, format!("reading payload: {e}")))?;
+    serde_json::from_slice(&buf).map_err(|e| HostError::bad_request(what, format!("bad JSON: {e}")))
+}
+
+/// Error response carrying `message` (an additive extension: CH sends
+/// Error with no payload and ignores it).
+pub fn write_error<W: Write>(conn: &mut W, message: &str) -> io::Result<()> {
+    let bytes = message.as_bytes();
+    let bytes = &bytes[..bytes.len().min(MAX_ERROR_MESSAGE as usize)];
+    conn.write_all(&Response::new(Status::Error, bytes.len() as u64).to_bytes())?;
+    conn.write_all(bytes)
+}
+
+/// Reads a response; anything but Ok is an error carrying the peer's
+/// message, if it sent one.
+pub fn expect_ok<R: Read>(conn: &mut R, phase: &str) -> Result<(), HostError> {
+    let response = Response::read_from(conn)
+        .map_err(|e| HostError::failed(phase, format!("no answer from the destination: {e}")))?;
+    let mut message = String::new();
+    if response.length() > 0 {
+        if response.length() > MAX_ERROR_MESSAGE {
+            return Err(HostError::failed(
+                phase,
+                format!(
+                    "response payload of {} bytes is too large",
+                    response.length()
+                ),
+            ));
+        }
+        let mut buf = vec![0u8; response.length() as usize];
+        conn.read_exact(&mut buf)
+            .map_err(|e| HostError::failed(phase, format!("reading response payload: {e}")))?;
+        message = String::from_utf8_lossy(&buf).into_owned();
+    }
+    match response.status() {
+        Status::Ok => Ok(()),
+        other => Err(HostError::failed(
+            phase,
+            if message.is_empty() {
+                format!("destination answered {other:?}")
+            } else {
+                format!("destination refused: {message}")
+            },
+        )),
+    }
+}
+
+/// Counts bytes written through it.
+pub struct CountingWriter<'a, W: Write> {
+    pub inner: &'a mut W,
+    pub count: u64,
+}
+
+impl<W: Write> Write for CountingWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}

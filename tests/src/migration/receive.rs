@@ -1,0 +1,384 @@
+// Copyright 2026 The xe-vf-migration authors
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Destination side of a live migration.
+//!
+//! The VM is built from the source's Config with its VFs stopped before
+//! any memory arrives, and is kept private until Complete: on any failure
+//! it is dropped (a VF whose load failed was already reset by the
+//! engine), so a partly restored VF never runs.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{error, info};
+use serde::{Deserialize, Serialize};
+use xe_vf_glue::migration::{MemoryRangeTable, Snapshot};
+use xe_vf_glue::protocol::{Command, Request, Response};
+use xe_vf_plugin::device_config::DeviceConfig;
+
+use super::conn::{Conn, Listener, MigrationUrl};
+use super::{read_json_payload, write_error, MigrationConfig};
+use crate::error::{HostError, HostResult};
+use crate::memory::COPY_CHUNK;
+use crate::vm::{Vm, VmFingerprint};
+use crate::vmm::{Counters, VmState, Vmm};
+
+fn default_timeout_s() -> u64 {
+    60
+}
+
+/// `vm.receive-migration` body: CH's `receiver_url` plus test knobs.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiveRequest {
+    pub receiver_url: String,
+    /// Device id -> spec used instead of the source's (to test refusals
+    /// or map to another VF on this host).
+    #[serde(default)]
+    pub device_overrides: BTreeMap<String, String>,
+    /// Record memory checksum and VF digests right before resuming
+    /// (adds their time to the downtime).
+    #[serde(default)]
+    pub verify: bool,
+    /// Test knob: stop reading at this phase (`device-state`) until the
+    /// timeout, as a hung destination would.
+    #[serde(default)]
+    pub stall_at: Option<String>,
+    /// How long to wait for the source and for each read.
+    #[serde(default = "default_timeout_s")]
+    pub timeout_s: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ReceiveReport {
+    pub total_ms: f64,
+    pub memory_bytes: u64,
+    pub device_bytes: u64,
+    pub memory_passes: u32,
+    /// With `verify`: the VM as it was right before it resumed.
+    pub at_switchover: Option<VmFingerprint>,
+}
+
+struct Receiver<'a> {
+    vmm: &'a Vmm,
+    req: &'a ReceiveRequest,
+    conn: Conn,
+    vm: Option<Vm>,
+    received: Vec<bool>,
+    buf: Vec<u8>,
+    report: ReceiveReport,
+}
+
+/// Waits for one migration and runs the VM it brings.
+pub fn receive(vmm: &Vmm, req: &ReceiveRequest) -> HostResult<ReceiveReport> {
+    if vmm.vm().is_some() {
+        return Err(HostError::conflict(
+            "receive-migration",
+            "this host already has a VM",
+        ));
+    }
+    let url = MigrationUrl::parse(&req.receiver_url)
+        .map_err(|e| HostError::bad_request("receiver_url", e))?;
+    let timeout = Duration::from_secs(req.timeout_s.clamp(1, 3600));
+    let listener =
+        Listener::bind(&url).map_err(|e| HostError::failed("listen", format!("{url:?}: {e}")))?;
+    vmm.set_phase("receive: listening");
+    let conn = listener
+        .accept(timeout)
+        .and_then(|c| c.set_timeouts(timeout).map(|()| c))
+        .map_err(|e| HostError::failed("accept", e));
+    drop(listener);
+    let conn = match conn {
+        Ok(c) => c,
+        Err(e) => {
+            vmm.set_phase("idle");
+            return Err(e);
+        }
+    };
+    let started = Instant::now();
+    let mut receiver = Receiver {
+        vmm,
+        req,
+        conn,
+        vm: None,
+        received: Vec::new(),
+        buf: vec![0u8; COPY_CHUNK],
+        report: ReceiveReport {
+            total_ms: 0.0,
+            memory_bytes: 0,
+            device_bytes: 0,
+            memory_passes: 0,
+            at_switchover: None,
+        },
+    };
+    let result = receiver.run();
+    vmm.set_phase("idle");
+    match result {
+        Ok(vm) => {
+            receiver.report.total_ms = started.elapsed().as_secs_f64() * 1e3;
+            Counters::add(&vmm.counters.migrations_received, 1);
+            info!(
+                "migration received: {} memory bytes, {} device bytes",
+                receiver.report.memory_bytes, receiver.report.device_bytes
+            );
+            vmm.install(vm.0, vm.1);
+            Ok(receiver.report)
+        }
+        Err(e) => {
+            error!(
+                "receive-migration failed in {}: {}; VM discarded",
+                e.phase, e.cause
+            );
+            // Best effort: the source may already be gone.
+            let _ = write_error(&mut receiver.conn, &e.to_string());
+            receiver.vm.take();
+            Counters::add(&vmm.counters.migrations_failed, 1);
+            Err(e)
+        }
+    }
+}
+
+impl Receiver<'_> {
+    fn phase(&self, phase: &str) {
+        self.vmm.set_phase(format!("receive: {phase}"));
+    }
+
+    fn ok(&mut self, phase: &str) -> HostResult<()> {
+        Response::ok()
+            .write_to(&mut self.conn)
+            .map_err(|e| HostError::failed(phase, e))
+    }
+
+    fn vm(&self, phase: &str) -> HostResult<&Vm> {
+        self.vm
+            .as_ref()
+            .ok_or_else(|| HostError::bad_request(phase, "command before Config"))
+    }
+
+    /// Serves commands until Complete; returns the VM to install.
+    fn run(&mut self) -> HostResult<(Arc<Vm>, VmState)> {
+        let mut started = false;
+        loop {
+            let request = Request::read_from(&mut self.conn)
+                .map_err(|e| HostError::failed("read command", e))?;
+            if !started && request.command() != Command::Start {
+                return Err(HostError::bad_request(
+                    "start",
+                    format!("first command is {:?}, not Start", request.command()),
+                ));
+            }
+            match request.command() {
+                Command::Start => {
+                    self.phase("start");
+                    request
+                        .sender_protocol_version()
+                        .map_err(|e| HostError::bad_request("start", e))?;
+                    started = true;
+                    self.ok("start")?;
+                }
+                Command::Config => self.config(&request)?,
+                Command::Memory => self.memory(&request)?,
+                Command::DeviceState => self.device_state(&request)?,
+                Command::State => self.state(&request)?,
+                Command::Complete | Command::CompletePaused => {
+                    return self.complete(request.command() == Command::Complete);
+                }
+                Command::Abandon => {
+                    let _ = self.ok("abandon");
+                    return Err(HostError::failed(
+                        "abandon",
+                        "the source abandoned the migration",
+                    ));
+                }
+                other => {
+                    return Err(HostError::bad_request(
+                        "command",
+                        format!("{other:?} is not supported by this host"),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Builds the VM (VFs stopped) and checks each source VF against ours.
+    fn config(&mut self, request: &Request) -> HostResult<()> {
+        self.phase("config");
+        if self.vm.is_some() {
+            return Err(HostError::bad_request("config", "Config sent twice"));
+        }
+        let mut config: MigrationConfig =
+            read_json_payload(&mut self.conn, request.length(), "config")?;
+        config.vm.validate()?;
+        if config.devices.len() != config.vm.devices.len() {
+            return Err(HostError::bad_request(
+                "config",
+                format!(
+                    "{} device infos for {} devices",
+                    config.devices.len(),
+                    config.vm.devices.len()
+                ),
+            ));
+        }
+        for entry in &mut config.vm.devices {
+            if let Some(spec) = self.req.device_overrides.get(&entry.id) {
+                info!(
+                    "device {}: using local spec '{spec}' instead of the source's",
+                    entry.id
+                );
+                entry.spec = spec.clone();
+            }
+            let parsed = DeviceConfig::parse(&entry.spec)
+                .map_err(|e| HostError::bad_request(format!("config: device {}", entry.id), e))?;
+            if parsed.fd.is_some() {
+                return Err(HostError::bad_request(
+                    format!("config: device {}", entry.id),
+                    "fd= names a descriptor of the source process; map the device with device_overrides",
+                ));
+            }
+        }
+        for (entry, info) in config.vm.devices.iter().zip(&config.devices) {
+            if entry.id != info.id {
+                return Err(HostError::bad_request(
+                    "config",
+                    format!(
+                        "device info '{}' does not match device '{}'",
+                        info.id, entry.id
+                    ),
+                ));
+            }
+        }
+        let vm = Vm::create(config.vm.clone(), true, None)?;
+        {
+            let set = vm.devices();
+            for (d, info) in set.devices().iter().zip(&config.devices) {
+                d.check_incoming(info)
+                    .map_err(|e| HostError::conflict(format!("config: device {}", info.id), e))?;
+            }
+        }
+        self.received = vec![false; config.vm.devices.len()];
+        self.vm = Some(vm);
+        self.ok("config")
+    }
+
+    fn memory(&mut self, request: &Request) -> HostResult<()> {
+        self.report.memory_passes += 1;
+        let phase = "memory";
+        self.phase(phase);
+        let table = MemoryRangeTable::read_from(&mut self.conn, request.length())
+            .map_err(|e| HostError::bad_request(phase, e))?;
+        let memory = self.vm(phase)?.memory().clone();
+        for r in table.regions() {
+            memory
+                .receive_range(r, &mut self.conn, &mut self.buf)
+                .map_err(|e| HostError::failed(phase, e))?;
+            self.report.memory_bytes += r.length;
+            Counters::add(&self.vmm.counters.memory_bytes_received, r.length);
+        }
+        self.ok(phase)
+    }
+
+    fn device_state(&mut self, request: &Request) -> HostResult<()> {
+        let index = request.device_index().unwrap_or(u16::MAX) as usize;
+        let vm = self.vm("device-state")?;
+        let id = vm
+            .config()
+            .devices
+            .get(index)
+            .map(|d| d.id.clone())
+            .ok_or_else(|| {
+                HostError::bad_request("device-state", format!("no device with index {index}"))
+            })?;
+        let phase = format!("device-state {id}");
+        self.phase(&phase);
+        if self.received.get(index).copied().unwrap_or(true) {
+            return Err(HostError::bad_request(&phase, "state sent twice"));
+        }
+        if self.req.stall_at.as_deref() == Some("device-state") {
+            self.vmm.set_phase("receive: stalled");
+            std::thread::sleep(Duration::from_secs(self.req.timeout_s.clamp(1, 3600)));
+            return Err(HostError::failed(&phase, "stalled on request (stall_at)"));
+        }
+        let reader = self
+            .conn
+            .try_clone()
+            .map_err(|e| HostError::failed(&phase, e))?;
+        let report = {
+            let set = vm.devices();
+            let device = &set.devices()[index];
+            if request.is_self_delimited() {
+                device.receive_state(reader, &mut |_| {})
+            } else {
+                device.receive_state(reader.take(request.length()), &mut |_| {})
+            }
+        }
+        .map_err(|e| HostError::failed(&phase, e))?;
+        let bytes = report.decoded.encoded_bytes;
+        if !request.is_self_delimited() && bytes != request.length() {
+            return Err(HostError::bad_request(
+                &phase,
+                format!(
+                    "stream of {bytes} bytes, request announced {}",
+                    request.length()
+                ),
+            ));
+        }
+        self.report.device_bytes += bytes;
+        Counters::add(&self.vmm.counters.device_bytes_received, bytes);
+        self.received[index] = true;
+        self.ok(&phase)
+    }
+
+    fn state(&mut self, request: &Request) -> HostResult<()> {
+        self.phase("state");
+        let tree: Snapshot = read_json_payload(&mut self.conn, request.length(), "state")?;
+        let vm = self.vm("state")?;
+        for entry in &vm.config().devices {
+            if !tree.snapshots.contains_key(&entry.id) {
+                return Err(HostError::bad_request(
+                    "state",
+                    format!("no section for device {}", entry.id),
+                ));
+            }
+        }
+        self.ok("state")
+    }
+
+    fn complete(&mut self, resume: bool) -> HostResult<(Arc<Vm>, VmState)> {
+        self.phase("complete");
+        let missing = self
+            .vm("complete")?
+            .config()
+            .devices
+            .iter()
+            .zip(&self.received)
+            .find(|(_, got)| !**got)
+            .map(|(d, _)| d.id.clone());
+        if let Some(id) = missing {
+            return Err(HostError::bad_request(
+                "complete",
+                format!("device {id} received no state"),
+            ));
+        }
+        let vm = self
+            .vm
+            .take()
+            .ok_or_else(|| HostError::bad_request("complete", "no VM"))?;
+        if self.req.verify {
+            self.report.at_switchover = Some(vm.fingerprint()?);
+        }
+        let state = if resume {
+            if let Err(e) = vm.resume() {
+                self.vm = Some(vm);
+                return Err(e);
+            }
+            VmState::Running
+        } else {
+            VmState::Paused
+        };
+        self.ok("complete")?;
+        Ok((Arc::new(vm), state))
+    }
+}

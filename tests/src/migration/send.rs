@@ -1,0 +1,379 @@
+// Copyright 2026 The xe-vf-migration authors
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Source side of a live migration.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{error, info, warn};
+use serde::{Deserialize, Serialize};
+use xe_vf_glue::migration::{MemoryRangeTable, Migratable, Snapshot, Snapshottable};
+use xe_vf_glue::protocol::{Request, DEVICE_STATE_SELF_DELIMITED};
+
+use super::conn::{connect, Conn, MigrationUrl};
+use super::{expect_ok, CountingWriter, MigrationConfig};
+use crate::error::{HostError, HostResult};
+use crate::memory::{COPY_CHUNK, PAGE_SIZE};
+use crate::vm::{Vm, VmFingerprint};
+use crate::vmm::{Counters, VmState, Vmm};
+
+/// Dirty passes after the first full one, at most.
+const MAX_DIRTY_PASSES: u32 = 8;
+/// Memory bytes per `Memory` command.
+const MEMORY_CHUNK: u64 = 64 << 20;
+/// Longest wait for the destination to listen.
+const CONNECT_RETRY: Duration = Duration::from_secs(10);
+
+fn default_downtime_ms() -> u64 {
+    300
+}
+
+fn default_timeout_s() -> u64 {
+    60
+}
+
+/// `vm.send-migration` body (CH's fields).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendRequest {
+    pub destination_url: String,
+    #[serde(default)]
+    pub local: bool,
+    #[serde(default = "default_downtime_ms")]
+    pub downtime_ms: u64,
+    #[serde(default = "default_timeout_s")]
+    pub timeout_s: u64,
+}
+
+/// What a completed migration reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct SendReport {
+    /// From pausing the VM to the destination's Ok to Complete.
+    pub downtime_ms: f64,
+    pub total_ms: f64,
+    pub memory_bytes: u64,
+    pub device_bytes: u64,
+    /// Memory passes, the first full one and the final one included.
+    pub memory_passes: u32,
+    pub final_pass_bytes: u64,
+    /// Memory checksum and VF digests of the source as it stopped.
+    pub at_stop: VmFingerprint,
+}
+
+/// Everything that must be undone if the migration fails.
+#[derive(Default)]
+struct Undo {
+    dirty_log_started: bool,
+    paused: bool,
+    /// Inside a DeviceState stream: the connection cannot carry Abandon.
+    mid_stream: bool,
+}
+
+struct Sender<'a> {
+    vmm: &'a Vmm,
+    vm: &'a Arc<Vm>,
+    conn: Conn,
+    buf: Vec<u8>,
+    undo: Undo,
+    memory_bytes: u64,
+    device_bytes: u64,
+    passes: u32,
+}
+
+/// Migrates the running VM to `req.destination_url`; on success the VM
+/// is Shutdown here, on failure it runs on here.
+pub fn send(vmm: &Vmm, req: &SendRequest) -> HostResult<SendReport> {
+    let vm = vmm.vm_in("send-migration", VmState::Running)?;
+    if req.local {
+        return Err(HostError::bad_request(
+            "send-migration",
+            "local (fd-passing) migration is not supported by the test host",
+        ));
+    }
+    let url = MigrationUrl::parse(&req.destination_url)
+        .map_err(|e| HostError::bad_request("destination_url", e))?;
+    let timeout = Duration::from_secs(req.timeout_s.clamp(1, 3600));
+    let started = Instant::now();
+    vmm.set_phase("connect");
+    let conn = connect(&url, started + CONNECT_RETRY.min(timeout))
+        .and_then(|c| c.set_timeouts(timeout).map(|()| c))
+        .map_err(|e| HostError::failed("connect", format!("{}: {e}", req.destination_url)))?;
+    let mut sender = Sender {
+        vmm,
+        vm: &vm,
+        conn,
+        buf: vec![0u8; COPY_CHUNK],
+        undo: Undo::default(),
+        memory_bytes: 0,
+        device_bytes: 0,
+        passes: 0,
+    };
+    let result = sender.run(req.downtime_ms, started);
+    vmm.set_phase("idle");
+    match result {
+        Ok(report) => {
+            info!(
+                "migration complete: downtime {:.1} ms, {} memory bytes in {} passes, {} device bytes",
+                report.downtime_ms, report.memory_bytes, report.memory_passes, report.device_bytes
+            );
+            Counters::add(&vmm.counters.migrations_sent, 1);
+            vmm.counters.last_downtime_us.store(
+                (report.downtime_ms * 1e3) as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            Ok(report)
+        }
+        Err(e) => {
+            error!("send-migration failed in {}: {}", e.phase, e.cause);
+            sender.roll_back();
+            Counters::add(&vmm.counters.migrations_failed, 1);
+            Err(e)
+        }
+    }
+}
+
+impl Sender<'_> {
+    fn run(&mut self, downtime_ms: u64, started: Instant) -> HostResult<SendReport> {
+        self.phase("start");
+        Request::start()
+            .write_to(&mut self.conn)
+            .map_err(|e| HostError::failed("start", e))?;
+        expect_ok(&mut self.conn, "start")?;
+
+        // The destination checks compatibility here; nothing has been
+        // touched on this side yet.
+        self.phase("config");
+        self.send_config()?;
+
+        self.phase("start dirty log");
+        {
+            let mut set = self.vm.devices();
+            for d in set.devices_mut() {
+                d.start_migration()
+                    .map_err(|e| HostError::failed("start migration", e))?;
+            }
+            self.undo.dirty_log_started = true;
+            for d in set.devices_mut() {
+                d.start_dirty_log()
+                    .map_err(|e| HostError::failed("start dirty log", e))?;
+            }
+        }
+        self.vm.memory().clear_dirty();
+
+        let pass_started = Instant::now();
+        self.send_memory(self.vm.memory().whole())?;
+        let elapsed_ms = pass_started.elapsed().as_secs_f64() * 1e3;
+        let bytes_per_ms = self.vm.memory().size() as f64 / elapsed_ms.max(0.001);
+        let threshold = (bytes_per_ms * downtime_ms as f64) as u64;
+        let mut leftover = vec![0u64; 0];
+        for _ in 0..MAX_DIRTY_PASSES {
+            let mut bitmap = self.vm.memory().take_dirty_bitmap();
+            self.merge_device_dirty(&mut bitmap)?;
+            let table = MemoryRangeTable::from_dirty_bitmap(bitmap.iter().copied(), 0, PAGE_SIZE);
+            if table.effective_size() <= threshold {
+                leftover = bitmap;
+                break;
+            }
+            self.send_memory(table)?;
+        }
+
+        // Downtime starts: vCPU stops, every VF to RUNNING_P2P then STOP.
+        self.phase("pause");
+        let downtime_started = Instant::now();
+        self.vm.pause()?;
+        self.undo.paused = true;
+        self.vmm.set_state(VmState::Paused);
+
+        let mut bitmap = self.vm.memory().take_dirty_bitmap();
+        for (w, l) in bitmap.iter_mut().zip(&leftover) {
+            *w |= l;
+        }
+        self.merge_device_dirty(&mut bitmap)?;
+        let final_table = MemoryRangeTable::from_dirty_bitmap(bitmap, 0, PAGE_SIZE);
+        let final_pass_bytes = final_table.effective_size();
+        self.send_memory(final_table)?;
+
+        self.send_device_states()?;
+        self.send_state()?;
+
+        self.phase("complete");
+        Request::complete()
+            .write_to(&mut self.conn)
+            .map_err(|e| HostError::failed("complete", e))?;
+        expect_ok(&mut self.conn, "complete")?;
+        let downtime = downtime_started.elapsed();
+
+        // The destination runs the VM now: this side stays stopped.
+        {
+            let mut set = self.vm.devices();
+            for d in set.devices_mut() {
+                if let Err(e) = d.complete_migration() {
+                    warn!("after migration: {e}");
+                }
+                if let Err(e) = d.stop_dirty_log() {
+                    warn!("after migration: {e}");
+                }
+            }
+        }
+        self.vmm.set_state(VmState::Shutdown);
+        let at_stop = self.vm.fingerprint()?;
+        Ok(SendReport {
+            downtime_ms: downtime.as_secs_f64() * 1e3,
+            total_ms: started.elapsed().as_secs_f64() * 1e3,
+            memory_bytes: self.memory_bytes,
+            device_bytes: self.device_bytes,
+            memory_passes: self.passes,
+            final_pass_bytes,
+            at_stop,
+        })
+    }
+
+    fn phase(&self, phase: &str) {
+        self.vmm.set_phase(format!("send: {phase}"));
+    }
+
+    fn send_config(&mut self) -> HostResult<()> {
+        let devices = {
+            let set = self.vm.devices();
+            set.devices()
+                .iter()
+                .map(|d| d.migration_info())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| HostError::failed("config", e))?
+        };
+        let config = MigrationConfig {
+            vm: self.vm.config().clone(),
+            devices,
+        };
+        let payload = serde_json::to_vec(&config).map_err(|e| HostError::failed("config", e))?;
+        Request::config(payload.len() as u64)
+            .write_to(&mut self.conn)
+            .map_err(|e| HostError::failed("config", e))?;
+        std::io::Write::write_all(&mut self.conn, &payload)
+            .map_err(|e| HostError::failed("config", e))?;
+        expect_ok(&mut self.conn, "config")
+    }
+
+    /// Adds what the VFs report dirty (for `dirty_tracking=all`: nothing
+    /// while they run, every DMA range once they are stopped).
+    fn merge_device_dirty(&mut self, bitmap: &mut [u64]) -> HostResult<()> {
+        let mut set = self.vm.devices();
+        for d in set.devices_mut() {
+            let table = d
+                .dirty_log()
+                .map_err(|e| HostError::failed("dirty log", e))?;
+            self.vm.memory().merge_into_bitmap(bitmap, &table);
+        }
+        Ok(())
+    }
+
+    fn send_memory(&mut self, table: MemoryRangeTable) -> HostResult<()> {
+        self.passes += 1;
+        let phase = format!("memory pass {}", self.passes - 1);
+        self.phase(&phase);
+        Counters::add(&self.vmm.counters.memory_passes, 1);
+        for chunk in table.partition(MEMORY_CHUNK) {
+            Request::memory(chunk.length())
+                .write_to(&mut self.conn)
+                .and_then(|()| chunk.write_to(&mut self.conn))
+                .map_err(|e| HostError::failed(&phase, e))?;
+            for r in chunk.regions() {
+                self.vm
+                    .memory()
+                    .send_range(r, &mut self.conn, &mut self.buf)
+                    .map_err(|e| HostError::failed(&phase, e))?;
+                self.memory_bytes += r.length;
+                Counters::add(&self.vmm.counters.memory_bytes_sent, r.length);
+            }
+            expect_ok(&mut self.conn, &phase)?;
+        }
+        Ok(())
+    }
+
+    /// Each stopped VF's state, streamed straight into the socket.
+    fn send_device_states(&mut self) -> HostResult<()> {
+        let set = self.vm.devices();
+        for (index, d) in set.devices().iter().enumerate() {
+            let phase = format!("device-state {}", Snapshottable::id(d));
+            self.vmm.set_phase(format!("send: {phase}"));
+            Request::device_state(index as u16, DEVICE_STATE_SELF_DELIMITED)
+                .write_to(&mut self.conn)
+                .map_err(|e| HostError::failed(&phase, e))?;
+            self.undo.mid_stream = true;
+            let mut out = CountingWriter {
+                inner: &mut self.conn,
+                count: 0,
+            };
+            let sent = d.send_state(&mut out, &mut |_| {});
+            let count = out.count;
+            self.device_bytes += count;
+            Counters::add(&self.vmm.counters.device_bytes_sent, count);
+            sent.map_err(|e| HostError::failed(&phase, e))?;
+            self.undo.mid_stream = false;
+            expect_ok(&mut self.conn, &phase)?;
+        }
+        Ok(())
+    }
+
+    /// The small JSON tree: one section per VF (no device data in it).
+    fn send_state(&mut self) -> HostResult<()> {
+        self.phase("state");
+        let mut root = Snapshot::default();
+        {
+            let mut set = self.vm.devices();
+            for d in set.devices_mut() {
+                let section = d.snapshot().map_err(|e| HostError::failed("state", e))?;
+                root.add_snapshot(Snapshottable::id(d), section);
+            }
+        }
+        let payload = serde_json::to_vec(&root).map_err(|e| HostError::failed("state", e))?;
+        Request::state(payload.len() as u64)
+            .write_to(&mut self.conn)
+            .map_err(|e| HostError::failed("state", e))?;
+        std::io::Write::write_all(&mut self.conn, &payload)
+            .map_err(|e| HostError::failed("state", e))?;
+        expect_ok(&mut self.conn, "state")
+    }
+
+    /// Abandon if the connection can still carry it, then run on here.
+    fn roll_back(&mut self) {
+        if self.undo.mid_stream {
+            // The destination is inside a device stream; only closing the
+            // connection ends it.
+            if let Conn::Tcp(s) = &self.conn {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            } else if let Conn::Unix(s) = &self.conn {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        } else {
+            let _ = self
+                .conn
+                .set_timeouts(Duration::from_secs(2))
+                .and_then(|()| {
+                    Request::abandon()
+                        .write_to(&mut self.conn)
+                        .map_err(std::io::Error::other)
+                });
+        }
+        if self.undo.dirty_log_started {
+            let mut set = self.vm.devices();
+            for d in set.devices_mut() {
+                if let Err(e) = d.stop_dirty_log() {
+                    warn!("rolling back: {e}");
+                }
+            }
+        }
+        let mut state = VmState::Running;
+        if self.undo.paused {
+            match self.vm.resume() {
+                Ok(()) => info!("source VM resumed after the failed migration"),
+                Err(e) => {
+                    error!("source VM could not resume after the failed migration: {e}");
+                    state = VmState::Paused;
+                }
+            }
+        }
+        self.vmm.set_state(state);
+    }
+}

@@ -1,0 +1,281 @@
+// Copyright 2026 The xe-vf-migration authors
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! A VM of the test host: guest memory, a vCPU and Xe VFs.
+//!
+//! Guest memory is split in two: the vCPU writes the low half, and the
+//! high half is cut into one DMA slice per VF, into which its workload
+//! writes records. Every VF may DMA anywhere in guest memory (its DMA
+//! ranges are all of it), as a VMM maps it.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use serde::{Deserialize, Serialize};
+use xe_vf_glue::device_set::XeVfSet;
+use xe_vf_glue::migration::{MemoryRange, Pausable};
+use xe_vf_glue::XeVfDevice;
+use xe_vf_plugin::device_config::DeviceConfig;
+use xe_vf_plugin::emulated::{GuestDmaRegion, StateDigest};
+
+use crate::error::{HostError, HostResult};
+use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::vcpu::Vcpu;
+
+/// Most VFs one VM may have (also from a migration peer).
+pub const MAX_DEVICES: usize = 16;
+/// Longest device id accepted.
+pub const MAX_ID_LEN: usize = 64;
+
+/// One `--device`: its id and the spec string as the user gave it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceEntry {
+    pub id: String,
+    pub spec: String,
+}
+
+/// What a VM is made of: `config.json` of a snapshot, and what the
+/// migration `Config` command carries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    pub memory_size: u64,
+    pub vcpu_workload: bool,
+    pub devices: Vec<DeviceEntry>,
+}
+
+/// Ids come from users and migration peers: bounded, plain characters.
+pub fn check_device_id(id: &str) -> HostResult<()> {
+    let plain = id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+    if id.is_empty() || id.len() > MAX_ID_LEN || !plain {
+        return Err(HostError::bad_request(
+            "device id",
+            format!("'{id}' must be 1..={MAX_ID_LEN} characters of [A-Za-z0-9_.-]"),
+        ));
+    }
+    Ok(())
+}
+
+impl VmConfig {
+    /// Builds the config from `--device` specs; ids default to `_xe<N>`
+    /// (generated here, never parsed: `_` ids are reserved for the VMM).
+    pub fn from_specs(memory_size: u64, vcpu_workload: bool, specs: &[String]) -> HostResult<Self> {
+        let mut devices = Vec::new();
+        for (index, spec) in specs.iter().enumerate() {
+            let config = DeviceConfig::parse(spec)
+                .map_err(|e| HostError::bad_request(format!("--device '{spec}'"), e))?;
+            let id = config.id.clone().unwrap_or_else(|| format!("_xe{index}"));
+            devices.push(DeviceEntry {
+                id,
+                spec: spec.clone(),
+            });
+        }
+        let config = VmConfig {
+            memory_size,
+            vcpu_workload,
+            devices,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks a config that may come from a file or a peer.
+    pub fn validate(&self) -> HostResult<()> {
+        if self.devices.len() > MAX_DEVICES {
+            return Err(HostError::bad_request(
+                "config",
+                format!(
+                    "{} devices exceed the limit of {MAX_DEVICES}",
+                    self.devices.len()
+                ),
+            ));
+        }
+        for (i, d) in self.devices.iter().enumerate() {
+            check_device_id(&d.id)?;
+            if self.devices[..i].iter().any(|o| o.id == d.id) {
+                return Err(HostError::bad_request(
+                    "config",
+                    format!("device id '{}' is used twice", d.id),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The DMA slice of device `index` in the high half of memory.
+    fn dma_slice(&self, index: usize) -> (u64, u64) {
+        let half = self.memory_size / 2;
+        let n = self.devices.len().max(1) as u64;
+        let len = (half / n) / PAGE_SIZE * PAGE_SIZE;
+        (half + index as u64 * len, len)
+    }
+}
+
+fn device_config(entry: &DeviceEntry) -> HostResult<DeviceConfig> {
+    let phase = format!("device {}", entry.id);
+    let config = DeviceConfig::parse(&entry.spec).map_err(|e| HostError::bad_request(&phase, e))?;
+    if let Some(id) = &config.id {
+        if *id != entry.id {
+            return Err(HostError::bad_request(
+                phase,
+                format!("spec id '{id}' differs from the device's id"),
+            ));
+        }
+    }
+    Ok(config)
+}
+
+/// Builds one device from its entry (restore from a snapshot).
+pub type DeviceBuilder<'a> =
+    &'a mut dyn FnMut(&DeviceEntry, DeviceConfig) -> HostResult<XeVfDevice>;
+
+/// A running (or paused) VM.
+pub struct Vm {
+    config: VmConfig,
+    memory: Arc<GuestMemory>,
+    vcpu: Vcpu,
+    devices: Mutex<XeVfSet>,
+}
+
+/// What `vm.info` shows of one device.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeviceInfo {
+    pub id: String,
+    pub spec: String,
+    pub vf_state: String,
+    pub digest: Option<StateDigest>,
+}
+
+/// The frozen state of a VM at one moment (switchover, pause).
+#[derive(Clone, Debug, Serialize)]
+pub struct VmFingerprint {
+    pub memory_crc32c: u32,
+    pub devices: Vec<DeviceInfo>,
+}
+
+impl Vm {
+    /// Creates memory and devices. With `build` given, devices come from
+    /// it (restore from a snapshot); otherwise they are opened fresh. The
+    /// vCPU starts stopped; devices are RUNNING unless `stopped`.
+    pub fn create(
+        config: VmConfig,
+        stopped: bool,
+        mut build: Option<DeviceBuilder<'_>>,
+    ) -> HostResult<Self> {
+        config.validate()?;
+        let memory = Arc::new(
+            GuestMemory::new(config.memory_size)
+                .map_err(|e| HostError::bad_request("guest memory", e))?,
+        );
+        let vcpu = Vcpu::new(memory.clone(), config.vcpu_workload, 0x5eed_cafe)
+            .map_err(|e| HostError::failed("vcpu", e))?;
+        let mut set = XeVfSet::default();
+        for (index, entry) in config.devices.iter().enumerate() {
+            let dc = device_config(entry)?;
+            let mut dev = match build.as_mut() {
+                Some(b) => b(entry, dc)?,
+                None => XeVfDevice::new(&entry.id, dc)
+                    .map_err(|e| HostError::failed(format!("device {}", entry.id), e))?,
+            };
+            dev.set_dma_ranges(vec![MemoryRange {
+                gpa: 0,
+                length: config.memory_size,
+            }]);
+            set.push(dev);
+            // Stop before the DMA window opens, so a fresh VF on a
+            // destination never writes into memory being received.
+            if stopped {
+                set.pause()
+                    .map_err(|e| HostError::failed("pause devices", e))?;
+            }
+            let (offset, len) = config.dma_slice(index);
+            if let Some(emu) = set.devices()[index].backend().emulated() {
+                let file = memory
+                    .dup_file()
+                    .map_err(|e| HostError::failed("guest memory", e))?;
+                emu.attach_guest_memory(GuestDmaRegion { file, offset, len });
+            }
+        }
+        Ok(Vm {
+            config,
+            memory,
+            vcpu,
+            devices: Mutex::new(set),
+        })
+    }
+
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.memory
+    }
+
+    pub fn vcpu(&self) -> &Vcpu {
+        &self.vcpu
+    }
+
+    pub fn devices(&self) -> MutexGuard<'_, XeVfSet> {
+        self.devices.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// vCPU stops first, then every VF (all to RUNNING_P2P, then STOP).
+    pub fn pause(&self) -> HostResult<()> {
+        self.vcpu.set_running(false);
+        if let Err(e) = self.devices().pause() {
+            self.vcpu.set_running(true);
+            return Err(HostError::failed("pause devices", e));
+        }
+        Ok(())
+    }
+
+    /// VFs back to RUNNING (all out of STOP first), then the vCPU.
+    pub fn resume(&self) -> HostResult<()> {
+        self.devices()
+            .resume()
+            .map_err(|e| HostError::failed("resume devices", e))?;
+        self.vcpu.set_running(true);
+        Ok(())
+    }
+
+    /// Per-device state and digests (emulated VFs only have digests).
+    pub fn device_infos(&self) -> Vec<DeviceInfo> {
+        let set = self.devices();
+        set.devices()
+            .iter()
+            .zip(&self.config.devices)
+            .map(|(d, entry)| DeviceInfo {
+                id: entry.id.clone(),
+                spec: entry.spec.clone(),
+                vf_state: d
+                    .state()
+                    .map(|s| s.name().to_string())
+                    .unwrap_or_else(|e| format!("unknown ({e})")),
+                digest: d.backend().emulated().and_then(|e| e.digest().ok()),
+            })
+            .collect()
+    }
+
+    /// Memory checksum and device digests, as they are now.
+    pub fn fingerprint(&self) -> HostResult<VmFingerprint> {
+        Ok(VmFingerprint {
+            memory_crc32c: self
+                .memory
+                .crc32c()
+                .map_err(|e| HostError::failed("memory checksum", e))?,
+            devices: self.device_infos(),
+        })
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.vcpu.set_running(false);
+        for d in self.devices().devices() {
+            if let Some(emu) = d.backend().emulated() {
+                emu.detach_guest_memory();
+            }
+        }
+    }
+}

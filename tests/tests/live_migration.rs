@@ -1,0 +1,383 @@
+// Copyright 2026 The xe-vf-migration authors
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Live migration between two test-host processes.
+//!
+//! How equality is checked with workloads running: the source records
+//! guest memory's CRC and every VF digest once it has stopped (VM paused,
+//! VFs in STOP; it never runs again after Complete) and returns them in
+//! the send-migration answer (`at_stop`). The destination, asked with
+//! `verify`, records the same right before it resumes (`at_switchover`),
+//! when memory and VF state are exactly what it received. Those two must
+//! be equal; after that the destination's workloads move on, which the
+//! tests check too.
+
+mod common;
+
+use std::net::TcpListener;
+use std::process::Command;
+
+use common::*;
+use serde_json::{json, Value};
+
+fn source(dir: &std::path::Path, devices: &[&str], extra: &[&str]) -> Host {
+    let mut args = vec!["--memory", "size=32M"];
+    for d in devices {
+        args.push("--device");
+        args.push(d);
+    }
+    args.extend_from_slice(extra);
+    Host::start(dir, "src", &args)
+}
+
+/// Runs one migration to `url` and checks what both sides report.
+fn migrate_and_verify(src: &Host, dst: &Host, url: &str) -> Value {
+    let before = src.info();
+    for i in 0..before["devices"].as_array().unwrap().len() {
+        wait_generation_beyond(src, i, 20);
+    }
+    let receiver = dst.receive_in_background(json!({ "receiver_url": url, "verify": true }));
+    let sent = src.put_ok("vm.send-migration", Some(&send_body(url)));
+    let received = receiver.join().unwrap();
+    assert!(
+        received.is_success(),
+        "receive failed: {:?}\n{}",
+        received.body,
+        dst.log_text()
+    );
+    let sent = sent.body;
+    assert_same_fingerprint(&sent["at_stop"], &received.body["at_switchover"]);
+    assert!(sent["memory_bytes"].as_u64().unwrap() >= 32 << 20);
+    assert!(sent["device_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(sent["device_bytes"], received.body["device_bytes"]);
+    assert_eq!(sent["memory_bytes"], received.body["memory_bytes"]);
+    assert!(sent["downtime_ms"].as_f64().unwrap() > 0.0);
+
+    // Source: shut down, VFs stopped.
+    let src_info = src.info();
+    assert_eq!(src_info["state"], "Shutdown");
+    for d in src_info["devices"].as_array().unwrap() {
+        assert_eq!(d["vf_state"], "STOP");
+    }
+    let counters = src.counters();
+    assert_eq!(counters["migrations_sent"], 1);
+    assert_eq!(counters["memory_bytes_sent"], sent["memory_bytes"]);
+
+    // Destination: running, VFs running, workloads continue.
+    let dst_info = dst.info();
+    assert_eq!(dst_info["state"], "Running");
+    let at_stop = sent["at_stop"]["devices"].as_array().unwrap();
+    for (i, d) in at_stop.iter().enumerate() {
+        assert_eq!(device(&dst_info, i)["vf_state"], "RUNNING");
+        assert_eq!(device(&dst_info, i)["id"], d["id"]);
+        wait_generation_beyond(dst, i, d["digest"]["generation"].as_u64().unwrap());
+    }
+    sent
+}
+
+#[test]
+fn live_migration_over_unix_socket_with_workloads_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = source(dir.path(), &["emulated=on,vram=32M,id=gpu0"], &[]);
+    let dst = Host::start(dir.path(), "dst", &[]);
+    let url = format!("unix:{}", dir.path().join("mig.sock").display());
+    let sent = migrate_and_verify(&src, &dst, &url);
+    // dirty_tracking=all: once the VF stopped, everything it may have
+    // DMA'd into (all of guest memory) went again in the final pass.
+    assert_eq!(sent["final_pass_bytes"].as_u64().unwrap(), 32 << 20);
+    assert!(sent["memory_passes"].as_u64().unwrap() >= 2);
+    assert!(
+        !dir.path().join("mig.sock").exists(),
+        "listener socket removed"
+    );
+}
+
+#[test]
+fn live_migration_over_tcp_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let src = source(dir.path(), &["emulated=on,vram=16M,id=gpu0"], &[]);
+    let dst = Host::start(dir.path(), "dst", &[]);
+    let dst_url = format!("tcp:127.0.0.1:{port}");
+    let receiver = dst.receive_in_background(json!({ "receiver_url": dst_url, "verify": true }));
+    let sent = src
+        .put_ok("vm.send-migration", Some(&send_body(&dst_url)))
+        .body;
+    let received = receiver.join().unwrap();
+    assert!(received.is_success(), "{:?}", received.body);
+    assert_same_fingerprint(&sent["at_stop"], &received.body["at_switchover"]);
+    assert_eq!(dst.info()["state"], "Running");
+}
+
+/// Two network namespaces joined by a veth pair; deleted on drop.
+struct NetnsPair {
+    names: [String; 2],
+}
+
+impl NetnsPair {
+    fn create() -> Result<(Self, String, String), String> {
+        let tag = std::process::id() % 100_000;
+        let names = [format!("xevf-s{tag}"), format!("xevf-d{tag}")];
+        let pair = NetnsPair {
+            names: names.clone(),
+        };
+        let net = 1 + (tag % 250);
+        let (src_ip, dst_ip) = (format!("10.99.{net}.1"), format!("10.99.{net}.2"));
+        let veth = [format!("xvs{tag}"), format!("xvd{tag}")];
+        let steps: Vec<Vec<String>> = vec![
+            vec!["netns".into(), "add".into(), names[0].clone()],
+            vec!["netns".into(), "add".into(), names[1].clone()],
+            vec![
+                "link".into(),
+                "add".into(),
+                veth[0].clone(),
+                "netns".into(),
+                names[0].clone(),
+                "type".into(),
+                "veth".into(),
+                "peer".into(),
+                "name".into(),
+                veth[1].clone(),
+                "netns".into(),
+                names[1].clone(),
+            ],
+        ];
+        for args in steps {
+            run_ip(&args)?;
+        }
+        for (i, ip) in [&src_ip, &dst_ip].iter().enumerate() {
+            let ns = &names[i];
+            run_ip(&[
+                "-n".into(),
+                ns.clone(),
+                "addr".into(),
+                "add".into(),
+                format!("{ip}/30"),
+                "dev".into(),
+                veth[i].clone(),
+            ])?;
+            run_ip(&[
+                "-n".into(),
+                ns.clone(),
+                "link".into(),
+                "set".into(),
+                veth[i].clone(),
+                "up".into(),
+            ])?;
+            run_ip(&[
+                "-n".into(),
+                ns.clone(),
+                "link".into(),
+                "set".into(),
+                "lo".into(),
+                "up".into(),
+            ])?;
+        }
+        Ok((pair, src_ip, dst_ip))
+    }
+}
+
+fn run_ip(args: &[String]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        for ns in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+#[test]
+fn live_migration_over_tcp_between_network_namespaces() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP live_migration_over_tcp_between_network_namespaces: not root");
+        return;
+    }
+    let (ns, _src_ip, dst_ip) = match NetnsPair::create() {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("SKIP live_migration_over_tcp_between_network_namespaces: {e}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let src_wrap = ["ip", "netns", "exec", ns.names[0].as_str()];
+    let dst_wrap = ["ip", "netns", "exec", ns.names[1].as_str()];
+    // Hosts drop (are killed) before the namespaces.
+    let src = Host::start_with(
+        dir.path(),
+        "src",
+        &src_wrap,
+        &[
+            "--memory",
+            "size=32M",
+            "--device",
+            "emulated=on,vram=16M,id=gpu0",
+        ],
+    );
+    let dst = Host::start_with(dir.path(), "dst", &dst_wrap, &[]);
+    let receiver =
+        dst.receive_in_background(json!({ "receiver_url": "tcp:0.0.0.0:7711", "verify": true }));
+    let url = format!("tcp:{dst_ip}:7711");
+    let sent = src.put_ok("vm.send-migration", Some(&send_body(&url))).body;
+    let received = receiver.join().unwrap();
+    assert!(received.is_success(), "{:?}", received.body);
+    assert_same_fingerprint(&sent["at_stop"], &received.body["at_switchover"]);
+    assert_eq!(dst.info()["state"], "Running");
+    assert_eq!(src.info()["state"], "Shutdown");
+    drop((src, dst));
+    drop(ns);
+}
+
+#[test]
+fn live_migration_of_two_vfs_in_one_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = source(
+        dir.path(),
+        &[
+            "emulated=on,vram=16M,id=gpu0",
+            // Another shape and seed; id left out, so the host names it.
+            "emulated=on,vram=16M,tiles=2,gts=1,seed=7",
+        ],
+        &[],
+    );
+    let info = src.info();
+    assert_eq!(device(&info, 1)["id"], "_xe1");
+    let dst = Host::start(dir.path(), "dst", &[]);
+    let url = format!("unix:{}", dir.path().join("mig.sock").display());
+    let sent = migrate_and_verify(&src, &dst, &url);
+    assert_eq!(sent["at_stop"]["devices"].as_array().unwrap().len(), 2);
+    assert_ne!(
+        sent["at_stop"]["devices"][0]["digest"],
+        sent["at_stop"]["devices"][1]["digest"]
+    );
+}
+
+#[test]
+fn incompatible_destination_is_refused_before_the_source_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = source(dir.path(), &["emulated=on,vram=16M,id=gpu0"], &[]);
+    let cases = [
+        ("emulated=on,vram=16M,devid=0xe20c", "device id"),
+        ("emulated=on,vram=16M,revid=1", "revision"),
+        ("emulated=on,vram=8M", "smaller"),
+    ];
+    for (n, (spec, needle)) in cases.iter().enumerate() {
+        let gen_before = wait_generation_beyond(&src, 0, 0);
+        let dst = Host::start(dir.path(), &format!("dst{n}"), &[]);
+        let url = format!("unix:{}", dir.path().join(format!("mig{n}.sock")).display());
+        let receiver = dst.receive_in_background(json!({
+            "receiver_url": url,
+            "device_overrides": { "gpu0": spec },
+        }));
+        let r = src
+            .api
+            .put("vm.send-migration", Some(&send_body(&url)))
+            .unwrap();
+        assert_eq!(r.status, 500, "{spec}: {:?}", r.body);
+        let err = r.error();
+        assert!(err.starts_with("config: "), "{spec}: {err}");
+        assert!(
+            err.contains(needle) && err.contains("gpu0"),
+            "{spec}: {err}"
+        );
+        let received = receiver.join().unwrap();
+        assert_eq!(received.status, 409, "{:?}", received.body);
+
+        // The source never stopped: no memory moved, VM and VF running,
+        // the workload still counting.
+        let counters = src.counters();
+        assert_eq!(counters["memory_bytes_sent"], 0);
+        assert_eq!(counters["migrations_failed"], n as u64 + 1);
+        let info = src.info();
+        assert_eq!(info["state"], "Running");
+        assert_eq!(device(&info, 0)["vf_state"], "RUNNING");
+        let now = generation(&info, 0);
+        assert!(now >= gen_before);
+        wait_generation_beyond(&src, 0, now);
+        // The destination discarded what it had built.
+        assert_eq!(dst.info()["state"], "Created");
+    }
+}
+
+#[test]
+fn killed_destination_leaves_the_source_running_with_its_vf_state() {
+    let dir = tempfile::tempdir().unwrap();
+    // gpu0 idles (its state must come back bit for bit); gpu1 works (it
+    // must go on from where it stopped, not from a reset).
+    let src = source(
+        dir.path(),
+        &[
+            "emulated=on,vram=16M,id=gpu0,workload=off",
+            "emulated=on,vram=16M,id=gpu1",
+        ],
+        &["--vcpu-workload", "off"],
+    );
+    let mut dst = Host::start(dir.path(), "dst", &[]);
+    let before = src.info();
+    let gen1_before = wait_generation_beyond(&src, 1, 20);
+    let url = format!("unix:{}", dir.path().join("mig.sock").display());
+    let _receiver = dst.receive_in_background(json!({
+        "receiver_url": url,
+        "stall_at": "device-state",
+        "timeout_s": 30,
+    }));
+    let api = src.api.clone();
+    let body = send_body(&url);
+    let sender = std::thread::spawn(move || api.put("vm.send-migration", Some(&body)).unwrap());
+    // Memory has moved and the source is in its downtime, streaming VF
+    // state, when the destination dies.
+    poll("destination stalled in device-state", || {
+        (dst.info()["migration"]["phase"] == "receive: stalled").then_some(())
+    });
+    assert!(src.counters()["memory_bytes_sent"].as_u64().unwrap() >= 32 << 20);
+    dst.kill();
+
+    let r = sender.join().unwrap();
+    assert_eq!(r.status, 500, "{:?}", r.body);
+    assert!(r.error().starts_with("device-state gpu0"), "{}", r.error());
+
+    let info = src.info();
+    assert_eq!(info["state"], "Running");
+    assert_eq!(device(&info, 0)["vf_state"], "RUNNING");
+    assert_eq!(device(&info, 1)["vf_state"], "RUNNING");
+    assert_eq!(device(&info, 0)["digest"], device(&before, 0)["digest"]);
+    assert!(generation(&info, 1) >= gen1_before, "gpu1 was reset");
+    wait_generation_beyond(&src, 1, generation(&info, 1));
+    assert_eq!(src.counters()["migrations_failed"], 1);
+    assert!(src.log_text().contains("source VM resumed"));
+
+    // The source can still migrate afterwards.
+    let dst2 = Host::start(dir.path(), "dst2", &[]);
+    let url2 = format!("unix:{}", dir.path().join("mig2.sock").display());
+    let receiver = dst2.receive_in_background(json!({ "receiver_url": url2, "verify": true }));
+    let sent = src
+        .put_ok("vm.send-migration", Some(&send_body(&url2)))
+        .body;
+    let received = receiver.join().unwrap();
+    assert!(received.is_success(), "{:?}", received.body);
+    assert_same_fingerprint(&sent["at_stop"], &received.body["at_switchover"]);
+    assert_eq!(
+        sent["at_stop"]["devices"][0]["digest"],
+        device(&before, 0)["digest"]
+    );
+}
