@@ -50,10 +50,10 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "unix")]
         transports: Vec<TransportKind>,
         /// Repetitions per case at sizes below 4 GiB.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 2)]
         reps: usize,
         /// Repetitions per case at 4 GiB and above.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 1)]
         big_reps: usize,
         /// Where the JSON and PNG go.
         #[arg(long, default_value = "target/bench")]

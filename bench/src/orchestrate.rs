@@ -66,6 +66,7 @@ pub fn run(plan: &Plan) -> Result<()> {
     }
     std::fs::create_dir_all(&plan.out_dir)?;
     let mut all = Vec::new();
+    let mut group = 0usize;
     for &transport in &plan.transports {
         for &vram in &sizes {
             let reps = if vram >= 4 * GIB {
@@ -75,12 +76,13 @@ pub fn run(plan: &Plan) -> Result<()> {
             };
             for &zero_percent in &plan.zeros {
                 for rep in 0..reps.max(1) {
-                    // Alternate the order, so no method always runs on a
-                    // warm (or cold) machine.
+                    // Alternate the order from one group of runs to the
+                    // next, so no method always runs first or last.
                     let mut order = plan.methods.clone();
-                    if rep % 2 == 1 {
+                    if group % 2 == 1 {
                         order.reverse();
                     }
+                    group += 1;
                     for method in order {
                         let case = Case {
                             method,
