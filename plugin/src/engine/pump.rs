@@ -88,39 +88,70 @@ pub struct ReadAhead {
 }
 
 impl ReadAhead {
-    /// Starts reading; at most `depth` buffers of `buffer_size` exist.
+    /// Starts reading; at most `depth` buffers of `buffer_size` exist, and
+    /// each is filled completely unless the reader ends.
     pub fn spawn<R: Read + Send + 'static>(
-        mut reader: R,
+        reader: R,
         buffer_size: usize,
         depth: usize,
     ) -> io::Result<Self> {
+        Self::spawn_filling(reader, buffer_size, 0, depth)
+    }
+
+    /// Like [`ReadAhead::spawn`], but a buffer has `headroom` bytes beyond
+    /// `fill` and is handed on once it holds at least `fill` bytes.
+    ///
+    /// Full buffers mean few, large writes downstream however small the
+    /// reader's pieces are (a decoder returns one record per read). The
+    /// headroom lets a reader that can land a whole record in the
+    /// caller's buffer (a DATA record of up to `headroom` bytes) always
+    /// do so, instead of staging it and copying it over in parts.
+    pub fn spawn_filling<R: Read + Send + 'static>(
+        mut reader: R,
+        fill: usize,
+        headroom: usize,
+        depth: usize,
+    ) -> io::Result<Self> {
         let depth = depth.max(1);
+        let fill = fill.max(1);
+        let capacity = fill.saturating_add(headroom);
         let (filled_tx, filled) = sync_channel::<io::Result<Vec<u8>>>(depth);
         let (empty, empty_rx) = sync_channel::<Vec<u8>>(depth);
         for _ in 0..depth {
             // Cannot block: the channel holds `depth` items.
-            let _ = empty.try_send(vec![0u8; buffer_size.max(1)]);
+            let _ = empty.try_send(vec![0u8; capacity]);
         }
         let thread = std::thread::Builder::new()
             .name("xe-read-ahead".into())
             .spawn(move || {
+                let mut at_eof = false;
                 while let Ok(mut buf) = empty_rx.recv() {
-                    buf.resize(buf.capacity().max(1), 0);
+                    if at_eof {
+                        buf.clear();
+                        let _ = filled_tx.send(Ok(buf));
+                        return;
+                    }
+                    buf.resize(capacity, 0);
+                    let mut len = 0;
                     let result = loop {
-                        match reader.read(&mut buf) {
+                        if len >= fill {
+                            break Ok(());
+                        }
+                        match reader.read(&mut buf[len..]) {
                             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                            other => break other,
+                            Err(e) => break Err(e),
+                            Ok(0) => {
+                                at_eof = true;
+                                break Ok(());
+                            }
+                            Ok(n) => len += n,
                         }
                     };
                     match result {
-                        Ok(0) => {
-                            buf.clear();
-                            let _ = filled_tx.send(Ok(buf));
-                            return;
-                        }
-                        Ok(n) => {
-                            buf.truncate(n);
-                            if filled_tx.send(Ok(buf)).is_err() {
+                        Ok(()) => {
+                            buf.truncate(len);
+                            let end = len == 0;
+                            if filled_tx.send(Ok(buf)).is_err() || end {
                                 return;
                             }
                         }

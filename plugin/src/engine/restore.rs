@@ -214,8 +214,16 @@ fn stream_into<R: Read + Send + 'static>(
     sink.write_all(prefix)
         .map_err(EngineError::io(Phase::ResumeWrite))?;
     let mut written = prefix.len() as u64;
-    let mut read_ahead = ReadAhead::spawn(source, opts.buffer_size, opts.queue_depth)
-        .map_err(EngineError::io(Phase::Input))?;
+    // Headroom of one record: every DATA record lands straight in a
+    // pipeline buffer, and the device gets buffer-sized writes even when
+    // the stream is mostly small records and zero runs.
+    let headroom = source
+        .decoder
+        .as_ref()
+        .map_or(0, |d| d.header().chunk_size as usize);
+    let mut read_ahead =
+        ReadAhead::spawn_filling(source, opts.buffer_size, headroom, opts.queue_depth)
+            .map_err(EngineError::io(Phase::Input))?;
     loop {
         let chunk = read_ahead
             .next_chunk()

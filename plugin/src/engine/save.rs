@@ -3,7 +3,7 @@
 
 //! Device -> device-state stream.
 
-use std::io::Write;
+use std::io::{BufWriter, Write};
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info};
@@ -18,6 +18,10 @@ use crate::fsm;
 use crate::state_format::{StateEncoder, StateHeader};
 use crate::uapi::DeviceState;
 use crate::xe_stream::{ParserLimits, XeStreamParser, XeStreamSummary};
+
+/// Output coalescing buffer; smaller than a chunk, so whole DATA
+/// payloads bypass it.
+const OUTPUT_BUFFER: usize = 128 * 1024;
 
 /// What a save moved.
 #[derive(Clone, Debug, Serialize)]
@@ -61,12 +65,20 @@ pub fn save<W: Write>(
 
     // The header goes out before the device stops: a dead output fails
     // here, with the VM untouched.
-    let mut encoder = StateEncoder::new(out, header.clone(), opts.encoder).map_err(|source| {
-        EngineError::Format {
+    //
+    // Zero-heavy VRAM encodes into many small records (20-byte headers,
+    // page-sized payloads); coalescing them saves a syscall and a reader
+    // wake-up each, while chunk-sized payloads still go out directly.
+    let out = BufWriter::with_capacity(OUTPUT_BUFFER, out);
+    let mut encoder = StateEncoder::new(out, header.clone(), opts.encoder)
+        .and_then(|mut e| {
+            e.flush()?;
+            Ok(e)
+        })
+        .map_err(|source| EngineError::Format {
             phase: Phase::Output,
             source,
-        }
-    })?;
+        })?;
 
     let data_fd = fsm::walk(device, DeviceState::StopCopy, recovery)
         .map_err(|source| EngineError::Walk {

@@ -114,39 +114,68 @@ impl<W: Write> RecordSink<W> {
     }
 
     /// Encodes one chunk (at most `chunk_size` bytes), splitting it into
-    /// zero runs and data runs at `zero_block` granularity.
+    /// zero runs of at least `zero_block` bytes, at any byte offset, and
+    /// data runs.
+    ///
+    /// Device streams interleave packet headers with page data (an Xe
+    /// VRAM packet has a 24-byte header every 2 MiB), so page-sized zero
+    /// runs rarely sit on `zero_block` boundaries of the stream. Any run
+    /// of at least `zero_block` zero bytes contains a whole probe block
+    /// of `(zero_block + 1) / 2` bytes at a multiple of that size, so
+    /// only probe blocks are tested (one 64-byte lane each on data); a
+    /// zero probe is then grown byte-exactly both ways.
     fn chunk(&mut self, data: &[u8], options: &EncoderOptions) -> Result<()> {
         if !options.zero_elision {
             return self.data(data);
         }
         let block = options.zero_block as usize;
-        let mut pos = 0;
-        while pos < data.len() {
-            let zeros_end = scan(data, pos, block, true);
-            if zeros_end > pos {
-                self.zeros((zeros_end - pos) as u64);
+        // 2 * probe_len - 1 <= block, so every long enough run covers one.
+        let probe_len = block.div_ceil(2).max(1);
+        let mut data_start = 0;
+        let mut probe = 0;
+        while probe + probe_len <= data.len() {
+            if !is_zero(&data[probe..probe + probe_len]) {
+                probe += probe_len;
+                continue;
             }
-            let data_end = scan(data, zeros_end, block, false);
-            if data_end > zeros_end {
-                self.data(&data[zeros_end..data_end])?;
+            let start = zero_run_start(data, data_start, probe);
+            let end = zero_run_end(data, probe + probe_len);
+            if end - start >= block {
+                if start > data_start {
+                    self.data(&data[data_start..start])?;
+                }
+                self.zeros((end - start) as u64);
+                data_start = end;
             }
-            pos = data_end;
+            probe = end.div_ceil(probe_len) * probe_len;
+        }
+        if data_start < data.len() {
+            self.data(&data[data_start..])?;
         }
         Ok(())
     }
 }
 
-/// End of the run of blocks starting at `pos` that are all-zero (`zero`)
-/// or not all-zero (`!zero`).
-fn scan(data: &[u8], mut pos: usize, block: usize, zero: bool) -> usize {
-    while pos < data.len() {
-        let end = pos + block.min(data.len() - pos);
-        if is_zero(&data[pos..end]) != zero {
-            break;
-        }
-        pos = end;
+/// First byte of the zero run that ends at `end`, not before `floor`.
+fn zero_run_start(data: &[u8], floor: usize, end: usize) -> usize {
+    let mut start = end;
+    while start > floor && data[start - 1] == 0 {
+        start -= 1;
     }
-    pos
+    start
+}
+
+/// End of the zero run that starts at `start`: whole 64-byte lanes first,
+/// then bytes.
+fn zero_run_end(data: &[u8], start: usize) -> usize {
+    let mut end = start;
+    while end + 64 <= data.len() && is_zero(&data[end..end + 64]) {
+        end += 64;
+    }
+    while end < data.len() && data[end] == 0 {
+        end += 1;
+    }
+    end
 }
 
 /// Whether every byte is zero. Works a 64-byte lane at a time (the OR
@@ -320,5 +349,72 @@ impl<W: Write> Write for StateEncoder<W> {
             Ok(())
         })?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::super::{StateDecoder, StateHeader};
+    use super::{EncoderOptions, StateEncoder};
+    use crate::device::DeviceIdentity;
+
+    fn header() -> StateHeader {
+        let identity = DeviceIdentity {
+            vendor_id: 0x8086,
+            device_id: 0xe20b,
+            revision_id: 0,
+            vram_size: None,
+        };
+        StateHeader::new("xe-vf", identity, 3, 0)
+    }
+
+    /// Pages behind a 24-byte packet header, every other one all zero.
+    fn misaligned_pages(pages: usize) -> Vec<u8> {
+        let mut data = vec![0u8; 24 + pages * 4096];
+        let mut x = 0x1234_5678_9abc_def1u64;
+        for (i, b) in data.iter_mut().enumerate() {
+            let page = i.checked_sub(24).map(|o| o / 4096);
+            if page.is_none_or(|p| p % 2 == 1) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = (x as u8) | 1;
+            }
+        }
+        data
+    }
+
+    #[test]
+    fn zero_pages_off_block_boundaries_are_elided() {
+        let data = misaligned_pages(64);
+        let mut encoded = Vec::new();
+        let mut enc = StateEncoder::new(&mut encoded, header(), EncoderOptions::default()).unwrap();
+        enc.write_all(&data).unwrap();
+        let summary = enc.finish().unwrap();
+        assert_eq!(summary.zero_bytes, 32 * 4096);
+        assert_eq!(summary.zero_records, 32);
+        let mut out = Vec::new();
+        StateDecoder::new(&encoded[..])
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
+        assert!(out == data);
+    }
+
+    #[test]
+    fn zero_runs_shorter_than_the_block_stay_data() {
+        let mut data = misaligned_pages(8);
+        // Shrink every zero page's run to one byte less than a block.
+        for page in (0..8).step_by(2) {
+            data[24 + page * 4096] = 7;
+        }
+        let mut encoded = Vec::new();
+        let mut enc = StateEncoder::new(&mut encoded, header(), EncoderOptions::default()).unwrap();
+        enc.write_all(&data).unwrap();
+        let summary = enc.finish().unwrap();
+        assert_eq!(summary.zero_records, 0);
+        assert_eq!(summary.data_records, 1);
     }
 }

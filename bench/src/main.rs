@@ -1,0 +1,126 @@
+// Copyright 2026 The xe-vf-migration authors
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! `xe-vf-bench`: downtime and throughput of moving an Xe VF's state
+//! (VRAM included) between two processes, for our engine against the copy
+//! limit and the upstream Cloud Hypervisor and QEMU styles.
+//!
+//! `xe-vf-bench run` drives everything; it re-executes itself as
+//! `xe-vf-bench worker --role source|destination` for each side of each
+//! transfer, so every method pays for two processes and a real link.
+
+mod orchestrate;
+mod plot;
+mod report;
+mod transport;
+mod worker;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use transport::TransportKind;
+use worker::{Case, Method, Role};
+
+#[derive(Parser)]
+#[command(name = "xe-vf-bench", about = "Xe VF state transfer benchmark")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the whole matrix and write the table, JSON and plot.
+    Run {
+        /// VRAM sizes, e.g. 256M,1G,4G.
+        #[arg(long, value_delimiter = ',', default_value = "256M,1G,4G")]
+        sizes: Vec<String>,
+        /// Shares of zero pages in percent.
+        #[arg(long, value_delimiter = ',', default_value = "0,50,90")]
+        zeros: Vec<u8>,
+        /// Methods to run.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "limit,upstream-ch,qemu,ours"
+        )]
+        methods: Vec<Method>,
+        /// Links to run over.
+        #[arg(long, value_delimiter = ',', default_value = "unix")]
+        transports: Vec<TransportKind>,
+        /// Repetitions per case at sizes below 4 GiB.
+        #[arg(long, default_value_t = 2)]
+        reps: usize,
+        /// Repetitions per case at 4 GiB and above.
+        #[arg(long, default_value_t = 1)]
+        big_reps: usize,
+        /// Where the JSON and PNG go.
+        #[arg(long, default_value = "target/bench")]
+        out_dir: PathBuf,
+    },
+    /// One side of one transfer (run by `run`).
+    #[command(hide = true)]
+    Worker {
+        #[arg(long, value_enum)]
+        role: Role,
+        #[arg(long, value_enum)]
+        method: Method,
+        #[arg(long)]
+        vram: u64,
+        #[arg(long)]
+        zero_percent: u8,
+        #[arg(long)]
+        seed: u64,
+        #[arg(long, value_enum)]
+        transport: TransportKind,
+        #[arg(long)]
+        address: Option<String>,
+    },
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let result = match Cli::parse().command {
+        Command::Run {
+            sizes,
+            zeros,
+            methods,
+            transports,
+            reps,
+            big_reps,
+            out_dir,
+        } => orchestrate::run(&orchestrate::Plan {
+            sizes,
+            zeros,
+            methods,
+            transports,
+            reps,
+            big_reps,
+            out_dir,
+        }),
+        Command::Worker {
+            role,
+            method,
+            vram,
+            zero_percent,
+            seed,
+            transport,
+            address,
+        } => worker::run(
+            role,
+            &Case {
+                method,
+                vram,
+                zero_percent,
+                seed,
+                transport,
+            },
+            address.as_deref(),
+        ),
+    };
+    if let Err(e) = result {
+        eprintln!("xe-vf-bench: {e:#}");
+        std::process::exit(1);
+    }
+}

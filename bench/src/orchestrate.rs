@@ -1,0 +1,291 @@
+// Copyright 2026 The xe-vf-migration authors
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Runs the matrix: for every transport, size, zero share and repetition,
+//! each method as a destination process and a source process; checks the
+//! digests and collects the figures.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use xe_vf_plugin::device_config::parse_size;
+
+use crate::report;
+use crate::transport::TransportKind;
+use crate::worker::{device_bytes, Case, Method, WorkerReport};
+
+const GIB: u64 = 1 << 30;
+/// Seed of the VRAM contents (the same for every method).
+const SEED: u64 = 0x00be_11c4;
+
+pub struct Plan {
+    pub sizes: Vec<String>,
+    pub zeros: Vec<u8>,
+    pub methods: Vec<Method>,
+    pub transports: Vec<TransportKind>,
+    pub reps: usize,
+    pub big_reps: usize,
+    pub out_dir: PathBuf,
+}
+
+/// One transfer as measured, or why it did not run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Measurement {
+    pub method: Method,
+    pub transport: TransportKind,
+    pub vram: u64,
+    pub zero_percent: u8,
+    pub rep: usize,
+    /// `None` when the transfer ran; the reason it was skipped otherwise.
+    pub skipped: Option<String>,
+    pub downtime_ms: f64,
+    pub throughput_mib_s: f64,
+    pub device_bytes: u64,
+    pub wire_bytes: u64,
+    pub src_peak_rss: u64,
+    pub dst_peak_rss: u64,
+    pub src_cpu_s: f64,
+    pub dst_cpu_s: f64,
+    pub src: Option<WorkerReport>,
+    pub dst: Option<WorkerReport>,
+}
+
+pub fn run(plan: &Plan) -> Result<()> {
+    let started = Instant::now();
+    let mut sizes = Vec::new();
+    for s in &plan.sizes {
+        sizes.push(parse_size(s).map_err(anyhow::Error::msg)?);
+    }
+    if let Some(z) = plan.zeros.iter().find(|z| **z > 100) {
+        bail!("zero share {z} is not a percentage");
+    }
+    std::fs::create_dir_all(&plan.out_dir)?;
+    let mut all = Vec::new();
+    let mut group = 0usize;
+    for &transport in &plan.transports {
+        for &vram in &sizes {
+            let reps = if vram >= 4 * GIB {
+                plan.big_reps
+            } else {
+                plan.reps
+            };
+            for &zero_percent in &plan.zeros {
+                for rep in 0..reps.max(1) {
+                    // Alternate the order from one group of runs to the
+                    // next, so no method always runs first or last.
+                    let mut order = plan.methods.clone();
+                    if group % 2 == 1 {
+                        order.reverse();
+                    }
+                    group += 1;
+                    for method in order {
+                        let case = Case {
+                            method,
+                            vram,
+                            zero_percent,
+                            seed: SEED,
+                            transport,
+                        };
+                        let m = run_case(&case, rep)?;
+                        eprintln!(
+                            "[{:>6.1}s] {:<5} {:>5} MiB {:>3}% zeros rep {} {:<12} {}",
+                            started.elapsed().as_secs_f64(),
+                            transport.name(),
+                            vram >> 20,
+                            zero_percent,
+                            rep,
+                            method.name(),
+                            match &m.skipped {
+                                Some(why) => why.clone(),
+                                None => format!(
+                                    "{:.1} ms {:.0} MiB/s rss {}/{} MiB",
+                                    m.downtime_ms,
+                                    m.throughput_mib_s,
+                                    m.src_peak_rss >> 20,
+                                    m.dst_peak_rss >> 20
+                                ),
+                            }
+                        );
+                        all.push(m);
+                    }
+                }
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    report::write(&all, &plan.out_dir, elapsed)?;
+    Ok(())
+}
+
+/// Bytes of RAM the case needs beyond a few buffers: both VRAM memfds
+/// (their non-zero pages) and, for the upstream style, the blob, its
+/// base64 and its JSON copy on both sides.
+fn memory_estimate(case: &Case) -> u64 {
+    let v = device_bytes(case);
+    let resident = v / 100 * u64::from(100 - case.zero_percent);
+    let copies = match case.method {
+        // Source: blob then base64 and JSON (1.34 V each) at once;
+        // destination: JSON and the parsed string, then the decoded blob.
+        Method::UpstreamCh => v / 100 * 280,
+        _ => 0,
+    };
+    2 * resident + copies + GIB / 2
+}
+
+fn mem_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map(|k| k * 1024)
+}
+
+fn skipped(case: &Case, rep: usize, why: String) -> Measurement {
+    Measurement {
+        method: case.method,
+        transport: case.transport,
+        vram: case.vram,
+        zero_percent: case.zero_percent,
+        rep,
+        skipped: Some(why),
+        downtime_ms: 0.0,
+        throughput_mib_s: 0.0,
+        device_bytes: device_bytes(case),
+        wire_bytes: 0,
+        src_peak_rss: 0,
+        dst_peak_rss: 0,
+        src_cpu_s: 0.0,
+        dst_cpu_s: 0.0,
+        src: None,
+        dst: None,
+    }
+}
+
+fn worker_command(case: &Case, role: &str) -> Result<Command> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["worker", "--role", role, "--method", case.method.name()])
+        .args(["--vram", &case.vram.to_string()])
+        .args(["--zero-percent", &case.zero_percent.to_string()])
+        .args(["--seed", &case.seed.to_string()])
+        .args(["--transport", case.transport.name()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    Ok(cmd)
+}
+
+/// Kills a worker this run started, by its own handle.
+fn reap(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn last_report(out: &str, role: &str) -> Result<WorkerReport> {
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .with_context(|| format!("{role} printed no report"))?;
+    Ok(serde_json::from_str(line)?)
+}
+
+fn run_case(case: &Case, rep: usize) -> Result<Measurement> {
+    let need = memory_estimate(case);
+    let available = mem_available().unwrap_or(0);
+    if need + GIB > available {
+        return Ok(skipped(
+            case,
+            rep,
+            format!(
+                "OOM/skipped (needs ~{:.1} GiB, {:.1} GiB available)",
+                need as f64 / GIB as f64,
+                available as f64 / GIB as f64
+            ),
+        ));
+    }
+
+    let mut dst = worker_command(case, "destination")?.spawn()?;
+    let mut dst_out = BufReader::new(dst.stdout.take().context("destination stdout")?);
+    let mut line = String::new();
+    dst_out.read_line(&mut line)?;
+    let Some(address) = line.trim().strip_prefix("READY ").map(str::to_string) else {
+        reap(&mut dst);
+        bail!(
+            "{}: destination did not get ready: {line:?}",
+            case.method.name()
+        );
+    };
+    let src = worker_command(case, "source")?
+        .args(["--address", &address])
+        .spawn()?;
+    let src_output = src.wait_with_output()?;
+    if !src_output.status.success() {
+        reap(&mut dst);
+        bail!(
+            "{}: source failed ({})",
+            case.method.name(),
+            src_output.status
+        );
+    }
+    let mut rest = String::new();
+    dst_out.read_to_string(&mut rest)?;
+    let status = dst.wait()?;
+    if !status.success() {
+        bail!("{}: destination failed ({status})", case.method.name());
+    }
+    let src = last_report(&String::from_utf8_lossy(&src_output.stdout), "source")?;
+    let dst = last_report(&rest, "destination")?;
+
+    if src.digest != dst.digest {
+        bail!(
+            "{} {} MiB {}% zeros: VERIFICATION FAILED: source {} destination {}",
+            case.method.name(),
+            case.vram >> 20,
+            case.zero_percent,
+            src.digest,
+            dst.digest
+        );
+    }
+    if src.device_bytes != dst.device_bytes || src.device_bytes != device_bytes(case) {
+        bail!(
+            "{}: moved {} bytes, received {}, expected {}",
+            case.method.name(),
+            src.device_bytes,
+            dst.device_bytes,
+            device_bytes(case)
+        );
+    }
+    let (start, end) = match (src.start_ns, dst.end_ns) {
+        (Some(s), Some(e)) if e > s => (s, e),
+        _ => bail!("{}: missing or inverted timestamps", case.method.name()),
+    };
+    let downtime_s = (end - start) as f64 / 1e9;
+    Ok(Measurement {
+        method: case.method,
+        transport: case.transport,
+        vram: case.vram,
+        zero_percent: case.zero_percent,
+        rep,
+        skipped: None,
+        downtime_ms: downtime_s * 1e3,
+        throughput_mib_s: src.device_bytes as f64 / (1 << 20) as f64 / downtime_s,
+        device_bytes: src.device_bytes,
+        wire_bytes: src.wire_bytes,
+        src_peak_rss: src.peak_rss,
+        dst_peak_rss: dst.peak_rss,
+        src_cpu_s: src.cpu_s,
+        dst_cpu_s: dst.cpu_s,
+        src: Some(src),
+        dst: Some(dst),
+    })
+}
