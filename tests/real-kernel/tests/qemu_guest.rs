@@ -120,7 +120,7 @@ fn real_kernel_mtty_migration() {
 }
 
 /// Every check the guest binary runs, in order.
-const EXPECTED_CHECKS: [&str; 9] = [
+const EXPECTED_CHECKS: [&str; 10] = [
     "open_and_flags",
     "mig_data_size_vs_stop_copy",
     "save_a_running_to_stop_copy",
@@ -130,6 +130,7 @@ const EXPECTED_CHECKS: [&str; 9] = [
     "garbage_header_full_size",
     "state_format_save_restore",
     "pre_copy",
+    "engine_save_restore",
 ];
 
 /// One line per check: verdict, time, and its details.

@@ -206,7 +206,7 @@ fn open_devices(
 type BenchCheck = fn(&mut Bench, &mut Details) -> anyhow::Result<()>;
 
 /// The checks after opening, in order, with their mandatory bit.
-const BENCH_CHECKS: [(&str, bool, BenchCheck); 8] = [
+const BENCH_CHECKS: [(&str, bool, BenchCheck); 9] = [
     (
         "mig_data_size_vs_stop_copy",
         true,
@@ -227,6 +227,11 @@ const BENCH_CHECKS: [(&str, bool, BenchCheck); 8] = [
         save_restore::state_format,
     ),
     ("pre_copy", true, save_restore::pre_copy),
+    (
+        "engine_save_restore",
+        true,
+        save_restore::engine_save_restore,
+    ),
 ];
 
 /// Runs every check against the two mdev sysfs paths.
