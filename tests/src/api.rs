@@ -8,6 +8,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::{HostError, HostResult};
+use crate::fault::DeviceFault;
 use crate::migration::{receive, send};
 use crate::snapshot;
 use crate::vmm::{Counters, VmState, Vmm};
@@ -49,6 +50,14 @@ impl Reply {
 #[serde(deny_unknown_fields)]
 struct SnapshotBody {
     destination_url: String,
+}
+
+/// `vm.inject-fault` (test-only hook, see [`crate::fault`]).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InjectFaultBody {
+    device: String,
+    fault: DeviceFault,
 }
 
 #[derive(Deserialize)]
@@ -94,6 +103,7 @@ pub fn handle(vmm: &Vmm, method: &str, path: &str, raw: &[u8]) -> Reply {
         "vm.pause" => vmm.pause().map(|()| Reply::no_content()),
         "vm.resume" => vmm.resume().map(|()| Reply::no_content()),
         "vm.snapshot" => vm_snapshot(vmm, raw),
+        "vm.inject-fault" => inject_fault(vmm, raw),
         "vm.restore" => vm_restore(vmm, raw),
         "vm.send-migration" => send_migration(vmm, raw),
         "vm.receive-migration" => receive_migration(vmm, raw),
@@ -120,6 +130,16 @@ fn vm_snapshot(vmm: &Vmm, raw: &[u8]) -> HostResult<Reply> {
     let vm = vmm.vm_in("snapshot", VmState::Paused)?;
     snapshot::save(&vm, &b.destination_url)?;
     Counters::add(&vmm.counters.snapshots, 1);
+    Ok(Reply::no_content())
+}
+
+fn inject_fault(vmm: &Vmm, raw: &[u8]) -> HostResult<Reply> {
+    let b: InjectFaultBody = body(raw)?;
+    let fault = b.fault.to_fault()?;
+    let vm = vmm
+        .vm()
+        .ok_or_else(|| HostError::conflict("inject-fault", "no VM"))?;
+    vm.inject_fault(&b.device, fault)?;
     Ok(Reply::no_content())
 }
 

@@ -15,7 +15,7 @@ use xe_vf_glue::device_set::XeVfSet;
 use xe_vf_glue::migration::{MemoryRange, Pausable};
 use xe_vf_glue::XeVfDevice;
 use xe_vf_plugin::device_config::DeviceConfig;
-use xe_vf_plugin::emulated::{GuestDmaRegion, StateDigest};
+use xe_vf_plugin::emulated::{Fault, GuestDmaRegion, StateDigest};
 
 use crate::error::{HostError, HostResult};
 use crate::memory::{GuestMemory, PAGE_SIZE};
@@ -255,6 +255,23 @@ impl Vm {
                 digest: d.backend().emulated().and_then(|e| e.digest().ok()),
             })
             .collect()
+    }
+
+    /// Test hook: hands `fault` to the emulated VF `id`.
+    pub fn inject_fault(&self, id: &str, fault: Fault) -> HostResult<()> {
+        let set = self.devices();
+        let index = self
+            .config
+            .devices
+            .iter()
+            .position(|d| d.id == id)
+            .ok_or_else(|| HostError::bad_request("inject-fault", format!("no device '{id}'")))?;
+        let emu = set.devices()[index].backend().emulated().ok_or_else(|| {
+            HostError::bad_request("inject-fault", format!("device '{id}' is not emulated"))
+        })?;
+        emu.inject_fault(fault);
+        log::warn!("fault injection: device {id}: {fault:?}");
+        Ok(())
     }
 
     /// Memory checksum and device digests, as they are now.

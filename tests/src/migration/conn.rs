@@ -55,6 +55,14 @@ impl Conn {
         })
     }
 
+    /// Shuts both directions down (the peer sees the link drop).
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Conn::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+
     /// Read and write timeouts: a stalled peer becomes an error.
     pub fn set_timeouts(&self, timeout: Duration) -> io::Result<()> {
         match self {

@@ -18,10 +18,12 @@ use serde::{Deserialize, Serialize};
 use xe_vf_glue::migration::{MemoryRangeTable, Snapshot};
 use xe_vf_glue::protocol::{Command, Request, Response};
 use xe_vf_plugin::device_config::DeviceConfig;
+use xe_vf_plugin::engine::TransferOptions;
 
 use super::conn::{Conn, Listener, MigrationUrl};
 use super::{read_json_payload, write_error, MigrationConfig};
 use crate::error::{HostError, HostResult};
+use crate::fault::{self, DeviceFault, FaultyStream, MigrationFault};
 use crate::memory::COPY_CHUNK;
 use crate::vm::{Vm, VmFingerprint};
 use crate::vmm::{Counters, VmState, Vmm};
@@ -50,6 +52,15 @@ pub struct ReceiveRequest {
     /// How long to wait for the source and for each read.
     #[serde(default = "default_timeout_s")]
     pub timeout_s: u64,
+    /// Test hook (off by default): a fault this side injects at a phase
+    /// (`memory`, `device-state`, `state`, `complete`).
+    #[serde(default)]
+    pub fault: Option<MigrationFault>,
+    /// Test hook (off by default): faults handed to this side's emulated
+    /// VFs (by device id) as soon as they exist, e.g. a failing
+    /// RESUMING -> STOP.
+    #[serde(default)]
+    pub device_faults: BTreeMap<String, Vec<DeviceFault>>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -67,6 +78,7 @@ struct Receiver<'a> {
     req: &'a ReceiveRequest,
     conn: Conn,
     vm: Option<Vm>,
+    fault: Option<MigrationFault>,
     received: Vec<bool>,
     buf: Vec<u8>,
     report: ReceiveReport,
@@ -104,6 +116,7 @@ pub fn receive(vmm: &Vmm, req: &ReceiveRequest) -> HostResult<ReceiveReport> {
         req,
         conn,
         vm: None,
+        fault: req.fault.clone(),
         received: Vec::new(),
         buf: vec![0u8; COPY_CHUNK],
         report: ReceiveReport {
@@ -144,6 +157,14 @@ pub fn receive(vmm: &Vmm, req: &ReceiveRequest) -> HostResult<ReceiveReport> {
 impl Receiver<'_> {
     fn phase(&self, phase: &str) {
         self.vmm.set_phase(format!("receive: {phase}"));
+    }
+
+    /// Test hook: fires the requested fault if it is for `phase`.
+    fn inject(&mut self, phase: &str) {
+        if let Some(f) = fault::take_for(&mut self.fault, phase) {
+            self.vmm.set_phase(format!("receive: fault at {phase}"));
+            f.fire(&self.conn);
+        }
     }
 
     fn ok(&mut self, phase: &str) -> HostResult<()> {
@@ -251,6 +272,21 @@ impl Receiver<'_> {
             }
         }
         let vm = Vm::create(config.vm.clone(), true, None)?;
+        for (id, faults) in &self.req.device_faults {
+            for f in faults {
+                vm.inject_fault(id, f.to_fault()?)?;
+            }
+        }
+        {
+            let timeout = Duration::from_secs(self.req.timeout_s.clamp(1, 3600));
+            let mut set = vm.devices();
+            for d in set.devices_mut() {
+                d.set_transfer_options(TransferOptions {
+                    device_timeout: timeout,
+                    ..TransferOptions::default()
+                });
+            }
+        }
         {
             let set = vm.devices();
             for (d, info) in set.devices().iter().zip(&config.devices) {
@@ -267,6 +303,7 @@ impl Receiver<'_> {
         self.report.memory_passes += 1;
         let phase = "memory";
         self.phase(phase);
+        self.inject(phase);
         let table = MemoryRangeTable::read_from(&mut self.conn, request.length())
             .map_err(|e| HostError::bad_request(phase, e))?;
         let memory = self.vm(phase)?.memory().clone();
@@ -282,8 +319,8 @@ impl Receiver<'_> {
 
     fn device_state(&mut self, request: &Request) -> HostResult<()> {
         let index = request.device_index().unwrap_or(u16::MAX) as usize;
-        let vm = self.vm("device-state")?;
-        let id = vm
+        let id = self
+            .vm("device-state")?
             .config()
             .devices
             .get(index)
@@ -301,10 +338,13 @@ impl Receiver<'_> {
             std::thread::sleep(Duration::from_secs(self.req.timeout_s.clamp(1, 3600)));
             return Err(HostError::failed(&phase, "stalled on request (stall_at)"));
         }
+        let stream_fault = fault::take_for(&mut self.fault, "device-state");
         let reader = self
             .conn
             .try_clone()
+            .and_then(|c| Ok(FaultyStream::new(c, self.conn.try_clone()?, stream_fault)))
             .map_err(|e| HostError::failed(&phase, e))?;
+        let vm = self.vm(&phase)?;
         let report = {
             let set = vm.devices();
             let device = &set.devices()[index];
@@ -333,6 +373,7 @@ impl Receiver<'_> {
 
     fn state(&mut self, request: &Request) -> HostResult<()> {
         self.phase("state");
+        self.inject("state");
         let tree: Snapshot = read_json_payload(&mut self.conn, request.length(), "state")?;
         let vm = self.vm("state")?;
         for entry in &vm.config().devices {
@@ -348,6 +389,7 @@ impl Receiver<'_> {
 
     fn complete(&mut self, resume: bool) -> HostResult<(Arc<Vm>, VmState)> {
         self.phase("complete");
+        self.inject("complete");
         let missing = self
             .vm("complete")?
             .config()
