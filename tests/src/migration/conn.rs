@@ -89,10 +89,22 @@ impl Read for Conn {
 }
 
 impl Write for Conn {
+    /// A blocking send that times out after sending part of `buf` returns
+    /// that part, not an error: the caller's next write would wait a whole
+    /// timeout again, so a peer could stall for twice the timeout unseen.
+    /// A short write that took the whole timeout is the stall it is.
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Conn::Unix(s) => s.write(buf),
-            Conn::Tcp(s) => s.write(buf),
+        let started = Instant::now();
+        let (n, timeout) = match self {
+            Conn::Unix(s) => (s.write(buf)?, s.write_timeout()?),
+            Conn::Tcp(s) => (s.write(buf)?, s.write_timeout()?),
+        };
+        match timeout {
+            Some(t) if n < buf.len() && started.elapsed() >= t => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the peer took no data for {} s", t.as_secs_f64()),
+            )),
+            _ => Ok(n),
         }
     }
 

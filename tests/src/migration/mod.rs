@@ -23,6 +23,7 @@ use xe_vf_glue::DeviceMigrationInfo;
 
 use crate::error::HostError;
 use crate::vm::VmConfig;
+use conn::Conn;
 
 /// Largest Config or State payload accepted.
 pub const MAX_JSON_PAYLOAD: u64 = 1 << 20;
@@ -97,6 +98,24 @@ pub fn expect_ok<R: Read>(conn: &mut R, phase: &str) -> Result<(), HostError> {
         )),
     }
 }
+
+/// After a write to the destination failed: the Error the destination
+/// sent before it closed the connection, if there is one. A destination
+/// that refuses data mid-stream answers and hangs up; without this the
+/// source would only report a broken pipe, not why.
+pub fn peer_refusal(conn: &mut Conn) -> Option<String> {
+    conn.set_timeouts(REFUSAL_WAIT).ok()?;
+    let response = Response::read_from(conn).ok()?;
+    if response.status() != Status::Error || response.length() > MAX_ERROR_MESSAGE {
+        return None;
+    }
+    let mut buf = vec![0u8; response.length() as usize];
+    conn.read_exact(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// How long a source waits for the reason of a refusal.
+const REFUSAL_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Counts bytes written through it.
 pub struct CountingWriter<'a, W: Write> {

@@ -13,7 +13,7 @@ use xe_vf_glue::protocol::{Request, DEVICE_STATE_SELF_DELIMITED};
 use xe_vf_plugin::engine::TransferOptions;
 
 use super::conn::{connect, Conn, MigrationUrl};
-use super::{expect_ok, CountingWriter, MigrationConfig};
+use super::{expect_ok, peer_refusal, CountingWriter, MigrationConfig};
 use crate::error::{HostError, HostResult};
 use crate::fault::{self, FaultyStream, MigrationFault};
 use crate::memory::{COPY_CHUNK, PAGE_SIZE};
@@ -251,6 +251,18 @@ impl Sender<'_> {
         self.vmm.set_phase(format!("send: {phase}"));
     }
 
+    /// A write to the destination failed: names the destination's
+    /// refusal as the cause if it sent one, else the write error.
+    fn write_failed(&mut self, phase: &str, e: impl std::fmt::Display) -> HostError {
+        match peer_refusal(&mut self.conn) {
+            Some(reason) => HostError::failed(
+                phase,
+                format!("destination refused: {reason} (sending failed: {e})"),
+            ),
+            None => HostError::failed(phase, e),
+        }
+    }
+
     /// Test hook: fires the requested fault if it is for `phase`.
     fn inject(&mut self, phase: &str) {
         if let Some(f) = fault::take_for(&mut self.fault, phase) {
@@ -304,18 +316,23 @@ impl Sender<'_> {
         self.phase(&phase);
         Counters::add(&self.vmm.counters.memory_passes, 1);
         for chunk in table.partition(MEMORY_CHUNK) {
-            Request::memory(chunk.length())
+            if let Err(e) = Request::memory(chunk.length())
                 .write_to(&mut self.conn)
                 .and_then(|()| chunk.write_to(&mut self.conn))
-                .map_err(|e| HostError::failed(&phase, e))?;
+            {
+                return Err(self.write_failed(&phase, e));
+            }
             if final_pass {
                 self.inject("final-memory");
             }
             for r in chunk.regions() {
-                self.vm
+                if let Err(e) = self
+                    .vm
                     .memory()
                     .send_range(r, &mut self.conn, &mut self.buf)
-                    .map_err(|e| HostError::failed(&phase, e))?;
+                {
+                    return Err(self.write_failed(&phase, e));
+                }
                 self.memory_bytes += r.length;
                 Counters::add(&self.vmm.counters.memory_bytes_sent, r.length);
             }
@@ -351,7 +368,9 @@ impl Sender<'_> {
             let count = out.inner.count;
             self.device_bytes += count;
             Counters::add(&self.vmm.counters.device_bytes_sent, count);
-            sent.map_err(|e| HostError::failed(&phase, e))?;
+            if let Err(e) = sent {
+                return Err(self.write_failed(&phase, e));
+            }
             self.undo.mid_stream = false;
             expect_ok(&mut self.conn, &phase)?;
         }
