@@ -60,6 +60,16 @@ struct InjectFaultBody {
     fault: DeviceFault,
 }
 
+/// `vm.fill-device` (test-only hook): give an idle VF distinct state.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FillDeviceBody {
+    device: String,
+    seed: u64,
+    #[serde(default)]
+    zero_percent: u8,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RestoreBody {
@@ -104,6 +114,7 @@ pub fn handle(vmm: &Vmm, method: &str, path: &str, raw: &[u8]) -> Reply {
         "vm.resume" => vmm.resume().map(|()| Reply::no_content()),
         "vm.snapshot" => vm_snapshot(vmm, raw),
         "vm.inject-fault" => inject_fault(vmm, raw),
+        "vm.fill-device" => fill_device(vmm, raw),
         "vm.restore" => vm_restore(vmm, raw),
         "vm.send-migration" => send_migration(vmm, raw),
         "vm.receive-migration" => receive_migration(vmm, raw),
@@ -140,6 +151,15 @@ fn inject_fault(vmm: &Vmm, raw: &[u8]) -> HostResult<Reply> {
         .vm()
         .ok_or_else(|| HostError::conflict("inject-fault", "no VM"))?;
     vm.inject_fault(&b.device, fault)?;
+    Ok(Reply::no_content())
+}
+
+fn fill_device(vmm: &Vmm, raw: &[u8]) -> HostResult<Reply> {
+    let b: FillDeviceBody = body(raw)?;
+    let vm = vmm
+        .vm()
+        .ok_or_else(|| HostError::conflict("fill-device", "no VM"))?;
+    vm.fill_device(&b.device, b.seed, b.zero_percent)?;
     Ok(Reply::no_content())
 }
 

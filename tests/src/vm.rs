@@ -274,6 +274,24 @@ impl Vm {
         Ok(())
     }
 
+    /// Test hook: fills the emulated VF `id`'s VRAM and blobs from `seed`
+    /// (about `zero_percent` of the pages zero), so its state differs
+    /// from a reset one even with its workload off.
+    pub fn fill_device(&self, id: &str, seed: u64, zero_percent: u8) -> HostResult<()> {
+        let set = self.devices();
+        let index = self
+            .config
+            .devices
+            .iter()
+            .position(|d| d.id == id)
+            .ok_or_else(|| HostError::bad_request("fill-device", format!("no device '{id}'")))?;
+        let emu = set.devices()[index].backend().emulated().ok_or_else(|| {
+            HostError::bad_request("fill-device", format!("device '{id}' is not emulated"))
+        })?;
+        emu.fill_vram(seed, zero_percent)
+            .map_err(|e| HostError::failed("fill-device", e))
+    }
+
     /// Memory checksum and device digests, as they are now.
     pub fn fingerprint(&self) -> HostResult<VmFingerprint> {
         Ok(VmFingerprint {

@@ -138,12 +138,16 @@ fn assert_no_leak(host: &Host, before: Usage) {
 /// Asserts one log line names `phase` and `cause`.
 fn assert_log_line(host: &Host, phase: &str, cause: &str) {
     let log = host.log_text();
-    assert!(
-        log.lines()
-            .any(|l| l.contains("ERROR") && l.contains(phase) && l.contains(cause)),
-        "{}: no error line naming '{phase}' and '{cause}' in:\n{log}",
-        host.name
-    );
+    let line = log
+        .lines()
+        .find(|l| l.contains("ERROR") && l.contains(phase) && l.contains(cause));
+    match line {
+        Some(l) => eprintln!("{}: {l}", host.name),
+        None => panic!(
+            "{}: no error line naming '{phase}' and '{cause}' in:\n{log}",
+            host.name
+        ),
+    }
 }
 
 /// Asserts the API answer is an error whose JSON names `phase`.
@@ -196,6 +200,11 @@ impl Cell {
         );
         let dst = Host::start(dir.path(), "dst", &[]);
         let url = format!("unix:{}", dir.path().join("mig.sock").display());
+        // gpu0 idles with state of its own (not what a reset leaves).
+        src.put_ok(
+            "vm.fill-device",
+            Some(&json!({ "device": "gpu0", "seed": 0x5eed, "zero_percent": 75 })),
+        );
         let gen1 = wait_generation_beyond(&src, 1, 3);
         let before = src.info();
         // Warm-up is done (API threads come and go per request): settle.
@@ -270,6 +279,12 @@ impl Cell {
 
     /// The source runs on with its VFs as they were.
     fn check_source(&self, send: &ApiResponse, phase: &str, cause: &str) {
+        assert!(
+            !send.is_success(),
+            "the migration went through:\n{}\n{}",
+            self.src.log_text(),
+            self.dst.log_text()
+        );
         assert_api_error(send, phase);
         let info = self.src.info();
         assert_eq!(info["state"], "Running", "{info}");
@@ -285,6 +300,33 @@ impl Cell {
         assert!(g1 >= self.gen1, "gpu1 went back: {g1} < {}", self.gen1);
         wait_generation_beyond(&self.src, 1, g1);
         assert_log_line(&self.src, &format!("failed in {phase}"), cause);
+        assert_no_leak(&self.src, self.src_usage);
+    }
+
+    /// A VF that went to ERROR lost its state (only a reset leaves
+    /// ERROR): the source runs on with that VF reset, and says so.
+    fn check_source_vf_lost(&self, send: &ApiResponse, phase: &str) {
+        assert_api_error(send, phase);
+        assert!(
+            send.error().contains("reset (state lost)"),
+            "loss not reported: {}",
+            send.error()
+        );
+        let info = self.src.info();
+        assert_eq!(info["state"], "Running", "{info}");
+        for i in 0..2 {
+            assert_eq!(device(&info, i)["vf_state"], "RUNNING", "{info}");
+        }
+        assert_ne!(
+            device(&info, 0)["digest"],
+            device(&self.before, 0)["digest"]
+        );
+        assert!(generation(&info, 1) >= self.gen1, "gpu1 went back");
+        assert_log_line(
+            &self.src,
+            &format!("failed in {phase}"),
+            "reset (state lost)",
+        );
         assert_no_leak(&self.src, self.src_usage);
     }
 
@@ -346,7 +388,7 @@ fn pause_arc_fails_into_error() {
     let c = Cell::new();
     c.inject("gpu0", arc("RUNNING_P2P", "STOP", EIO, true));
     let (s, r) = c.failed_migration(None, json!({}));
-    c.check_source(&s, "pause devices", "Input/output error");
+    c.check_source_vf_lost(&s, "pause devices");
     c.check_destination(&r, "abandon", "abandoned");
 }
 
@@ -356,7 +398,7 @@ fn stop_copy_enter_fails() {
     c.inject("gpu0", arc("STOP", "STOP_COPY", EIO, false));
     let (s, r) = c.failed_migration(None, json!({}));
     c.check_source(&s, "device-state gpu0", "enter STOP_COPY");
-    c.check_destination(&r, "device-state gpu0", "");
+    c.check_destination(&r, "device-state gpu0", "ended before its END record");
     c.check_migrates_afterwards("dst2");
 }
 
@@ -365,10 +407,10 @@ fn stop_copy_leave_fails_into_error() {
     let c = Cell::new();
     c.inject("gpu0", arc("STOP_COPY", "STOP", EIO, true));
     let (s, r) = c.failed_migration(None, json!({}));
-    c.check_source(&s, "device-state gpu0", "STOP_COPY");
+    c.check_source_vf_lost(&s, "device-state gpu0");
     // The stream itself was whole: the destination took it and then saw
     // the connection end instead of the next command.
-    c.check_destination(&r, "read command", "");
+    c.check_destination(&r, "read command", "closed the connection before Complete");
 }
 
 #[test]
@@ -376,8 +418,12 @@ fn stop_copy_read_stalls() {
     let c = Cell::new();
     c.inject("gpu0", json!({ "stall_save": { "after_bytes": 100_000 } }));
     let (s, r) = c.failed_migration(None, json!({}));
-    c.check_source(&s, "device-state gpu0", "stop-copy read");
-    c.check_destination(&r, "device-state gpu0", "");
+    c.check_source(
+        &s,
+        "device-state gpu0",
+        "stop-copy read: device data stream stalled",
+    );
+    c.check_destination(&r, "device-state gpu0", "timed out");
 }
 
 #[test]
@@ -388,7 +434,7 @@ fn corrupt_save_detected_by_source() {
     c.inject("gpu0", json!({ "corrupt_save": { "offset": 0 } }));
     let (s, r) = c.failed_migration(None, json!({}));
     c.check_destination(&r, "device-state gpu0", "ended before its END record");
-    c.check_source(&s, "device-state gpu0", "version");
+    c.check_source(&s, "device-state gpu0", "unsupported stream version");
 }
 
 // ---- destination VF rejects --------------------------------------------
@@ -399,7 +445,11 @@ fn destination_refuses_resuming() {
     let faults = json!({ "device_faults": { "gpu0": [arc("STOP", "RESUMING", ENODEV, false)] } });
     let (s, r) = c.failed_migration(None, faults);
     c.check_destination(&r, "device-state gpu0", "enter RESUMING");
-    c.check_source(&s, "device-state gpu0", "destination");
+    c.check_source(
+        &s,
+        "device-state gpu0",
+        "the destination said: device-state gpu0",
+    );
 }
 
 #[test]
@@ -427,7 +477,7 @@ fn destination_vf_fails_to_resume() {
     let faults = json!({ "device_faults": { "gpu1": [arc("STOP", "RUNNING_P2P", EIO, false)] } });
     let (s, r) = c.failed_migration(None, faults);
     c.check_destination(&r, "resume devices", "Input/output error");
-    c.check_source(&s, "complete", "resume devices");
+    c.check_source(&s, "complete", "destination refused: resume devices");
 }
 
 // ---- connection dropped -------------------------------------------------
@@ -436,32 +486,36 @@ fn destination_vf_fails_to_resume() {
 fn drop_by_destination_at_memory() {
     let c = Cell::new();
     let (s, r) = c.failed_migration(None, json!({ "fault": fault("memory", "drop", 0) }));
-    c.check_source(&s, "memory pass 0", "");
-    c.check_destination(&r, "memory", "");
+    c.check_source(&s, "memory pass 0", "the peer closed the connection");
+    c.check_destination(&r, "memory", "closed the connection mid-transfer");
 }
 
 #[test]
 fn drop_by_source_after_pause() {
     let c = Cell::new();
     let (s, r) = c.failed_migration(Some(fault("pause", "drop", 0)), json!({}));
-    c.check_source(&s, "final memory pass", "");
-    c.check_destination(&r, "read command", "");
+    c.check_source(&s, "final memory pass", "the peer closed the connection");
+    c.check_destination(&r, "read command", "before Complete");
 }
 
 #[test]
 fn drop_by_source_in_final_memory_pass() {
     let c = Cell::new();
     let (s, r) = c.failed_migration(Some(fault("final-memory", "drop", 0)), json!({}));
-    c.check_source(&s, "final memory pass", "");
-    c.check_destination(&r, "memory", "");
+    c.check_source(&s, "final memory pass", "the peer closed the connection");
+    c.check_destination(&r, "memory", "closed the connection mid-transfer");
 }
 
 #[test]
 fn drop_by_source_mid_device_stream() {
     let c = Cell::new();
     let (s, r) = c.failed_migration(Some(fault("device-state", "drop", 20_000)), json!({}));
-    c.check_source(&s, "device-state gpu0", "");
-    c.check_destination(&r, "device-state gpu0", "");
+    c.check_source(
+        &s,
+        "device-state gpu0",
+        "output write: the peer closed the connection",
+    );
+    c.check_destination(&r, "device-state gpu0", "truncated at offset 20000");
     c.check_migrates_afterwards("dst2");
 }
 
@@ -472,24 +526,28 @@ fn drop_by_destination_mid_device_stream() {
         None,
         json!({ "fault": fault("device-state", "drop", 20_000) }),
     );
-    c.check_source(&s, "device-state gpu0", "");
-    c.check_destination(&r, "device-state gpu0", "");
+    c.check_source(
+        &s,
+        "device-state gpu0",
+        "output write: the peer closed the connection",
+    );
+    c.check_destination(&r, "device-state gpu0", "ended before its END record");
 }
 
 #[test]
 fn drop_by_source_before_complete() {
     let c = Cell::new();
     let (s, r) = c.failed_migration(Some(fault("complete", "drop", 0)), json!({}));
-    c.check_source(&s, "complete", "");
-    c.check_destination(&r, "read command", "");
+    c.check_source(&s, "complete", "the peer closed the connection");
+    c.check_destination(&r, "read command", "before Complete");
 }
 
 #[test]
 fn drop_by_destination_at_complete() {
     let c = Cell::new();
     let (s, r) = c.failed_migration(None, json!({ "fault": fault("complete", "drop", 0) }));
-    c.check_source(&s, "complete", "");
-    c.check_destination(&r, "complete", "");
+    c.check_source(&s, "complete", "closed the connection without answering");
+    c.check_destination(&r, "complete", "the peer closed the connection");
 }
 
 // ---- destination killed -----------------------------------------------
@@ -521,7 +579,7 @@ fn destination_killed_in_final_memory_pass() {
         json!({}),
         ("src", "final-memory"),
     );
-    c.check_source(&s, "final memory pass", "");
+    c.check_source(&s, "final memory pass", "the peer closed the connection");
     c.check_migrates_afterwards("dst2");
 }
 
@@ -534,7 +592,7 @@ fn destination_killed_mid_device_stream() {
         json!({ "fault": fault("device-state", "stall", 20_000) }),
         ("dst", "device-state"),
     );
-    c.check_source(&s, "device-state gpu0", "");
+    c.check_source(&s, "device-state gpu0", "the peer closed the connection");
 }
 
 #[test]
@@ -546,7 +604,7 @@ fn destination_killed_after_load() {
         json!({ "fault": fault("state", "stall", 0) }),
         ("dst", "state"),
     );
-    c.check_source(&s, "state", "");
+    c.check_source(&s, "state", "the peer closed the connection");
 }
 
 #[test]
@@ -558,7 +616,7 @@ fn destination_killed_before_complete() {
         json!({}),
         ("src", "complete"),
     );
-    c.check_source(&s, "complete", "");
+    c.check_source(&s, "complete", "the peer closed the connection");
 }
 
 // ---- source killed -----------------------------------------------------
@@ -576,14 +634,14 @@ fn source_killed(c: &mut Cell, send_fault: Value, phase: &str) -> ApiResponse {
 fn source_killed_after_pause() {
     let mut c = Cell::new();
     let r = source_killed(&mut c, fault("pause", "stall", 0), "pause");
-    c.check_destination(&r, "read command", "");
+    c.check_destination(&r, "read command", "before Complete");
 }
 
 #[test]
 fn source_killed_in_final_memory_pass() {
     let mut c = Cell::new();
     let r = source_killed(&mut c, fault("final-memory", "stall", 0), "final-memory");
-    c.check_destination(&r, "memory", "");
+    c.check_destination(&r, "memory", "closed the connection mid-transfer");
 }
 
 #[test]
@@ -594,7 +652,7 @@ fn source_killed_mid_device_stream() {
         fault("device-state", "stall", 20_000),
         "device-state",
     );
-    c.check_destination(&r, "device-state gpu0", "");
+    c.check_destination(&r, "device-state gpu0", "truncated at offset 20000");
 }
 
 #[test]
@@ -602,7 +660,7 @@ fn source_killed_before_complete() {
     let mut c = Cell::new();
     let r = source_killed(&mut c, fault("complete", "stall", 0), "complete");
     // All data arrived and loaded; without Complete nothing may run.
-    c.check_destination(&r, "read command", "");
+    c.check_destination(&r, "read command", "before Complete");
 }
 
 // ---- stalled peers -----------------------------------------------------
@@ -611,16 +669,20 @@ fn source_killed_before_complete() {
 fn stalled_destination_at_memory() {
     let c = Cell::new();
     let (s, r) = c.failed_migration(None, json!({ "fault": fault("memory", "stall", 0) }));
-    c.check_source(&s, "memory pass 0", "");
-    c.check_destination(&r, "memory", "");
+    c.check_source(&s, "memory pass 0", "timed out");
+    c.check_destination(&r, "memory", "closed the connection mid-transfer");
 }
 
 #[test]
 fn stalled_source_in_final_memory_pass() {
     let c = Cell::new();
     let (s, r) = c.failed_migration(Some(fault("final-memory", "stall", 0)), json!({}));
-    c.check_destination(&r, "memory", "");
-    c.check_source(&s, "final memory pass", "");
+    c.check_destination(&r, "memory", "timed out");
+    c.check_source(
+        &s,
+        "final memory pass",
+        "the destination said: memory: timed out",
+    );
 }
 
 #[test]
@@ -630,24 +692,24 @@ fn stalled_destination_mid_device_stream() {
         None,
         json!({ "fault": fault("device-state", "stall", 20_000) }),
     );
-    c.check_source(&s, "device-state gpu0", "");
-    c.check_destination(&r, "device-state gpu0", "");
+    c.check_source(&s, "device-state gpu0", "output write: timed out");
+    c.check_destination(&r, "device-state gpu0", "ended before its END record");
 }
 
 #[test]
 fn stalled_source_mid_device_stream() {
     let c = Cell::new();
     let (s, r) = c.failed_migration(Some(fault("device-state", "stall", 20_000)), json!({}));
-    c.check_destination(&r, "device-state gpu0", "");
-    c.check_source(&s, "device-state gpu0", "");
+    c.check_destination(&r, "device-state gpu0", "timed out");
+    c.check_source(&s, "device-state gpu0", "the destination said");
 }
 
 #[test]
 fn stalled_destination_at_complete() {
     let c = Cell::new();
     let (s, r) = c.failed_migration(None, json!({ "fault": fault("complete", "stall", 0) }));
-    c.check_source(&s, "complete", "");
-    c.check_destination(&r, "complete", "");
+    c.check_source(&s, "complete", "timed out");
+    c.check_destination(&r, "complete", "the peer closed the connection");
 }
 
 // ---- snapshot ----------------------------------------------------------
@@ -765,12 +827,11 @@ fn snapshot_disk_full_in_memory() {
 #[test]
 fn snapshot_disk_full_in_device_data() {
     let c = Cell::new();
-    // Guest memory (16 MiB) and gpu0's mostly elided zeros fit, gpu1's
-    // busy VRAM does not.
+    // Guest memory (16 MiB) fits, gpu0's 2 MiB of filled VRAM does not.
     let Some((_fs, target)) = small_fs(&c, "16448k") else {
         return;
     };
-    snapshot_cell(&c, &target, "save device gpu1", "No space left");
+    snapshot_cell(&c, &target, "save device gpu0", "No space left");
 }
 
 #[test]
@@ -834,7 +895,7 @@ fn empty_vm_config() -> Value {
     })
 }
 
-fn hostile_cell(config: Value, attack: impl FnOnce(&mut RawPeer), phase: &str) {
+fn hostile_cell(config: Value, attack: impl FnOnce(&mut RawPeer), phase: &str, cause: &str) {
     let c = Cell::new();
     let receiver = c.receive(json!({}));
     let mut peer = RawPeer::connect(&c);
@@ -844,7 +905,7 @@ fn hostile_cell(config: Value, attack: impl FnOnce(&mut RawPeer), phase: &str) {
     assert_eq!(status, 2, "hostile input accepted: {msg}");
     drop(peer);
     let r = receiver.join().unwrap();
-    c.check_destination(&r, phase, "");
+    c.check_destination(&r, phase, cause);
     let hwm = vm_hwm_kib(pid(&c.dst));
     assert!(hwm < 256 << 10, "destination peaked at {hwm} KiB");
     // Still usable: a real migration goes through.
@@ -865,6 +926,7 @@ fn hostile_memory_length() {
         empty_vm_config(),
         |p| p.request(4, [0; 6], 1 << 63, &[]),
         "memory",
+        "exceeds the limit",
     );
 }
 
@@ -879,6 +941,7 @@ fn hostile_memory_range_outside() {
             p.request(4, [0; 6], 16, &table);
         },
         "memory",
+        "outside guest memory",
     );
 }
 
@@ -906,5 +969,6 @@ fn hostile_device_state_header() {
             let _ = p.0.shutdown(std::net::Shutdown::Write);
         },
         "device-state gpu0",
+        "bad magic",
     );
 }

@@ -79,30 +79,58 @@ impl Conn {
     }
 }
 
+/// Says in words what a socket error means for a migration: a blocking
+/// socket's EAGAIN is its timeout, EPIPE and ECONNRESET a peer gone.
+fn explain(e: io::Error, timeout: Option<Duration>) -> io::Error {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+            io::ErrorKind::TimedOut,
+            match timeout {
+                Some(t) => format!("timed out: the peer was silent for {} s", t.as_secs_f64()),
+                None => format!("timed out ({e})"),
+            },
+        ),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => {
+            io::Error::new(e.kind(), format!("the peer closed the connection ({e})"))
+        }
+        _ => e,
+    }
+}
+
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
+        let result = match self {
             Conn::Unix(s) => s.read(buf),
             Conn::Tcp(s) => s.read(buf),
-        }
+        };
+        result.map_err(|e| {
+            let timeout = match self {
+                Conn::Unix(s) => s.read_timeout().ok().flatten(),
+                Conn::Tcp(s) => s.read_timeout().ok().flatten(),
+            };
+            explain(e, timeout)
+        })
     }
 }
 
 impl Write for Conn {
-    /// A blocking send that times out after sending part of `buf` returns
-    /// that part, not an error: the caller's next write would wait a whole
-    /// timeout again, so a peer could stall for twice the timeout unseen.
-    /// A short write that took the whole timeout is the stall it is.
+    /// A blocking send that waits out its timeout does not always fail:
+    /// it may return what it sent so far, or even all of a small buffer,
+    /// so the caller's next write would wait a whole timeout again and a
+    /// stalled peer could go unseen for several timeouts. A write that
+    /// blocked for the timeout is the stall it is. (The kernel's timer
+    /// runs in jiffies, so the wait may measure a little short.)
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let started = Instant::now();
-        let (n, timeout) = match self {
-            Conn::Unix(s) => (s.write(buf)?, s.write_timeout()?),
-            Conn::Tcp(s) => (s.write(buf)?, s.write_timeout()?),
+        let (result, timeout) = match self {
+            Conn::Unix(s) => (s.write(buf), s.write_timeout().ok().flatten()),
+            Conn::Tcp(s) => (s.write(buf), s.write_timeout().ok().flatten()),
         };
+        let n = result.map_err(|e| explain(e, timeout))?;
         match timeout {
-            Some(t) if n < buf.len() && started.elapsed() >= t => Err(io::Error::new(
+            Some(t) if started.elapsed() >= t.mul_f64(0.95) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("the peer took no data for {} s", t.as_secs_f64()),
+                format!("timed out: the peer took no data for {} s", t.as_secs_f64()),
             )),
             _ => Ok(n),
         }

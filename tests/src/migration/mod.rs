@@ -18,7 +18,7 @@ pub mod send;
 use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
-use xe_vf_glue::protocol::{Response, Status};
+use xe_vf_glue::protocol::{ProtocolError, Response, Status};
 use xe_vf_glue::DeviceMigrationInfo;
 
 use crate::error::HostError;
@@ -68,8 +68,16 @@ pub fn write_error<W: Write>(conn: &mut W, message: &str) -> io::Result<()> {
 /// Reads a response; anything but Ok is an error carrying the peer's
 /// message, if it sent one.
 pub fn expect_ok<R: Read>(conn: &mut R, phase: &str) -> Result<(), HostError> {
-    let response = Response::read_from(conn)
-        .map_err(|e| HostError::failed(phase, format!("no answer from the destination: {e}")))?;
+    let response = Response::read_from(conn).map_err(|e| {
+        HostError::failed(
+            phase,
+            if is_eof(&e) {
+                "the destination closed the connection without answering".to_string()
+            } else {
+                format!("no answer from the destination: {e}")
+            },
+        )
+    })?;
     let mut message = String::new();
     if response.length() > 0 {
         if response.length() > MAX_ERROR_MESSAGE {
@@ -97,6 +105,11 @@ pub fn expect_ok<R: Read>(conn: &mut R, phase: &str) -> Result<(), HostError> {
             },
         )),
     }
+}
+
+/// Whether a protocol read failed because the peer closed the connection.
+pub fn is_eof(e: &ProtocolError) -> bool {
+    matches!(e, ProtocolError::Io(io) if io.kind() == io::ErrorKind::UnexpectedEof)
 }
 
 /// After a write to the destination failed: the Error the destination

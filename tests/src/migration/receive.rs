@@ -21,7 +21,7 @@ use xe_vf_plugin::device_config::DeviceConfig;
 use xe_vf_plugin::engine::TransferOptions;
 
 use super::conn::{Conn, Listener, MigrationUrl};
-use super::{read_json_payload, write_error, MigrationConfig};
+use super::{is_eof, read_json_payload, write_error, MigrationConfig};
 use crate::error::{HostError, HostResult};
 use crate::fault::{self, DeviceFault, FaultyStream, MigrationFault};
 use crate::memory::COPY_CHUNK;
@@ -183,8 +183,16 @@ impl Receiver<'_> {
     fn run(&mut self) -> HostResult<(Arc<Vm>, VmState)> {
         let mut started = false;
         loop {
-            let request = Request::read_from(&mut self.conn)
-                .map_err(|e| HostError::failed("read command", e))?;
+            let request = Request::read_from(&mut self.conn).map_err(|e| {
+                if is_eof(&e) {
+                    HostError::failed(
+                        "read command",
+                        "the source closed the connection before Complete",
+                    )
+                } else {
+                    HostError::failed("read command", e)
+                }
+            })?;
             if !started && request.command() != Command::Start {
                 return Err(HostError::bad_request(
                     "start",
@@ -310,7 +318,13 @@ impl Receiver<'_> {
         for r in table.regions() {
             memory
                 .receive_range(r, &mut self.conn, &mut self.buf)
-                .map_err(|e| HostError::failed(phase, e))?;
+                .map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        HostError::failed(phase, "the source closed the connection mid-transfer")
+                    } else {
+                        HostError::failed(phase, e)
+                    }
+                })?;
             self.report.memory_bytes += r.length;
             Counters::add(&self.vmm.counters.memory_bytes_received, r.length);
         }

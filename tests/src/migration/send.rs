@@ -255,10 +255,9 @@ impl Sender<'_> {
     /// refusal as the cause if it sent one, else the write error.
     fn write_failed(&mut self, phase: &str, e: impl std::fmt::Display) -> HostError {
         match peer_refusal(&mut self.conn) {
-            Some(reason) => HostError::failed(
-                phase,
-                format!("destination refused: {reason} (sending failed: {e})"),
-            ),
+            Some(reason) => {
+                HostError::failed(phase, format!("{e}; the destination said: {reason}"))
+            }
             None => HostError::failed(phase, e),
         }
     }
