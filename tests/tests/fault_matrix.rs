@@ -842,6 +842,49 @@ fn snapshot_arc_fails() {
     snapshot_cell(&c, &target, "save device gpu1", "enter STOP_COPY");
 }
 
+#[test]
+fn failed_snapshot_over_an_old_one_leaves_no_mix() {
+    let c = Cell::new();
+    let target = c.dir.path().join("snap");
+    let url = format!("file://{}", target.display());
+    c.src.put_ok("vm.pause", None);
+    c.src
+        .put_ok("vm.snapshot", Some(&json!({ "destination_url": url })));
+    c.src.put_ok("vm.resume", None);
+    // gpu0 moves on; then a second snapshot into the same directory
+    // fails after gpu0's new data file was written.
+    c.src.put_ok(
+        "vm.fill-device",
+        Some(&json!({ "device": "gpu0", "seed": 2, "zero_percent": 75 })),
+    );
+    c.inject("gpu1", arc("STOP", "STOP_COPY", EIO, false));
+    c.src.put_ok("vm.pause", None);
+    let r = c
+        .src
+        .api
+        .put("vm.snapshot", Some(&json!({ "destination_url": url })))
+        .unwrap();
+    assert_api_error(&r, "save device gpu1");
+    c.src.put_ok("vm.resume", None);
+    // The directory holds the old snapshot whole, or no snapshot: never
+    // the new gpu0 beside the old state.json and gpu1.
+    let restored = c
+        .dst
+        .api
+        .put("vm.restore", Some(&json!({ "source_url": url })))
+        .unwrap();
+    if restored.is_success() {
+        assert_eq!(
+            device(&c.dst.info(), 0)["digest"],
+            device(&c.before, 0)["digest"],
+            "restored a mix of two snapshots"
+        );
+    } else {
+        assert_no_snapshot(&target);
+        assert_eq!(c.dst.info()["state"], "Created");
+    }
+}
+
 // ---- hostile peers -----------------------------------------------------
 
 /// Speaks the migration protocol by hand to a listening destination.
