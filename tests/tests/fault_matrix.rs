@@ -169,6 +169,68 @@ fn arc(from: &str, to: &str, errno: i32, enter_error: bool) -> Value {
     json!({ "fail_arc": { "from": from, "to": to, "errno": errno, "enter_error": enter_error } })
 }
 
+#[derive(Clone, Copy)]
+enum Transport {
+    Unix,
+    Tcp,
+}
+
+/// Starts a host with SIGXFSZ ignored, so that under an RLIMIT_FSIZE
+/// (see [`set_file_size_limit`]) its writes fail with EFBIG instead of
+/// killing it: a full disk for hosts that cannot mount a tmpfs.
+fn start_ignoring_sigxfsz(dir: &Path, name: &str, args: &[&str]) -> Host {
+    use std::os::unix::process::CommandExt;
+    let socket = dir.join(format!("{name}.api"));
+    let log = dir.join(format!("{name}.log"));
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.arg("--api-socket")
+        .arg(&socket)
+        .arg("--log-file")
+        .arg(&log)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    // SAFETY: runs in the forked child before exec; signal() is
+    // async-signal-safe, and an ignored disposition survives exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let host = Host {
+        name: name.to_string(),
+        child: Some(cmd.spawn().expect("spawn xe-vf-testhost")),
+        api: xe_vf_testhost::client::ApiClient::new(&socket),
+        log,
+    };
+    poll(&format!("{name} API up"), || {
+        host.api.get("vmm.ping").ok().filter(|r| r.status == 200)
+    });
+    host
+}
+
+/// Sets `pid`'s RLIMIT_FSIZE (None: unlimited). Set only while the VM is
+/// paused: guest memory and VRAM are files too, written by offset.
+fn set_file_size_limit(pid: u32, limit: Option<u64>) {
+    let value = limit.unwrap_or(libc::RLIM_INFINITY);
+    let rlim = libc::rlimit {
+        rlim_cur: value,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: valid rlimit on our stack; no old-value pointer.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_FSIZE,
+            &rlim,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
 /// A source and a destination with their state before the attempt.
 struct Cell {
     dir: tempfile::TempDir,
@@ -183,23 +245,40 @@ struct Cell {
 
 impl Cell {
     fn new() -> Cell {
+        Self::build(Transport::Unix, false)
+    }
+
+    /// A cell over `transport`; with `ignore_sigxfsz`, a source that
+    /// survives a file size limit.
+    fn build(transport: Transport, ignore_sigxfsz: bool) -> Cell {
         let dir = tempfile::tempdir().unwrap();
-        let src = Host::start(
-            dir.path(),
-            "src",
-            &[
-                "--memory",
-                "size=16M",
-                "--vcpu-workload",
-                "off",
-                "--device",
-                "emulated=on,vram=8M,id=gpu0,workload=off",
-                "--device",
-                "emulated=on,vram=4M,id=gpu1",
-            ],
-        );
+        let args = [
+            "--memory",
+            "size=16M",
+            "--vcpu-workload",
+            "off",
+            "--device",
+            "emulated=on,vram=8M,id=gpu0,workload=off",
+            "--device",
+            "emulated=on,vram=4M,id=gpu1",
+        ];
+        let src = if ignore_sigxfsz {
+            start_ignoring_sigxfsz(dir.path(), "src", &args)
+        } else {
+            Host::start(dir.path(), "src", &args)
+        };
         let dst = Host::start(dir.path(), "dst", &[]);
-        let url = format!("unix:{}", dir.path().join("mig.sock").display());
+        let url = match transport {
+            Transport::Unix => format!("unix:{}", dir.path().join("mig.sock").display()),
+            Transport::Tcp => {
+                let port = std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port();
+                format!("tcp:127.0.0.1:{port}")
+            }
+        };
         // gpu0 idles with state of its own (not what a reset leaves).
         src.put_ok(
             "vm.fill-device",
@@ -697,6 +776,32 @@ fn stalled_destination_mid_device_stream() {
 }
 
 #[test]
+fn stalled_destination_mid_device_stream_over_tcp() {
+    // Loopback TCP buffers hold MiBs: the source may finish writing and
+    // then wait for the answer; either way it gives up after 2 s.
+    let c = Cell::build(Transport::Tcp, false);
+    let (s, r) = c.failed_migration(
+        None,
+        json!({ "fault": fault("device-state", "stall", 20_000) }),
+    );
+    c.check_source(&s, "device-state gpu", "timed out");
+    // The destination, awake again, finds the stream cut short or
+    // (everything was buffered) followed by Abandon: it discards either way.
+    c.check_destination(&r, "", "");
+}
+
+#[test]
+fn source_killed_mid_device_stream_over_tcp() {
+    let mut c = Cell::build(Transport::Tcp, false);
+    let r = source_killed(
+        &mut c,
+        fault("device-state", "stall", 20_000),
+        "device-state",
+    );
+    c.check_destination(&r, "device-state gpu0", "truncated at offset 20000");
+}
+
+#[test]
 fn stalled_source_mid_device_stream() {
     let c = Cell::new();
     let (s, r) = c.failed_migration(Some(fault("device-state", "stall", 20_000)), json!({}));
@@ -832,6 +937,31 @@ fn snapshot_disk_full_in_device_data() {
         return;
     };
     snapshot_cell(&c, &target, "save device gpu0", "No space left");
+}
+
+#[test]
+fn snapshot_file_size_limit() {
+    // What a full disk looks like where no tmpfs can be mounted: the
+    // host may write files of 8 MiB at most, guest memory is 16 MiB.
+    let c = Cell::build(Transport::Unix, true);
+    let target = c.dir.path().join("snap");
+    c.src.put_ok("vm.pause", None);
+    set_file_size_limit(pid(&c.src), Some(8 << 20));
+    let url = format!("file://{}", target.display());
+    let r = c
+        .src
+        .api
+        .put("vm.snapshot", Some(&json!({ "destination_url": url })))
+        .unwrap();
+    assert_api_error(&r, "write memory-ranges");
+    assert_log_line(&c.src, "write memory-ranges", "File too large");
+    assert_no_snapshot(&target);
+    set_file_size_limit(pid(&c.src), None);
+    c.src.put_ok("vm.resume", None);
+    let info = c.src.info();
+    assert_eq!(info["state"], "Running");
+    assert_eq!(device(&info, 0)["digest"], device(&c.before, 0)["digest"]);
+    assert_no_leak(&c.src, c.src_usage);
 }
 
 #[test]
