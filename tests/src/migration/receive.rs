@@ -53,7 +53,8 @@ pub struct ReceiveRequest {
     #[serde(default = "default_timeout_s")]
     pub timeout_s: u64,
     /// Test hook (off by default): a fault this side injects at a phase
-    /// (`memory`, `device-state`, `state`, `complete`).
+    /// (`memory`, `device-state`, `state`, `complete`, `resumed`: after
+    /// the VM resumed, before the Ok to Complete).
     #[serde(default)]
     pub fault: Option<MigrationFault>,
     /// Test hook (off by default): faults handed to this side's emulated
@@ -430,6 +431,9 @@ impl Receiver<'_> {
                 self.vm = Some(vm);
                 return Err(e);
             }
+            // Until the source has the Ok, it may still resume its own
+            // copy: if the Ok cannot go out, this VM is dropped below.
+            self.inject("resumed");
             VmState::Running
         } else {
             VmState::Paused

@@ -139,9 +139,13 @@ pub fn send(vmm: &Vmm, req: &SendRequest) -> HostResult<SendReport> {
             );
             Ok(report)
         }
-        Err(e) => {
+        Err(mut e) => {
             error!("send-migration failed in {}: {}", e.phase, e.cause);
-            sender.roll_back();
+            if !sender.roll_back() {
+                // The caller must not take the VM for running.
+                e.cause
+                    .push_str("; the VM could not resume and is Paused (vm.resume retries)");
+            }
             Counters::add(&vmm.counters.migrations_failed, 1);
             Err(e)
         }
@@ -397,7 +401,8 @@ impl Sender<'_> {
     }
 
     /// Abandon if the connection can still carry it, then run on here.
-    fn roll_back(&mut self) {
+    /// Returns whether the VM runs again.
+    fn roll_back(&mut self) -> bool {
         if self.undo.mid_stream {
             // The destination is inside a device stream; only closing the
             // connection ends it.
@@ -435,5 +440,6 @@ impl Sender<'_> {
             }
         }
         self.vmm.set_state(state);
+        state == VmState::Running
     }
 }
