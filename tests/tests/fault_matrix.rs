@@ -5,8 +5,9 @@
 //! snapshot, with real processes, and the same invariants after each.
 //!
 //! Every cell runs a source with guest memory of 16 MiB, the vCPU idle,
-//! `gpu0` (8 MiB VRAM, `workload=off`: its digest must come back bit for
-//! bit) and `gpu1` (4 MiB VRAM, workload on: its generation must never go
+//! `gpu0` (8 MiB VRAM, `workload=off`, filled by the `vm.fill-device`
+//! hook so its state differs from a reset one: its digest must come back
+//! bit for bit) and `gpu1` (4 MiB VRAM, workload on: its generation must never go
 //! backwards), and a destination that starts empty. Migration timeouts
 //! are 2 s, so a stalled peer costs little. Faults come from the test
 //! host's hooks (`tests/src/fault.rs`): `vm.inject-fault` for the
@@ -19,30 +20,36 @@
 //! unchanged and `gpu1` moving on from where it stopped; a surviving
 //! destination is Created with no VM (if the source died, nothing ran
 //! there); fds, threads and children of every surviving process are back
-//! to their count before the attempt; the API answer of the operation
+//! exactly to their count before the attempt (polled up to 10 s while
+//! threads end); the API answer of the operation
 //! names the phase in its JSON `error`, and the log has one line naming
 //! phase and cause.
 //!
 //! | phase \ fault | connection dropped | destination killed | source killed | destination VF rejects | VF arc fails (ERROR) | disk full | stalled peer |
 //! | --- | --- | --- | --- | --- | --- | --- | --- |
-//! | memory pass 0 (VM running) | `drop_by_destination_at_memory` | n/a: same as final pass, VM not yet paused | n/a: nothing stopped yet | n/a: memory has no device check | n/a | n/a | `stalled_destination_at_memory` |
-//! | pause | `drop_by_source_after_pause` | n/a: no bytes in flight, see final pass | `source_killed_after_pause` | n/a: nothing sent to the VF | `pause_arc_fails`, `pause_arc_fails_into_error` | n/a | n/a: local step |
+//! | memory pass 0 (VM still running) | `drop_by_destination_at_memory` | n/a: as in the final pass, but nothing stopped yet | n/a: nothing stopped yet, the destination sees EOF as in `source_killed_after_pause` | n/a: memory has no device check | n/a: no arc | n/a | `stalled_destination_at_memory` |
+//! | pause (RUNNING -> RUNNING_P2P -> STOP) | `drop_by_source_after_pause` | n/a: no bytes in flight, first touched in the final pass | `source_killed_after_pause` | n/a: nothing reaches a VF | `pause_arc_fails`, `pause_of_second_vf_fails`, `quiesce_of_second_vf_fails`, `pause_arc_fails_into_error` (state lost, reported) | n/a | n/a: local step |
 //! | final memory pass | `drop_by_source_in_final_memory_pass` | `destination_killed_in_final_memory_pass` | `source_killed_in_final_memory_pass` | n/a | n/a | n/a | `stalled_source_in_final_memory_pass` |
-//! | stop-copy read (source VF) | covered by transfer column | - | - | `corrupt_save_detected_by_source` | `stop_copy_enter_fails`, `stop_copy_leave_fails_into_error` | n/a | `stop_copy_read_stalls` (the VF's data fd) |
-//! | transfer (device-state stream) | `drop_by_source_mid_device_stream`, `drop_by_destination_mid_device_stream` | `destination_killed_mid_device_stream` | `source_killed_mid_device_stream` | `hostile_device_state_header` | n/a | n/a | `stalled_destination_mid_device_stream`, `stalled_source_mid_device_stream` |
-//! | destination resume-write (STOP -> RESUMING, write) | same as transfer | same as transfer | same as transfer | `destination_refuses_resuming` | (same arc, `enter_error`: `load_rejected_into_error`) | n/a | same as transfer |
-//! | RESUMING -> STOP (load) | n/a: local step | `destination_killed_after_load` | `source_killed_before_complete` | `load_rejected_einval` | `load_rejected_into_error` | n/a | n/a |
-//! | Complete | `drop_by_source_before_complete`, `drop_by_destination_at_complete` | `destination_killed_before_complete` | `source_killed_before_complete` | `destination_vf_fails_to_resume` | (same) | n/a | `stalled_destination_at_complete` |
-//! | snapshot | n/a | n/a | n/a | n/a | `snapshot_arc_fails` | `snapshot_disk_full_in_memory`, `snapshot_disk_full_in_device_data` | n/a: snapshot has no timeout knob |
-//! | protocol (hostile peer) | - | - | - | `hostile_device_state_header` | - | - | - |
+//! | stop-copy read (source VF data fd) | see transfer | see transfer | see transfer | `corrupt_save_detected_by_source` (the source's parser stops it first) | `stop_copy_enter_fails`, `stop_copy_leave_fails_into_error` (state lost, reported) | n/a | `stop_copy_read_stalls` (the VF's fd stalls) |
+//! | transfer (device-state stream) | `drop_by_source_mid_device_stream`, `drop_by_destination_mid_device_stream` | `destination_killed_mid_device_stream` | `source_killed_mid_device_stream`, `source_killed_mid_device_stream_over_tcp` | `hostile_device_state_header` | n/a | n/a | `stalled_destination_mid_device_stream`, `stalled_destination_mid_device_stream_over_tcp`, `stalled_source_mid_device_stream` |
+//! | destination resume-write (STOP -> RESUMING, data in) | same bytes as transfer | same as transfer | same as transfer | `destination_refuses_resuming` (ENODEV) | see load | n/a | same as transfer |
+//! | RESUMING -> STOP (load) | n/a: local step | `destination_killed_after_load` | `source_killed_before_complete` (all loaded, no Complete) | `load_rejected_einval` (EINVAL) | `load_rejected_into_error` (ENODEV, reset) | n/a | n/a: local step |
+//! | Complete | `drop_by_source_before_complete`, `drop_by_destination_at_complete`, `drop_by_destination_after_resume` | `destination_killed_before_complete` | `source_killed_before_complete` | `destination_vf_fails_to_resume` | (roll-back) `source_resume_fails_during_roll_back` | n/a | `stalled_destination_at_complete` |
+//! | snapshot | n/a | n/a | n/a | n/a | `snapshot_arc_fails`, `failed_snapshot_over_an_old_one_leaves_no_mix` | `snapshot_disk_full_in_memory`, `snapshot_disk_full_in_device_data` (tmpfs), `snapshot_file_size_limit` (RLIMIT_FSIZE) | n/a: snapshots have no timeout knob (30 s device timeout) |
+//!
+//! "State lost, reported": a VF in ERROR only leaves it by a reset, which
+//! loses its state; the source runs on with that VF reset and its error
+//! says `reset (state lost)` ([`Cell::check_source_vf_lost`]).
 //!
 //! Hostile input: `hostile_memory_length`, `hostile_memory_range_outside`
 //! (a Memory request of 2^63 bytes, a range beyond guest memory) must be
 //! refused with no panic and no large allocation (VmHWM stays small) and
 //! leave the destination usable.
 //!
-//! Not covered: the Complete Ok lost after the destination resumed (both
-//! sides would run: CH's protocol has no second phase to prevent it).
+//! Not covered: an Ok to Complete that the destination wrote but the
+//! source never read (its timeout fired just before): both would run.
+//! CH's protocol has no second phase to rule it out;
+//! `drop_by_destination_after_resume` covers the Ok that cannot be sent.
 
 mod common;
 
@@ -97,6 +104,20 @@ fn usage(pid: u32) -> Usage {
         fds,
         threads,
         children,
+    }
+}
+
+/// Usage once two samples 50 ms apart agree (an API thread that just
+/// answered may still be ending).
+fn settled_usage(pid: u32) -> Usage {
+    let mut last = usage(pid);
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = usage(pid);
+        if now == last {
+            return now;
+        }
+        last = now;
     }
 }
 
@@ -286,10 +307,9 @@ impl Cell {
         );
         let gen1 = wait_generation_beyond(&src, 1, 3);
         let before = src.info();
-        // Warm-up is done (API threads come and go per request): settle.
-        std::thread::sleep(Duration::from_millis(50));
-        let src_usage = usage(pid(&src));
-        let dst_usage = usage(pid(&dst));
+        // Warm-up is done; API threads come and go per request.
+        let src_usage = settled_usage(pid(&src));
+        let dst_usage = settled_usage(pid(&dst));
         Cell {
             dir,
             src,

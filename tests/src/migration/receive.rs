@@ -132,6 +132,9 @@ pub fn receive(vmm: &Vmm, req: &ReceiveRequest) -> HostResult<ReceiveReport> {
     vmm.set_phase("idle");
     match result {
         Ok(vm) => {
+            for d in vm.0.devices().devices_mut() {
+                d.set_transfer_options(TransferOptions::default());
+            }
             receiver.report.total_ms = started.elapsed().as_secs_f64() * 1e3;
             Counters::add(&vmm.counters.migrations_received, 1);
             info!(

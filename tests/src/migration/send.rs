@@ -126,6 +126,10 @@ pub fn send(vmm: &Vmm, req: &SendRequest) -> HostResult<SendReport> {
     };
     let result = sender.run(req.downtime_ms, started);
     vmm.set_phase("idle");
+    // Back to the defaults for what follows (snapshots, a next attempt).
+    for d in vm.devices().devices_mut() {
+        d.set_transfer_options(TransferOptions::default());
+    }
     match result {
         Ok(report) => {
             info!(
