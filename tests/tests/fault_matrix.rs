@@ -29,7 +29,7 @@
 //! | --- | --- | --- | --- | --- | --- | --- | --- |
 //! | memory pass 0 (VM still running) | `drop_by_destination_at_memory` | n/a: as in the final pass, but nothing stopped yet | n/a: nothing stopped yet, the destination sees EOF as in `source_killed_after_pause` | n/a: memory has no device check | n/a: no arc | n/a | `stalled_destination_at_memory` |
 //! | pause (RUNNING -> RUNNING_P2P -> STOP) | `drop_by_source_after_pause` | n/a: no bytes in flight, first touched in the final pass | `source_killed_after_pause` | n/a: nothing reaches a VF | `pause_arc_fails`, `pause_of_second_vf_fails`, `quiesce_of_second_vf_fails`, `pause_arc_fails_into_error` (state lost, reported) | n/a | n/a: local step |
-//! | final memory pass | `drop_by_source_in_final_memory_pass` | `destination_killed_in_final_memory_pass` | `source_killed_in_final_memory_pass` | n/a | n/a | n/a | `stalled_source_in_final_memory_pass` |
+//! | final memory pass | `drop_by_source_in_final_memory_pass` | `destination_killed_in_final_memory_pass` | `source_killed_in_final_memory_pass` | n/a | n/a | n/a | `stalled_source_in_final_memory_pass`, `stalled_destination_in_final_memory_pass` |
 //! | stop-copy read (source VF data fd) | see transfer | see transfer | see transfer | `corrupt_save_detected_by_source` (the source's parser stops it first) | `stop_copy_enter_fails`, `stop_copy_leave_fails_into_error` (state lost, reported) | n/a | `stop_copy_read_stalls` (the VF's fd stalls) |
 //! | transfer (device-state stream) | `drop_by_source_mid_device_stream`, `drop_by_destination_mid_device_stream` | `destination_killed_mid_device_stream` | `source_killed_mid_device_stream`, `source_killed_mid_device_stream_over_tcp` | `hostile_device_state_header` | n/a | n/a | `stalled_destination_mid_device_stream`, `stalled_destination_mid_device_stream_over_tcp`, `stalled_source_mid_device_stream` |
 //! | destination resume-write (STOP -> RESUMING, data in) | same bytes as transfer | same as transfer | same as transfer | `destination_refuses_resuming` (ENODEV) | see load | n/a | same as transfer |
@@ -816,6 +816,16 @@ fn stalled_destination_at_memory() {
     let c = Cell::new();
     let (s, r) = c.failed_migration(None, json!({ "fault": fault("memory", "stall", 0) }));
     c.check_source(&s, "memory pass 0", "timed out");
+    c.check_destination(&r, "memory", "closed the connection mid-transfer");
+}
+
+#[test]
+fn stalled_destination_in_final_memory_pass() {
+    // The source is paused when the destination stops taking memory: it
+    // gives up after the timeout and runs again.
+    let c = Cell::new();
+    let (s, r) = c.failed_migration(None, json!({ "fault": fault("memory#2", "stall", 0) }));
+    c.check_source(&s, "final memory pass", "timed out");
     c.check_destination(&r, "memory", "closed the connection mid-transfer");
 }
 

@@ -53,7 +53,7 @@ pub struct ReceiveRequest {
     #[serde(default = "default_timeout_s")]
     pub timeout_s: u64,
     /// Test hook (off by default): a fault this side injects at a phase
-    /// (`memory`, `device-state`, `state`, `complete`, `resumed`: after
+    /// (`memory`, `memory#N`, `device-state`, `state`, `complete`, `resumed`: after
     /// the VM resumed, before the Ok to Complete).
     #[serde(default)]
     pub fault: Option<MigrationFault>,
@@ -316,6 +316,9 @@ impl Receiver<'_> {
         let phase = "memory";
         self.phase(phase);
         self.inject(phase);
+        // `memory#N`: the Nth Memory command (with the vCPU idle, the
+        // second is the final pass).
+        self.inject(&format!("memory#{}", self.report.memory_passes));
         let table = MemoryRangeTable::read_from(&mut self.conn, request.length())
             .map_err(|e| HostError::bad_request(phase, e))?;
         let memory = self.vm(phase)?.memory().clone();

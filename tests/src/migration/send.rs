@@ -407,24 +407,9 @@ impl Sender<'_> {
     /// Abandon if the connection can still carry it, then run on here.
     /// Returns whether the VM runs again.
     fn roll_back(&mut self) -> bool {
-        if self.undo.mid_stream {
-            // The destination is inside a device stream; only closing the
-            // connection ends it.
-            if let Conn::Tcp(s) = &self.conn {
-                let _ = s.shutdown(std::net::Shutdown::Both);
-            } else if let Conn::Unix(s) = &self.conn {
-                let _ = s.shutdown(std::net::Shutdown::Both);
-            }
-        } else {
-            let _ = self
-                .conn
-                .set_timeouts(Duration::from_secs(2))
-                .and_then(|()| {
-                    Request::abandon()
-                        .write_to(&mut self.conn)
-                        .map_err(std::io::Error::other)
-                });
-        }
+        // The VM runs again first: telling the destination may block for
+        // a timeout on a stalled peer, and the VM must not wait for that
+        // (the destination cannot run anything without Complete).
         if self.undo.dirty_log_started {
             let mut set = self.vm.devices();
             for d in set.devices_mut() {
@@ -444,6 +429,24 @@ impl Sender<'_> {
             }
         }
         self.vmm.set_state(state);
+        if self.undo.mid_stream {
+            // The destination is inside a device stream; only closing the
+            // connection ends it.
+            self.conn.shutdown();
+        } else {
+            let sent = self
+                .conn
+                .set_timeouts(Duration::from_secs(2))
+                .and_then(|()| {
+                    Request::abandon()
+                        .write_to(&mut self.conn)
+                        .map_err(std::io::Error::other)
+                });
+            if let Err(e) = sent {
+                info!("could not send Abandon ({e}); closing the connection");
+                self.conn.shutdown();
+            }
+        }
         state == VmState::Running
     }
 }
