@@ -3,6 +3,11 @@
 
 //! The REST API: Cloud Hypervisor's paths and bodies, JSON errors
 //! `{"error": "<phase>: <cause>", "phase": …}`.
+//!
+//! Test-only hooks beside CH's endpoints (see [`crate::fault`]):
+//! `vm.inject-fault {"device", "fault"}` hands a fault to an emulated VF,
+//! `vm.fill-device {"device", "seed", "zero_percent"}` gives an idle one
+//! state of its own; send/receive bodies take an optional `fault`.
 
 use serde::Deserialize;
 use serde_json::{json, Value};
