@@ -3,11 +3,17 @@
 
 //! The REST API: Cloud Hypervisor's paths and bodies, JSON errors
 //! `{"error": "<phase>: <cause>", "phase": …}`.
+//!
+//! Test-only hooks beside CH's endpoints (see [`crate::fault`]):
+//! `vm.inject-fault {"device", "fault"}` hands a fault to an emulated VF,
+//! `vm.fill-device {"device", "seed", "zero_percent"}` gives an idle one
+//! state of its own; send/receive bodies take an optional `fault`.
 
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::{HostError, HostResult};
+use crate::fault::DeviceFault;
 use crate::migration::{receive, send};
 use crate::snapshot;
 use crate::vmm::{Counters, VmState, Vmm};
@@ -49,6 +55,24 @@ impl Reply {
 #[serde(deny_unknown_fields)]
 struct SnapshotBody {
     destination_url: String,
+}
+
+/// `vm.inject-fault` (test-only hook, see [`crate::fault`]).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InjectFaultBody {
+    device: String,
+    fault: DeviceFault,
+}
+
+/// `vm.fill-device` (test-only hook): give an idle VF distinct state.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FillDeviceBody {
+    device: String,
+    seed: u64,
+    #[serde(default)]
+    zero_percent: u8,
 }
 
 #[derive(Deserialize)]
@@ -94,6 +118,8 @@ pub fn handle(vmm: &Vmm, method: &str, path: &str, raw: &[u8]) -> Reply {
         "vm.pause" => vmm.pause().map(|()| Reply::no_content()),
         "vm.resume" => vmm.resume().map(|()| Reply::no_content()),
         "vm.snapshot" => vm_snapshot(vmm, raw),
+        "vm.inject-fault" => inject_fault(vmm, raw),
+        "vm.fill-device" => fill_device(vmm, raw),
         "vm.restore" => vm_restore(vmm, raw),
         "vm.send-migration" => send_migration(vmm, raw),
         "vm.receive-migration" => receive_migration(vmm, raw),
@@ -120,6 +146,25 @@ fn vm_snapshot(vmm: &Vmm, raw: &[u8]) -> HostResult<Reply> {
     let vm = vmm.vm_in("snapshot", VmState::Paused)?;
     snapshot::save(&vm, &b.destination_url)?;
     Counters::add(&vmm.counters.snapshots, 1);
+    Ok(Reply::no_content())
+}
+
+fn inject_fault(vmm: &Vmm, raw: &[u8]) -> HostResult<Reply> {
+    let b: InjectFaultBody = body(raw)?;
+    let fault = b.fault.to_fault()?;
+    let vm = vmm
+        .vm()
+        .ok_or_else(|| HostError::conflict("inject-fault", "no VM"))?;
+    vm.inject_fault(&b.device, fault)?;
+    Ok(Reply::no_content())
+}
+
+fn fill_device(vmm: &Vmm, raw: &[u8]) -> HostResult<Reply> {
+    let b: FillDeviceBody = body(raw)?;
+    let vm = vmm
+        .vm()
+        .ok_or_else(|| HostError::conflict("fill-device", "no VM"))?;
+    vm.fill_device(&b.device, b.seed, b.zero_percent)?;
     Ok(Reply::no_content())
 }
 

@@ -13,6 +13,7 @@
 pub mod api;
 pub mod client;
 pub mod error;
+pub mod fault;
 pub mod http;
 pub mod memory;
 pub mod migration;

@@ -64,11 +64,34 @@ fn write_file(
     })
 }
 
+/// Removes an older snapshot's `state.json` (durably) before any of its
+/// files is replaced: otherwise a save failing halfway would leave the
+/// old `state.json` beside new data files, a mix that restores without
+/// complaint. A directory without `state.json` is not a snapshot.
+fn unmark_snapshot(dir: &Path) -> HostResult<()> {
+    let phase = "snapshot directory";
+    match fs::remove_file(dir.join(STATE_FILE)) {
+        Ok(()) => {
+            fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| HostError::failed(phase, e))?;
+            info!("replacing the snapshot in {}", dir.display());
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(HostError::failed(
+            phase,
+            format!("removing old {STATE_FILE}: {e}"),
+        )),
+    }
+}
+
 /// Saves the paused VM into `destination_url` (`file:///dir`).
 pub fn save(vm: &Vm, destination_url: &str) -> HostResult<()> {
     let dir =
         snapshot_dir(destination_url).map_err(|e| HostError::bad_request("destination_url", e))?;
     fs::create_dir_all(&dir).map_err(|e| HostError::failed("snapshot directory", e))?;
+    unmark_snapshot(&dir)?;
     let config =
         serde_json::to_vec_pretty(vm.config()).map_err(|e| HostError::failed("config", e))?;
     write_file(&dir, CONFIG_FILE, |out| out.write_all(&config))?;

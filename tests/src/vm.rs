@@ -15,7 +15,7 @@ use xe_vf_glue::device_set::XeVfSet;
 use xe_vf_glue::migration::{MemoryRange, Pausable};
 use xe_vf_glue::XeVfDevice;
 use xe_vf_plugin::device_config::DeviceConfig;
-use xe_vf_plugin::emulated::{GuestDmaRegion, StateDigest};
+use xe_vf_plugin::emulated::{Fault, GuestDmaRegion, StateDigest};
 
 use crate::error::{HostError, HostResult};
 use crate::memory::{GuestMemory, PAGE_SIZE};
@@ -255,6 +255,41 @@ impl Vm {
                 digest: d.backend().emulated().and_then(|e| e.digest().ok()),
             })
             .collect()
+    }
+
+    /// Test hook: hands `fault` to the emulated VF `id`.
+    pub fn inject_fault(&self, id: &str, fault: Fault) -> HostResult<()> {
+        let set = self.devices();
+        let index = self
+            .config
+            .devices
+            .iter()
+            .position(|d| d.id == id)
+            .ok_or_else(|| HostError::bad_request("inject-fault", format!("no device '{id}'")))?;
+        let emu = set.devices()[index].backend().emulated().ok_or_else(|| {
+            HostError::bad_request("inject-fault", format!("device '{id}' is not emulated"))
+        })?;
+        emu.inject_fault(fault);
+        log::warn!("fault injection: device {id}: {fault:?}");
+        Ok(())
+    }
+
+    /// Test hook: fills the emulated VF `id`'s VRAM and blobs from `seed`
+    /// (about `zero_percent` of the pages zero), so its state differs
+    /// from a reset one even with its workload off.
+    pub fn fill_device(&self, id: &str, seed: u64, zero_percent: u8) -> HostResult<()> {
+        let set = self.devices();
+        let index = self
+            .config
+            .devices
+            .iter()
+            .position(|d| d.id == id)
+            .ok_or_else(|| HostError::bad_request("fill-device", format!("no device '{id}'")))?;
+        let emu = set.devices()[index].backend().emulated().ok_or_else(|| {
+            HostError::bad_request("fill-device", format!("device '{id}' is not emulated"))
+        })?;
+        emu.fill_vram(seed, zero_percent)
+            .map_err(|e| HostError::failed("fill-device", e))
     }
 
     /// Memory checksum and device digests, as they are now.

@@ -39,53 +39,148 @@ impl MigrationUrl {
     }
 }
 
-/// A migration connection.
+/// The socket under a [`Conn`].
 #[derive(Debug)]
-pub enum Conn {
+pub enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
+}
+
+/// A migration connection.
+#[derive(Debug)]
+pub struct Conn {
+    stream: Stream,
+    /// A write already waited out the write timeout (see `write`).
+    stalled: bool,
+}
+
+impl From<UnixStream> for Conn {
+    fn from(s: UnixStream) -> Self {
+        Conn {
+            stream: Stream::Unix(s),
+            stalled: false,
+        }
+    }
+}
+
+impl From<TcpStream> for Conn {
+    fn from(s: TcpStream) -> Self {
+        Conn {
+            stream: Stream::Tcp(s),
+            stalled: false,
+        }
+    }
 }
 
 impl Conn {
     /// A second handle on the same socket (for a reader that must own it).
     pub fn try_clone(&self) -> io::Result<Conn> {
-        Ok(match self {
-            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
-            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+        Ok(match &self.stream {
+            Stream::Unix(s) => Conn::from(s.try_clone()?),
+            Stream::Tcp(s) => Conn::from(s.try_clone()?),
         })
+    }
+
+    /// Shuts both directions down (the peer sees the link drop).
+    pub fn shutdown(&self) {
+        let _ = match &self.stream {
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+        };
     }
 
     /// Read and write timeouts: a stalled peer becomes an error.
     pub fn set_timeouts(&self, timeout: Duration) -> io::Result<()> {
-        match self {
-            Conn::Unix(s) => {
+        match &self.stream {
+            Stream::Unix(s) => {
                 s.set_read_timeout(Some(timeout))?;
                 s.set_write_timeout(Some(timeout))
             }
-            Conn::Tcp(s) => {
+            Stream::Tcp(s) => {
                 s.set_read_timeout(Some(timeout))?;
                 s.set_write_timeout(Some(timeout))?;
                 s.set_nodelay(true)
             }
         }
     }
-}
 
-impl Read for Conn {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Conn::Unix(s) => s.read(buf),
-            Conn::Tcp(s) => s.read(buf),
+    fn write_timeout(&self) -> Option<Duration> {
+        match &self.stream {
+            Stream::Unix(s) => s.write_timeout().ok().flatten(),
+            Stream::Tcp(s) => s.write_timeout().ok().flatten(),
         }
     }
 }
 
-impl Write for Conn {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Conn::Unix(s) => s.write(buf),
-            Conn::Tcp(s) => s.write(buf),
+/// Says in words what a socket error means for a migration: a blocking
+/// socket's EAGAIN is its timeout, EPIPE and ECONNRESET a peer gone.
+fn explain(e: io::Error, timeout: Option<Duration>) -> io::Error {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+            io::ErrorKind::TimedOut,
+            match timeout {
+                Some(t) => format!("timed out: the peer was silent for {} s", t.as_secs_f64()),
+                None => format!("timed out ({e})"),
+            },
+        ),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => {
+            io::Error::new(e.kind(), format!("the peer closed the connection ({e})"))
         }
+        _ => e,
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let result = match &mut self.stream {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        };
+        result.map_err(|e| {
+            let timeout = match &self.stream {
+                Stream::Unix(s) => s.read_timeout().ok().flatten(),
+                Stream::Tcp(s) => s.read_timeout().ok().flatten(),
+            };
+            explain(e, timeout)
+        })
+    }
+}
+
+impl Write for Conn {
+    /// A blocking send that waits out its timeout does not always fail:
+    /// it may return what it sent so far, or even all of a small buffer,
+    /// so each next write could wait a whole timeout again and a stalled
+    /// peer go unseen for several timeouts. A write that blocked for the
+    /// timeout reports what it wrote (the `Write` contract: no error
+    /// after bytes went out) and marks the connection stalled, so the
+    /// next write fails at once. (The kernel's timer runs in jiffies: the
+    /// wait may measure a little short.)
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let timeout = self.write_timeout();
+        let stall = |t: Duration| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("timed out: the peer took no data for {} s", t.as_secs_f64()),
+            )
+        };
+        if self.stalled {
+            return Err(stall(timeout.unwrap_or_default()));
+        }
+        let started = Instant::now();
+        let result = match &mut self.stream {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        };
+        let n = result.map_err(|e| explain(e, timeout))?;
+        if let Some(t) = timeout {
+            if started.elapsed() >= t.mul_f64(0.95) {
+                if n == 0 {
+                    return Err(stall(t));
+                }
+                self.stalled = true;
+            }
+        }
+        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -99,8 +194,8 @@ impl Write for Conn {
 pub fn connect(url: &MigrationUrl, deadline: Instant) -> io::Result<Conn> {
     loop {
         let attempt = match url {
-            MigrationUrl::Unix(path) => UnixStream::connect(path).map(Conn::Unix),
-            MigrationUrl::Tcp(addr) => connect_tcp(addr, deadline).map(Conn::Tcp),
+            MigrationUrl::Unix(path) => UnixStream::connect(path).map(Conn::from),
+            MigrationUrl::Tcp(addr) => connect_tcp(addr, deadline).map(Conn::from),
         };
         match attempt {
             Ok(c) => return Ok(c),
@@ -177,8 +272,8 @@ impl Listener {
             ));
         }
         Ok(match self {
-            Listener::Unix(l, _) => Conn::Unix(l.accept()?.0),
-            Listener::Tcp(l) => Conn::Tcp(l.accept()?.0),
+            Listener::Unix(l, _) => Conn::from(l.accept()?.0),
+            Listener::Tcp(l) => Conn::from(l.accept()?.0),
         })
     }
 }

@@ -18,11 +18,12 @@ pub mod send;
 use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
-use xe_vf_glue::protocol::{Response, Status};
+use xe_vf_glue::protocol::{ProtocolError, Response, Status};
 use xe_vf_glue::DeviceMigrationInfo;
 
 use crate::error::HostError;
 use crate::vm::VmConfig;
+use conn::Conn;
 
 /// Largest Config or State payload accepted.
 pub const MAX_JSON_PAYLOAD: u64 = 1 << 20;
@@ -67,8 +68,16 @@ pub fn write_error<W: Write>(conn: &mut W, message: &str) -> io::Result<()> {
 /// Reads a response; anything but Ok is an error carrying the peer's
 /// message, if it sent one.
 pub fn expect_ok<R: Read>(conn: &mut R, phase: &str) -> Result<(), HostError> {
-    let response = Response::read_from(conn)
-        .map_err(|e| HostError::failed(phase, format!("no answer from the destination: {e}")))?;
+    let response = Response::read_from(conn).map_err(|e| {
+        HostError::failed(
+            phase,
+            if is_eof(&e) {
+                "the destination closed the connection without answering".to_string()
+            } else {
+                format!("no answer from the destination: {e}")
+            },
+        )
+    })?;
     let mut message = String::new();
     if response.length() > 0 {
         if response.length() > MAX_ERROR_MESSAGE {
@@ -97,6 +106,29 @@ pub fn expect_ok<R: Read>(conn: &mut R, phase: &str) -> Result<(), HostError> {
         )),
     }
 }
+
+/// Whether a protocol read failed because the peer closed the connection.
+pub fn is_eof(e: &ProtocolError) -> bool {
+    matches!(e, ProtocolError::Io(io) if io.kind() == io::ErrorKind::UnexpectedEof)
+}
+
+/// After a write to the destination failed: the Error the destination
+/// sent before it closed the connection, if there is one. A destination
+/// that refuses data mid-stream answers and hangs up; without this the
+/// source would only report a broken pipe, not why.
+pub fn peer_refusal(conn: &mut Conn) -> Option<String> {
+    conn.set_timeouts(REFUSAL_WAIT).ok()?;
+    let response = Response::read_from(conn).ok()?;
+    if response.status() != Status::Error || response.length() > MAX_ERROR_MESSAGE {
+        return None;
+    }
+    let mut buf = vec![0u8; response.length() as usize];
+    conn.read_exact(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// How long a source waits for the reason of a refusal.
+const REFUSAL_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Counts bytes written through it.
 pub struct CountingWriter<'a, W: Write> {

@@ -18,10 +18,12 @@ use serde::{Deserialize, Serialize};
 use xe_vf_glue::migration::{MemoryRangeTable, Snapshot};
 use xe_vf_glue::protocol::{Command, Request, Response};
 use xe_vf_plugin::device_config::DeviceConfig;
+use xe_vf_plugin::engine::TransferOptions;
 
 use super::conn::{Conn, Listener, MigrationUrl};
-use super::{read_json_payload, write_error, MigrationConfig};
+use super::{is_eof, read_json_payload, write_error, MigrationConfig};
 use crate::error::{HostError, HostResult};
+use crate::fault::{self, DeviceFault, FaultyStream, MigrationFault};
 use crate::memory::COPY_CHUNK;
 use crate::vm::{Vm, VmFingerprint};
 use crate::vmm::{Counters, VmState, Vmm};
@@ -50,6 +52,16 @@ pub struct ReceiveRequest {
     /// How long to wait for the source and for each read.
     #[serde(default = "default_timeout_s")]
     pub timeout_s: u64,
+    /// Test hook (off by default): a fault this side injects at a phase
+    /// (`memory`, `memory#N`, `device-state`, `state`, `complete`, `resumed`: after
+    /// the VM resumed, before the Ok to Complete).
+    #[serde(default)]
+    pub fault: Option<MigrationFault>,
+    /// Test hook (off by default): faults handed to this side's emulated
+    /// VFs (by device id) as soon as they exist, e.g. a failing
+    /// RESUMING -> STOP.
+    #[serde(default)]
+    pub device_faults: BTreeMap<String, Vec<DeviceFault>>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -67,6 +79,7 @@ struct Receiver<'a> {
     req: &'a ReceiveRequest,
     conn: Conn,
     vm: Option<Vm>,
+    fault: Option<MigrationFault>,
     received: Vec<bool>,
     buf: Vec<u8>,
     report: ReceiveReport,
@@ -104,6 +117,7 @@ pub fn receive(vmm: &Vmm, req: &ReceiveRequest) -> HostResult<ReceiveReport> {
         req,
         conn,
         vm: None,
+        fault: req.fault.clone(),
         received: Vec::new(),
         buf: vec![0u8; COPY_CHUNK],
         report: ReceiveReport {
@@ -118,6 +132,9 @@ pub fn receive(vmm: &Vmm, req: &ReceiveRequest) -> HostResult<ReceiveReport> {
     vmm.set_phase("idle");
     match result {
         Ok(vm) => {
+            for d in vm.0.devices().devices_mut() {
+                d.set_transfer_options(TransferOptions::default());
+            }
             receiver.report.total_ms = started.elapsed().as_secs_f64() * 1e3;
             Counters::add(&vmm.counters.migrations_received, 1);
             info!(
@@ -146,6 +163,14 @@ impl Receiver<'_> {
         self.vmm.set_phase(format!("receive: {phase}"));
     }
 
+    /// Test hook: fires the requested fault if it is for `phase`.
+    fn inject(&mut self, phase: &str) {
+        if let Some(f) = fault::take_for(&mut self.fault, phase) {
+            self.vmm.set_phase(format!("receive: fault at {phase}"));
+            f.fire(&self.conn);
+        }
+    }
+
     fn ok(&mut self, phase: &str) -> HostResult<()> {
         Response::ok()
             .write_to(&mut self.conn)
@@ -162,8 +187,16 @@ impl Receiver<'_> {
     fn run(&mut self) -> HostResult<(Arc<Vm>, VmState)> {
         let mut started = false;
         loop {
-            let request = Request::read_from(&mut self.conn)
-                .map_err(|e| HostError::failed("read command", e))?;
+            let request = Request::read_from(&mut self.conn).map_err(|e| {
+                if is_eof(&e) {
+                    HostError::failed(
+                        "read command",
+                        "the source closed the connection before Complete",
+                    )
+                } else {
+                    HostError::failed("read command", e)
+                }
+            })?;
             if !started && request.command() != Command::Start {
                 return Err(HostError::bad_request(
                     "start",
@@ -251,6 +284,21 @@ impl Receiver<'_> {
             }
         }
         let vm = Vm::create(config.vm.clone(), true, None)?;
+        for (id, faults) in &self.req.device_faults {
+            for f in faults {
+                vm.inject_fault(id, f.to_fault()?)?;
+            }
+        }
+        {
+            let timeout = Duration::from_secs(self.req.timeout_s.clamp(1, 3600));
+            let mut set = vm.devices();
+            for d in set.devices_mut() {
+                d.set_transfer_options(TransferOptions {
+                    device_timeout: timeout,
+                    ..TransferOptions::default()
+                });
+            }
+        }
         {
             let set = vm.devices();
             for (d, info) in set.devices().iter().zip(&config.devices) {
@@ -267,13 +315,23 @@ impl Receiver<'_> {
         self.report.memory_passes += 1;
         let phase = "memory";
         self.phase(phase);
+        self.inject(phase);
+        // `memory#N`: the Nth Memory command (with the vCPU idle, the
+        // second is the final pass).
+        self.inject(&format!("memory#{}", self.report.memory_passes));
         let table = MemoryRangeTable::read_from(&mut self.conn, request.length())
             .map_err(|e| HostError::bad_request(phase, e))?;
         let memory = self.vm(phase)?.memory().clone();
         for r in table.regions() {
             memory
                 .receive_range(r, &mut self.conn, &mut self.buf)
-                .map_err(|e| HostError::failed(phase, e))?;
+                .map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        HostError::failed(phase, "the source closed the connection mid-transfer")
+                    } else {
+                        HostError::failed(phase, e)
+                    }
+                })?;
             self.report.memory_bytes += r.length;
             Counters::add(&self.vmm.counters.memory_bytes_received, r.length);
         }
@@ -282,8 +340,8 @@ impl Receiver<'_> {
 
     fn device_state(&mut self, request: &Request) -> HostResult<()> {
         let index = request.device_index().unwrap_or(u16::MAX) as usize;
-        let vm = self.vm("device-state")?;
-        let id = vm
+        let id = self
+            .vm("device-state")?
             .config()
             .devices
             .get(index)
@@ -301,10 +359,13 @@ impl Receiver<'_> {
             std::thread::sleep(Duration::from_secs(self.req.timeout_s.clamp(1, 3600)));
             return Err(HostError::failed(&phase, "stalled on request (stall_at)"));
         }
+        let stream_fault = fault::take_for(&mut self.fault, "device-state");
         let reader = self
             .conn
             .try_clone()
+            .and_then(|c| Ok(FaultyStream::new(c, self.conn.try_clone()?, stream_fault)))
             .map_err(|e| HostError::failed(&phase, e))?;
+        let vm = self.vm(&phase)?;
         let report = {
             let set = vm.devices();
             let device = &set.devices()[index];
@@ -333,6 +394,7 @@ impl Receiver<'_> {
 
     fn state(&mut self, request: &Request) -> HostResult<()> {
         self.phase("state");
+        self.inject("state");
         let tree: Snapshot = read_json_payload(&mut self.conn, request.length(), "state")?;
         let vm = self.vm("state")?;
         for entry in &vm.config().devices {
@@ -348,6 +410,7 @@ impl Receiver<'_> {
 
     fn complete(&mut self, resume: bool) -> HostResult<(Arc<Vm>, VmState)> {
         self.phase("complete");
+        self.inject("complete");
         let missing = self
             .vm("complete")?
             .config()
@@ -374,6 +437,9 @@ impl Receiver<'_> {
                 self.vm = Some(vm);
                 return Err(e);
             }
+            // Until the source has the Ok, it may still resume its own
+            // copy: if the Ok cannot go out, this VM is dropped below.
+            self.inject("resumed");
             VmState::Running
         } else {
             VmState::Paused

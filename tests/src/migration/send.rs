@@ -10,10 +10,12 @@ use log::{error, info, warn};
 use serde::{Deserialize, Serialize};
 use xe_vf_glue::migration::{MemoryRangeTable, Migratable, Snapshot, Snapshottable};
 use xe_vf_glue::protocol::{Request, DEVICE_STATE_SELF_DELIMITED};
+use xe_vf_plugin::engine::TransferOptions;
 
 use super::conn::{connect, Conn, MigrationUrl};
-use super::{expect_ok, CountingWriter, MigrationConfig};
+use super::{expect_ok, peer_refusal, CountingWriter, MigrationConfig};
 use crate::error::{HostError, HostResult};
+use crate::fault::{self, FaultyStream, MigrationFault};
 use crate::memory::{COPY_CHUNK, PAGE_SIZE};
 use crate::vm::{Vm, VmFingerprint};
 use crate::vmm::{Counters, VmState, Vmm};
@@ -44,6 +46,10 @@ pub struct SendRequest {
     pub downtime_ms: u64,
     #[serde(default = "default_timeout_s")]
     pub timeout_s: u64,
+    /// Test hook (off by default): a fault this side injects at a phase
+    /// (`pause`, `final-memory`, `device-state`, `state`, `complete`).
+    #[serde(default)]
+    pub fault: Option<MigrationFault>,
 }
 
 /// What a completed migration reports.
@@ -76,6 +82,7 @@ struct Sender<'a> {
     conn: Conn,
     buf: Vec<u8>,
     undo: Undo,
+    fault: Option<MigrationFault>,
     memory_bytes: u64,
     device_bytes: u64,
     passes: u32,
@@ -99,18 +106,30 @@ pub fn send(vmm: &Vmm, req: &SendRequest) -> HostResult<SendReport> {
     let conn = connect(&url, started + CONNECT_RETRY.min(timeout))
         .and_then(|c| c.set_timeouts(timeout).map(|()| c))
         .map_err(|e| HostError::failed("connect", format!("{}: {e}", req.destination_url)))?;
+    // A VF data fd silent for as long as the peer may be is an error too.
+    for d in vm.devices().devices_mut() {
+        d.set_transfer_options(TransferOptions {
+            device_timeout: timeout,
+            ..TransferOptions::default()
+        });
+    }
     let mut sender = Sender {
         vmm,
         vm: &vm,
         conn,
         buf: vec![0u8; COPY_CHUNK],
         undo: Undo::default(),
+        fault: req.fault.clone(),
         memory_bytes: 0,
         device_bytes: 0,
         passes: 0,
     };
     let result = sender.run(req.downtime_ms, started);
     vmm.set_phase("idle");
+    // Back to the defaults for what follows (snapshots, a next attempt).
+    for d in vm.devices().devices_mut() {
+        d.set_transfer_options(TransferOptions::default());
+    }
     match result {
         Ok(report) => {
             info!(
@@ -124,9 +143,13 @@ pub fn send(vmm: &Vmm, req: &SendRequest) -> HostResult<SendReport> {
             );
             Ok(report)
         }
-        Err(e) => {
+        Err(mut e) => {
             error!("send-migration failed in {}: {}", e.phase, e.cause);
-            sender.roll_back();
+            if !sender.roll_back() {
+                // The caller must not take the VM for running.
+                e.cause
+                    .push_str("; the VM could not resume and is Paused (vm.resume retries)");
+            }
             Counters::add(&vmm.counters.migrations_failed, 1);
             Err(e)
         }
@@ -162,7 +185,7 @@ impl Sender<'_> {
         self.vm.memory().clear_dirty();
 
         let pass_started = Instant::now();
-        self.send_memory(self.vm.memory().whole())?;
+        self.send_memory(self.vm.memory().whole(), false)?;
         let elapsed_ms = pass_started.elapsed().as_secs_f64() * 1e3;
         let bytes_per_ms = self.vm.memory().size() as f64 / elapsed_ms.max(0.001);
         let threshold = (bytes_per_ms * downtime_ms as f64) as u64;
@@ -175,7 +198,7 @@ impl Sender<'_> {
                 leftover = bitmap;
                 break;
             }
-            self.send_memory(table)?;
+            self.send_memory(table, false)?;
         }
 
         // Downtime starts: vCPU stops, every VF to RUNNING_P2P then STOP.
@@ -184,6 +207,7 @@ impl Sender<'_> {
         self.vm.pause()?;
         self.undo.paused = true;
         self.vmm.set_state(VmState::Paused);
+        self.inject("pause");
 
         let mut bitmap = self.vm.memory().take_dirty_bitmap();
         for (w, l) in bitmap.iter_mut().zip(&leftover) {
@@ -192,12 +216,14 @@ impl Sender<'_> {
         self.merge_device_dirty(&mut bitmap)?;
         let final_table = MemoryRangeTable::from_dirty_bitmap(bitmap, 0, PAGE_SIZE);
         let final_pass_bytes = final_table.effective_size();
-        self.send_memory(final_table)?;
+        self.send_memory(final_table, true)?;
 
         self.send_device_states()?;
+        self.inject("state");
         self.send_state()?;
 
         self.phase("complete");
+        self.inject("complete");
         Request::complete()
             .write_to(&mut self.conn)
             .map_err(|e| HostError::failed("complete", e))?;
@@ -231,6 +257,25 @@ impl Sender<'_> {
 
     fn phase(&self, phase: &str) {
         self.vmm.set_phase(format!("send: {phase}"));
+    }
+
+    /// A write to the destination failed: names the destination's
+    /// refusal as the cause if it sent one, else the write error.
+    fn write_failed(&mut self, phase: &str, e: impl std::fmt::Display) -> HostError {
+        match peer_refusal(&mut self.conn) {
+            Some(reason) => {
+                HostError::failed(phase, format!("{e}; the destination said: {reason}"))
+            }
+            None => HostError::failed(phase, e),
+        }
+    }
+
+    /// Test hook: fires the requested fault if it is for `phase`.
+    fn inject(&mut self, phase: &str) {
+        if let Some(f) = fault::take_for(&mut self.fault, phase) {
+            self.vmm.set_phase(format!("send: fault at {phase}"));
+            f.fire(&self.conn);
+        }
     }
 
     fn send_config(&mut self) -> HostResult<()> {
@@ -268,21 +313,33 @@ impl Sender<'_> {
         Ok(())
     }
 
-    fn send_memory(&mut self, table: MemoryRangeTable) -> HostResult<()> {
+    fn send_memory(&mut self, table: MemoryRangeTable, final_pass: bool) -> HostResult<()> {
         self.passes += 1;
-        let phase = format!("memory pass {}", self.passes - 1);
+        let phase = if final_pass {
+            format!("final memory pass {}", self.passes - 1)
+        } else {
+            format!("memory pass {}", self.passes - 1)
+        };
         self.phase(&phase);
         Counters::add(&self.vmm.counters.memory_passes, 1);
         for chunk in table.partition(MEMORY_CHUNK) {
-            Request::memory(chunk.length())
+            if let Err(e) = Request::memory(chunk.length())
                 .write_to(&mut self.conn)
                 .and_then(|()| chunk.write_to(&mut self.conn))
-                .map_err(|e| HostError::failed(&phase, e))?;
+            {
+                return Err(self.write_failed(&phase, e));
+            }
+            if final_pass {
+                self.inject("final-memory");
+            }
             for r in chunk.regions() {
-                self.vm
+                if let Err(e) = self
+                    .vm
                     .memory()
                     .send_range(r, &mut self.conn, &mut self.buf)
-                    .map_err(|e| HostError::failed(&phase, e))?;
+                {
+                    return Err(self.write_failed(&phase, e));
+                }
                 self.memory_bytes += r.length;
                 Counters::add(&self.vmm.counters.memory_bytes_sent, r.length);
             }
@@ -301,15 +358,26 @@ impl Sender<'_> {
                 .write_to(&mut self.conn)
                 .map_err(|e| HostError::failed(&phase, e))?;
             self.undo.mid_stream = true;
-            let mut out = CountingWriter {
-                inner: &mut self.conn,
-                count: 0,
-            };
+            let stream_fault = fault::take_for(&mut self.fault, "device-state");
+            let fault_conn = self
+                .conn
+                .try_clone()
+                .map_err(|e| HostError::failed(&phase, e))?;
+            let mut out = FaultyStream::new(
+                CountingWriter {
+                    inner: &mut self.conn,
+                    count: 0,
+                },
+                fault_conn,
+                stream_fault,
+            );
             let sent = d.send_state(&mut out, &mut |_| {});
-            let count = out.count;
+            let count = out.inner.count;
             self.device_bytes += count;
             Counters::add(&self.vmm.counters.device_bytes_sent, count);
-            sent.map_err(|e| HostError::failed(&phase, e))?;
+            if let Err(e) = sent {
+                return Err(self.write_failed(&phase, e));
+            }
             self.undo.mid_stream = false;
             expect_ok(&mut self.conn, &phase)?;
         }
@@ -337,25 +405,11 @@ impl Sender<'_> {
     }
 
     /// Abandon if the connection can still carry it, then run on here.
-    fn roll_back(&mut self) {
-        if self.undo.mid_stream {
-            // The destination is inside a device stream; only closing the
-            // connection ends it.
-            if let Conn::Tcp(s) = &self.conn {
-                let _ = s.shutdown(std::net::Shutdown::Both);
-            } else if let Conn::Unix(s) = &self.conn {
-                let _ = s.shutdown(std::net::Shutdown::Both);
-            }
-        } else {
-            let _ = self
-                .conn
-                .set_timeouts(Duration::from_secs(2))
-                .and_then(|()| {
-                    Request::abandon()
-                        .write_to(&mut self.conn)
-                        .map_err(std::io::Error::other)
-                });
-        }
+    /// Returns whether the VM runs again.
+    fn roll_back(&mut self) -> bool {
+        // The VM runs again first: telling the destination may block for
+        // a timeout on a stalled peer, and the VM must not wait for that
+        // (the destination cannot run anything without Complete).
         if self.undo.dirty_log_started {
             let mut set = self.vm.devices();
             for d in set.devices_mut() {
@@ -375,5 +429,24 @@ impl Sender<'_> {
             }
         }
         self.vmm.set_state(state);
+        if self.undo.mid_stream {
+            // The destination is inside a device stream; only closing the
+            // connection ends it.
+            self.conn.shutdown();
+        } else {
+            let sent = self
+                .conn
+                .set_timeouts(Duration::from_secs(2))
+                .and_then(|()| {
+                    Request::abandon()
+                        .write_to(&mut self.conn)
+                        .map_err(std::io::Error::other)
+                });
+            if let Err(e) = sent {
+                info!("could not send Abandon ({e}); closing the connection");
+                self.conn.shutdown();
+            }
+        }
+        state == VmState::Running
     }
 }

@@ -1,0 +1,178 @@
+// Copyright 2026 The xe-vf-migration authors
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Test-only fault injection hooks, off by default.
+//!
+//! Nothing here fires unless a request asks for it: `vm.inject-fault`
+//! hands a [`DeviceFault`] to an emulated VF, and the `fault` field of a
+//! send- or receive-migration body makes that side drop the connection,
+//! stall, or exit abruptly at a named phase. They exist so the fault
+//! matrix (`tests/tests/fault_matrix.rs`) can break every phase with real
+//! processes; a VMM in production has no such knobs.
+
+use std::io::{self, Read, Write};
+use std::time::Duration;
+
+use log::warn;
+use serde::Deserialize;
+use xe_vf_plugin::emulated::Fault;
+use xe_vf_plugin::uapi::DeviceState;
+
+use crate::error::{HostError, HostResult};
+use crate::migration::conn::Conn;
+
+/// Longest stall a request may ask for.
+const MAX_STALL_MS: u64 = 600_000;
+
+fn default_stall_ms() -> u64 {
+    60_000
+}
+
+/// What a migration-side fault does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FaultKind {
+    /// Shut the connection down (both directions), as a dropped link.
+    Drop,
+    /// Neither read nor write for `stall_ms`, as a hung peer.
+    Stall,
+    /// `abort()` the process (not SIGKILL: tests kill during a stall).
+    Exit,
+}
+
+/// A migration-side fault: `kind` fires once at `phase` (for stream
+/// phases, after `after_bytes` bytes of the stream went through).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationFault {
+    pub phase: String,
+    pub kind: FaultKind,
+    #[serde(default)]
+    pub after_bytes: u64,
+    #[serde(default = "default_stall_ms")]
+    pub stall_ms: u64,
+}
+
+impl MigrationFault {
+    /// Fires the fault on `conn` (logging it, so a test can tell an
+    /// injected fault from a real one).
+    pub fn fire(&self, conn: &Conn) {
+        warn!(
+            "fault injection: {:?} at {} (after {} bytes)",
+            self.kind, self.phase, self.after_bytes
+        );
+        match self.kind {
+            FaultKind::Drop => conn.shutdown(),
+            FaultKind::Stall => {
+                std::thread::sleep(Duration::from_millis(self.stall_ms.min(MAX_STALL_MS)))
+            }
+            FaultKind::Exit => std::process::abort(),
+        }
+    }
+}
+
+/// Takes the fault out of `slot` if it is for `phase`.
+pub fn take_for(slot: &mut Option<MigrationFault>, phase: &str) -> Option<MigrationFault> {
+    if slot.as_ref().is_some_and(|f| f.phase == phase) {
+        slot.take()
+    } else {
+        None
+    }
+}
+
+/// Wraps a stream end; fires `fault` once `after_bytes` have passed.
+pub struct FaultyStream<S> {
+    pub inner: S,
+    conn: Conn,
+    fault: Option<MigrationFault>,
+    passed: u64,
+}
+
+impl<S> FaultyStream<S> {
+    pub fn new(inner: S, conn: Conn, fault: Option<MigrationFault>) -> Self {
+        FaultyStream {
+            inner,
+            conn,
+            fault,
+            passed: 0,
+        }
+    }
+
+    /// How many bytes may pass before the fault fires.
+    fn allowance(&mut self, want: usize) -> usize {
+        match &self.fault {
+            Some(f) if self.passed >= f.after_bytes => {
+                if let Some(f) = self.fault.take() {
+                    f.fire(&self.conn);
+                }
+                want
+            }
+            Some(f) => want.min((f.after_bytes - self.passed) as usize),
+            None => want,
+        }
+    }
+}
+
+impl<S: Read> Read for FaultyStream<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.allowance(buf.len());
+        let got = self.inner.read(&mut buf[..n])?;
+        self.passed += got as u64;
+        Ok(got)
+    }
+}
+
+impl<S: Write> Write for FaultyStream<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.allowance(buf.len());
+        let put = self.inner.write(&buf[..n])?;
+        self.passed += put as u64;
+        Ok(put)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A state arc named as the kernel spells it (`STOP`, `RESUMING`...).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArcFault {
+    pub from: String,
+    pub to: String,
+    pub errno: i32,
+    #[serde(default)]
+    pub enter_error: bool,
+}
+
+/// `vm.inject-fault`'s `fault`: one of the emulated VF's faults.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum DeviceFault {
+    FailArc(ArcFault),
+    StallSave { after_bytes: u64 },
+    CorruptSave { offset: u64 },
+}
+
+fn state(name: &str) -> HostResult<DeviceState> {
+    DeviceState::parse(name)
+        .ok_or_else(|| HostError::bad_request("inject-fault", format!("no device state '{name}'")))
+}
+
+impl DeviceFault {
+    pub fn to_fault(&self) -> HostResult<Fault> {
+        Ok(match self {
+            DeviceFault::FailArc(a) => Fault::FailArc {
+                from: state(&a.from)?,
+                to: state(&a.to)?,
+                errno: a.errno,
+                enter_error: a.enter_error,
+            },
+            DeviceFault::StallSave { after_bytes } => Fault::StallSave {
+                after_bytes: *after_bytes,
+            },
+            DeviceFault::CorruptSave { offset } => Fault::CorruptSave { offset: *offset },
+        })
+    }
+}

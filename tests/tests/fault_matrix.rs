@@ -1,0 +1,1227 @@
+// Copyright 2026 The xe-vf-migration authors
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! "Never lose the VM": a fault in every phase of a migration or a
+//! snapshot, with real processes, and the same invariants after each.
+//!
+//! Every cell runs a source with guest memory of 16 MiB, the vCPU idle,
+//! `gpu0` (8 MiB VRAM, `workload=off`, filled by the `vm.fill-device`
+//! hook so its state differs from a reset one: its digest must come back
+//! bit for bit) and `gpu1` (4 MiB VRAM, workload on: its generation must never go
+//! backwards), and a destination that starts empty. Migration timeouts
+//! are 2 s, so a stalled peer costs little. Faults come from the test
+//! host's hooks (`tests/src/fault.rs`): `vm.inject-fault` for the
+//! emulated VFs, `fault` in the send/receive bodies (drop the connection,
+//! stall, at a named phase), `device_faults` for the destination's VFs; a
+//! "killed" side is stalled at the phase, then SIGKILLed by the test.
+//!
+//! After each cell ([`Cell::check_source`], [`Cell::check_destination`]):
+//! the surviving source is Running with both VFs RUNNING, `gpu0`'s digest
+//! unchanged and `gpu1` moving on from where it stopped; a surviving
+//! destination is Created with no VM (if the source died, nothing ran
+//! there); fds, threads and children of every surviving process are back
+//! exactly to their count before the attempt (polled up to 10 s while
+//! threads end); the API answer of the operation
+//! names the phase in its JSON `error`, and the log has one line naming
+//! phase and cause.
+//!
+//! | phase \ fault | connection dropped | destination killed | source killed | destination VF rejects | VF arc fails (ERROR) | disk full | stalled peer |
+//! | --- | --- | --- | --- | --- | --- | --- | --- |
+//! | memory pass 0 (VM still running) | `drop_by_destination_at_memory` | n/a: as in the final pass, but nothing stopped yet | n/a: nothing stopped yet, the destination sees EOF as in `source_killed_after_pause` | n/a: memory has no device check | n/a: no arc | n/a | `stalled_destination_at_memory` |
+//! | pause (RUNNING -> RUNNING_P2P -> STOP) | `drop_by_source_after_pause` | n/a: no bytes in flight, first touched in the final pass | `source_killed_after_pause` | n/a: nothing reaches a VF | `pause_arc_fails`, `pause_of_second_vf_fails`, `quiesce_of_second_vf_fails`, `pause_arc_fails_into_error` (state lost, reported) | n/a | n/a: local step |
+//! | final memory pass | `drop_by_source_in_final_memory_pass` | `destination_killed_in_final_memory_pass` | `source_killed_in_final_memory_pass` | n/a | n/a | n/a | `stalled_source_in_final_memory_pass`, `stalled_destination_in_final_memory_pass` |
+//! | stop-copy read (source VF data fd) | see transfer | see transfer | see transfer | `corrupt_save_detected_by_source` (the source's parser stops it first) | `stop_copy_enter_fails`, `stop_copy_leave_fails_into_error` (state lost, reported) | n/a | `stop_copy_read_stalls` (the VF's fd stalls) |
+//! | transfer (device-state stream) | `drop_by_source_mid_device_stream`, `drop_by_destination_mid_device_stream` | `destination_killed_mid_device_stream` | `source_killed_mid_device_stream`, `source_killed_mid_device_stream_over_tcp` | `hostile_device_state_header` | n/a | n/a | `stalled_destination_mid_device_stream`, `stalled_destination_mid_device_stream_over_tcp`, `stalled_source_mid_device_stream` |
+//! | destination resume-write (STOP -> RESUMING, data in) | same bytes as transfer | same as transfer | same as transfer | `destination_refuses_resuming` (ENODEV) | see load | n/a | same as transfer |
+//! | RESUMING -> STOP (load) | n/a: local step | `destination_killed_after_load` | `source_killed_before_complete` (all loaded, no Complete) | `load_rejected_einval` (EINVAL) | `load_rejected_into_error` (ENODEV, reset) | n/a | n/a: local step |
+//! | Complete | `drop_by_source_before_complete`, `drop_by_destination_at_complete`, `drop_by_destination_after_resume` | `destination_killed_before_complete` | `source_killed_before_complete` | `destination_vf_fails_to_resume` | (roll-back) `source_resume_fails_during_roll_back` | n/a | `stalled_destination_at_complete` |
+//! | snapshot | n/a | n/a | n/a | n/a | `snapshot_arc_fails`, `failed_snapshot_over_an_old_one_leaves_no_mix` | `snapshot_disk_full_in_memory`, `snapshot_disk_full_in_device_data` (tmpfs), `snapshot_file_size_limit` (RLIMIT_FSIZE) | n/a: snapshots have no timeout knob (30 s device timeout) |
+//!
+//! "State lost, reported": a VF in ERROR only leaves it by a reset, which
+//! loses its state; the source runs on with that VF reset and its error
+//! says `reset (state lost)` ([`Cell::check_source_vf_lost`]).
+//!
+//! Hostile input: `hostile_memory_length`, `hostile_memory_range_outside`
+//! (a Memory request of 2^63 bytes, a range beyond guest memory) must be
+//! refused with no panic and no large allocation (VmHWM stays small) and
+//! leave the destination usable.
+//!
+//! Not covered: an Ok to Complete that the destination wrote but the
+//! source never read (its timeout fired just before): both would run.
+//! CH's protocol has no second phase to rule it out;
+//! `drop_by_destination_after_resume` covers the Ok that cannot be sent.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+use xe_vf_testhost::client::ApiResponse;
+
+const EIO: i32 = 5;
+const ENODEV: i32 = 19;
+const EINVAL: i32 = 22;
+/// Seconds a migration side waits for its peer.
+const TIMEOUT_S: u64 = 2;
+/// How long a stalled side stalls before it goes on (longer than the
+/// peer's timeout; killed sides are killed during it).
+const STALL_MS: u64 = 4_000;
+
+/// fds, threads and children of a process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Usage {
+    fds: usize,
+    threads: usize,
+    children: usize,
+}
+
+fn usage(pid: u32) -> Usage {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let threads = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut children = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let path = task.unwrap().path().join("children");
+        children += std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .split_whitespace()
+            .count();
+    }
+    Usage {
+        fds,
+        threads,
+        children,
+    }
+}
+
+/// Usage once two samples 50 ms apart agree (an API thread that just
+/// answered may still be ending).
+fn settled_usage(pid: u32) -> Usage {
+    let mut last = usage(pid);
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = usage(pid);
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
+fn vm_hwm_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn pid(host: &Host) -> u32 {
+    host.child.as_ref().expect("host alive").id()
+}
+
+/// Waits (up to 10 s: threads end and fds close asynchronously) until
+/// `host` uses exactly what it used before the attempt.
+fn assert_no_leak(host: &Host, before: Usage) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = usage(pid(host));
+        if now == before {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: leaked resources: before {before:?}, after {now:?}",
+            host.name
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Asserts one log line names `phase` and `cause`.
+fn assert_log_line(host: &Host, phase: &str, cause: &str) {
+    let log = host.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("ERROR") && l.contains(phase) && l.contains(cause));
+    match line {
+        Some(l) => eprintln!("{}: {l}", host.name),
+        None => panic!(
+            "{}: no error line naming '{phase}' and '{cause}' in:\n{log}",
+            host.name
+        ),
+    }
+}
+
+/// Asserts the API answer is an error whose JSON names `phase`.
+fn assert_api_error(r: &ApiResponse, phase: &str) {
+    assert!(!r.is_success(), "expected an error, got {:?}", r.body);
+    let error = r.body["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(phase) || r.body["phase"].as_str().unwrap_or("").contains(phase),
+        "error does not name '{phase}': {:?}",
+        r.body
+    );
+}
+
+fn fault(phase: &str, kind: &str, after_bytes: u64) -> Value {
+    json!({ "phase": phase, "kind": kind, "after_bytes": after_bytes, "stall_ms": STALL_MS })
+}
+
+fn arc(from: &str, to: &str, errno: i32, enter_error: bool) -> Value {
+    json!({ "fail_arc": { "from": from, "to": to, "errno": errno, "enter_error": enter_error } })
+}
+
+#[derive(Clone, Copy)]
+enum Transport {
+    Unix,
+    Tcp,
+}
+
+/// Starts a host with SIGXFSZ ignored, so that under an RLIMIT_FSIZE
+/// (see [`set_file_size_limit`]) its writes fail with EFBIG instead of
+/// killing it: a full disk for hosts that cannot mount a tmpfs.
+fn start_ignoring_sigxfsz(dir: &Path, name: &str, args: &[&str]) -> Host {
+    use std::os::unix::process::CommandExt;
+    let socket = dir.join(format!("{name}.api"));
+    let log = dir.join(format!("{name}.log"));
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.arg("--api-socket")
+        .arg(&socket)
+        .arg("--log-file")
+        .arg(&log)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    // SAFETY: runs in the forked child before exec; signal() is
+    // async-signal-safe, and an ignored disposition survives exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let host = Host {
+        name: name.to_string(),
+        child: Some(cmd.spawn().expect("spawn xe-vf-testhost")),
+        api: xe_vf_testhost::client::ApiClient::new(&socket),
+        log,
+    };
+    poll(&format!("{name} API up"), || {
+        host.api.get("vmm.ping").ok().filter(|r| r.status == 200)
+    });
+    host
+}
+
+/// Sets `pid`'s RLIMIT_FSIZE (None: unlimited). Set only while the VM is
+/// paused: guest memory and VRAM are files too, written by offset.
+fn set_file_size_limit(pid: u32, limit: Option<u64>) {
+    let value = limit.unwrap_or(libc::RLIM_INFINITY);
+    let rlim = libc::rlimit {
+        rlim_cur: value,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: valid rlimit on our stack; no old-value pointer.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_FSIZE,
+            &rlim,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+/// A source and a destination with their state before the attempt.
+struct Cell {
+    dir: tempfile::TempDir,
+    src: Host,
+    dst: Host,
+    url: String,
+    before: Value,
+    gen1: u64,
+    src_usage: Usage,
+    dst_usage: Usage,
+}
+
+impl Cell {
+    fn new() -> Cell {
+        Self::build(Transport::Unix, false)
+    }
+
+    /// A cell over `transport`; with `ignore_sigxfsz`, a source that
+    /// survives a file size limit.
+    fn build(transport: Transport, ignore_sigxfsz: bool) -> Cell {
+        let dir = tempfile::tempdir().unwrap();
+        let args = [
+            "--memory",
+            "size=16M",
+            "--vcpu-workload",
+            "off",
+            "--device",
+            "emulated=on,vram=8M,id=gpu0,workload=off",
+            "--device",
+            "emulated=on,vram=4M,id=gpu1",
+        ];
+        let src = if ignore_sigxfsz {
+            start_ignoring_sigxfsz(dir.path(), "src", &args)
+        } else {
+            Host::start(dir.path(), "src", &args)
+        };
+        let dst = Host::start(dir.path(), "dst", &[]);
+        let url = match transport {
+            Transport::Unix => format!("unix:{}", dir.path().join("mig.sock").display()),
+            Transport::Tcp => {
+                let port = std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port();
+                format!("tcp:127.0.0.1:{port}")
+            }
+        };
+        // gpu0 idles with state of its own (not what a reset leaves).
+        src.put_ok(
+            "vm.fill-device",
+            Some(&json!({ "device": "gpu0", "seed": 0x5eed, "zero_percent": 75 })),
+        );
+        let gen1 = wait_generation_beyond(&src, 1, 3);
+        let before = src.info();
+        // Warm-up is done; API threads come and go per request.
+        let src_usage = settled_usage(pid(&src));
+        let dst_usage = settled_usage(pid(&dst));
+        Cell {
+            dir,
+            src,
+            dst,
+            url,
+            before,
+            gen1,
+            src_usage,
+            dst_usage,
+        }
+    }
+
+    fn inject(&self, device: &str, fault: Value) {
+        self.src.put_ok(
+            "vm.inject-fault",
+            Some(&json!({ "device": device, "fault": fault })),
+        );
+    }
+
+    fn send_body(&self, fault: Option<Value>) -> Value {
+        let mut b =
+            json!({ "destination_url": self.url, "downtime_ms": 300, "timeout_s": TIMEOUT_S });
+        if let Some(f) = fault {
+            b["fault"] = f;
+        }
+        b
+    }
+
+    fn receive(&self, extra: Value) -> JoinHandle<ApiResponse> {
+        let mut body = json!({ "receiver_url": self.url, "timeout_s": TIMEOUT_S });
+        if let Value::Object(m) = extra {
+            for (k, v) in m {
+                body[k] = v;
+            }
+        }
+        self.dst.receive_in_background(body)
+    }
+
+    fn send_in_background(&self, fault: Option<Value>) -> JoinHandle<ApiResponse> {
+        let api = self.src.api.clone();
+        let body = self.send_body(fault);
+        std::thread::spawn(move || {
+            api.put("vm.send-migration", Some(&body))
+                .unwrap_or_else(|e| ApiResponse {
+                    status: 0,
+                    body: json!({ "error": e.to_string() }),
+                })
+        })
+    }
+
+    /// One migration expected to fail; returns (send, receive) answers.
+    fn failed_migration(
+        &self,
+        send_fault: Option<Value>,
+        recv_extra: Value,
+    ) -> (ApiResponse, ApiResponse) {
+        let receiver = self.receive(recv_extra);
+        let sent = self
+            .src
+            .api
+            .put("vm.send-migration", Some(&self.send_body(send_fault)))
+            .unwrap();
+        let received = receiver.join().unwrap();
+        (sent, received)
+    }
+
+    /// The source runs on with its VFs as they were.
+    fn check_source(&self, send: &ApiResponse, phase: &str, cause: &str) {
+        assert!(
+            !send.is_success(),
+            "the migration went through:\n{}\n{}",
+            self.src.log_text(),
+            self.dst.log_text()
+        );
+        assert_api_error(send, phase);
+        let info = self.src.info();
+        assert_eq!(info["state"], "Running", "{info}");
+        for i in 0..2 {
+            assert_eq!(device(&info, i)["vf_state"], "RUNNING", "{info}");
+        }
+        assert_eq!(
+            device(&info, 0)["digest"],
+            device(&self.before, 0)["digest"],
+            "gpu0 state changed"
+        );
+        let g1 = generation(&info, 1);
+        assert!(g1 >= self.gen1, "gpu1 went back: {g1} < {}", self.gen1);
+        wait_generation_beyond(&self.src, 1, g1);
+        assert_log_line(&self.src, &format!("failed in {phase}"), cause);
+        assert_no_leak(&self.src, self.src_usage);
+    }
+
+    /// A VF that went to ERROR lost its state (only a reset leaves
+    /// ERROR): the source runs on with that VF reset, and says so.
+    fn check_source_vf_lost(&self, send: &ApiResponse, phase: &str) {
+        assert_api_error(send, phase);
+        assert!(
+            send.error().contains("reset (state lost)"),
+            "loss not reported: {}",
+            send.error()
+        );
+        let info = self.src.info();
+        assert_eq!(info["state"], "Running", "{info}");
+        for i in 0..2 {
+            assert_eq!(device(&info, i)["vf_state"], "RUNNING", "{info}");
+        }
+        assert_ne!(
+            device(&info, 0)["digest"],
+            device(&self.before, 0)["digest"]
+        );
+        assert!(generation(&info, 1) >= self.gen1, "gpu1 went back");
+        assert_log_line(
+            &self.src,
+            &format!("failed in {phase}"),
+            "reset (state lost)",
+        );
+        assert_no_leak(&self.src, self.src_usage);
+    }
+
+    /// The destination runs nothing and holds nothing.
+    fn check_destination(&self, recv: &ApiResponse, phase: &str, cause: &str) {
+        assert_api_error(recv, phase);
+        let info = self.dst.info();
+        assert_eq!(info["state"], "Created", "{info}");
+        assert_eq!(info["devices"], json!([]), "{info}");
+        assert_log_line(&self.dst, &format!("failed in {phase}"), cause);
+        assert_no_leak(&self.dst, self.dst_usage);
+        assert_eq!(self.dst.counters()["migrations_received"], 0);
+    }
+
+    /// After a failed attempt, a clean migration still works and carries
+    /// gpu0's original state.
+    fn check_migrates_afterwards(&self, dst_name: &str) {
+        let dst = Host::start(self.dir.path(), dst_name, &[]);
+        let url = format!("unix:{}", self.dir.path().join("again.sock").display());
+        let receiver = dst.receive_in_background(json!({ "receiver_url": url, "verify": true }));
+        let sent = self
+            .src
+            .put_ok(
+                "vm.send-migration",
+                Some(&json!({ "destination_url": url, "timeout_s": 20 })),
+            )
+            .body;
+        let received = receiver.join().unwrap();
+        assert!(received.is_success(), "{:?}", received.body);
+        assert_same_fingerprint(&sent["at_stop"], &received.body["at_switchover"]);
+        assert_eq!(
+            sent["at_stop"]["devices"][0]["digest"],
+            device(&self.before, 0)["digest"]
+        );
+    }
+}
+
+/// Waits until `host` logged that it stalls at `phase` (its fault hook).
+fn wait_stalled(host: &Host, phase: &str) {
+    let needle = format!("fault injection: Stall at {phase} ");
+    poll(&format!("{} stalled at {phase}", host.name), || {
+        host.log_text().contains(&needle).then_some(())
+    });
+}
+
+// ---- source VF faults -------------------------------------------------
+
+#[test]
+fn pause_arc_fails() {
+    let c = Cell::new();
+    c.inject("gpu0", arc("RUNNING_P2P", "STOP", EIO, false));
+    let (s, r) = c.failed_migration(None, json!({}));
+    c.check_source(&s, "pause devices", "Input/output error");
+    c.check_destination(&r, "abandon", "abandoned");
+}
+
+#[test]
+fn pause_arc_fails_into_error() {
+    let c = Cell::new();
+    c.inject("gpu0", arc("RUNNING_P2P", "STOP", EIO, true));
+    let (s, r) = c.failed_migration(None, json!({}));
+    c.check_source_vf_lost(&s, "pause devices");
+    c.check_destination(&r, "abandon", "abandoned");
+}
+
+#[test]
+fn pause_of_second_vf_fails() {
+    // gpu0 is already in STOP when gpu1's arc fails: both must run again.
+    let c = Cell::new();
+    c.inject("gpu1", arc("RUNNING_P2P", "STOP", EIO, false));
+    let (s, r) = c.failed_migration(None, json!({}));
+    c.check_source(&s, "pause devices", "device gpu1");
+    c.check_destination(&r, "abandon", "abandoned");
+}
+
+#[test]
+fn quiesce_of_second_vf_fails() {
+    let c = Cell::new();
+    c.inject("gpu1", arc("RUNNING", "RUNNING_P2P", EIO, false));
+    let (s, r) = c.failed_migration(None, json!({}));
+    c.check_source(&s, "pause devices", "device gpu1");
+    c.check_destination(&r, "abandon", "abandoned");
+}
+
+#[test]
+fn source_resume_fails_during_roll_back() {
+    // The migration fails, and so does gpu0's first step back to running:
+    // the VM must not be lost; it stays Paused with its state, says so,
+    // and resumes on request.
+    let c = Cell::new();
+    c.inject("gpu0", arc("STOP", "STOP_COPY", EIO, false));
+    c.inject("gpu0", arc("STOP", "RUNNING_P2P", EIO, false));
+    let (s, r) = c.failed_migration(None, json!({}));
+    assert_api_error(&s, "device-state gpu0");
+    c.check_destination(&r, "device-state gpu0", "");
+    assert_log_line(&c.src, "could not resume", "gpu0");
+    assert!(s.error().contains("is Paused"), "{}", s.error());
+    assert_eq!(c.src.info()["state"], "Paused");
+    c.src.put_ok("vm.resume", None);
+    c.check_source(&s, "device-state gpu0", "enter STOP_COPY");
+}
+
+#[test]
+fn stop_copy_enter_fails() {
+    let c = Cell::new();
+    c.inject("gpu0", arc("STOP", "STOP_COPY", EIO, false));
+    let (s, r) = c.failed_migration(None, json!({}));
+    c.check_source(&s, "device-state gpu0", "enter STOP_COPY");
+    c.check_destination(&r, "device-state gpu0", "ended before its END record");
+    c.check_migrates_afterwards("dst2");
+}
+
+#[test]
+fn stop_copy_leave_fails_into_error() {
+    let c = Cell::new();
+    c.inject("gpu0", arc("STOP_COPY", "STOP", EIO, true));
+    let (s, r) = c.failed_migration(None, json!({}));
+    c.check_source_vf_lost(&s, "device-state gpu0");
+    // The stream itself was whole: the destination took it and then saw
+    // the connection end instead of the next command.
+    c.check_destination(&r, "read command", "closed the connection before Complete");
+}
+
+#[test]
+fn stop_copy_read_stalls() {
+    let c = Cell::new();
+    c.inject("gpu0", json!({ "stall_save": { "after_bytes": 100_000 } }));
+    let (s, r) = c.failed_migration(None, json!({}));
+    c.check_source(
+        &s,
+        "device-state gpu0",
+        "stop-copy read: device data stream stalled",
+    );
+    c.check_destination(&r, "device-state gpu0", "timed out");
+}
+
+#[test]
+fn corrupt_save_detected_by_source() {
+    let c = Cell::new();
+    // Byte 0 is the descriptor packet's version: the source's in-flight
+    // parser stops the stream, the destination sees it end unfinished.
+    c.inject("gpu0", json!({ "corrupt_save": { "offset": 0 } }));
+    let (s, r) = c.failed_migration(None, json!({}));
+    c.check_destination(&r, "device-state gpu0", "ended before its END record");
+    c.check_source(&s, "device-state gpu0", "unsupported stream version");
+}
+
+// ---- destination VF rejects --------------------------------------------
+
+#[test]
+fn destination_refuses_resuming() {
+    let c = Cell::new();
+    let faults = json!({ "device_faults": { "gpu0": [arc("STOP", "RESUMING", ENODEV, false)] } });
+    let (s, r) = c.failed_migration(None, faults);
+    c.check_destination(&r, "device-state gpu0", "enter RESUMING");
+    c.check_source(
+        &s,
+        "device-state gpu0",
+        "the destination said: device-state gpu0",
+    );
+}
+
+#[test]
+fn load_rejected_einval() {
+    let c = Cell::new();
+    let faults = json!({ "device_faults": { "gpu1": [arc("RESUMING", "STOP", EINVAL, false)] } });
+    let (s, r) = c.failed_migration(None, faults);
+    c.check_destination(&r, "device-state gpu1", "RESUMING -> STOP load");
+    c.check_source(&s, "device-state gpu1", "Invalid argument");
+}
+
+#[test]
+fn load_rejected_into_error() {
+    let c = Cell::new();
+    let faults = json!({ "device_faults": { "gpu0": [arc("RESUMING", "STOP", ENODEV, true)] } });
+    let (s, r) = c.failed_migration(None, faults);
+    c.check_destination(&r, "device-state gpu0", "RESUMING -> STOP load");
+    c.check_source(&s, "device-state gpu0", "No such device");
+    c.check_migrates_afterwards("dst2");
+}
+
+#[test]
+fn destination_vf_fails_to_resume() {
+    let c = Cell::new();
+    let faults = json!({ "device_faults": { "gpu1": [arc("STOP", "RUNNING_P2P", EIO, false)] } });
+    let (s, r) = c.failed_migration(None, faults);
+    c.check_destination(&r, "resume devices", "Input/output error");
+    c.check_source(&s, "complete", "destination refused: resume devices");
+}
+
+// ---- connection dropped -------------------------------------------------
+
+#[test]
+fn drop_by_destination_at_memory() {
+    let c = Cell::new();
+    let (s, r) = c.failed_migration(None, json!({ "fault": fault("memory", "drop", 0) }));
+    c.check_source(&s, "memory pass 0", "the peer closed the connection");
+    c.check_destination(&r, "memory", "closed the connection mid-transfer");
+}
+
+#[test]
+fn drop_by_source_after_pause() {
+    let c = Cell::new();
+    let (s, r) = c.failed_migration(Some(fault("pause", "drop", 0)), json!({}));
+    c.check_source(&s, "final memory pass", "the peer closed the connection");
+    c.check_destination(&r, "read command", "before Complete");
+}
+
+#[test]
+fn drop_by_source_in_final_memory_pass() {
+    let c = Cell::new();
+    let (s, r) = c.failed_migration(Some(fault("final-memory", "drop", 0)), json!({}));
+    c.check_source(&s, "final memory pass", "the peer closed the connection");
+    c.check_destination(&r, "memory", "closed the connection mid-transfer");
+}
+
+#[test]
+fn drop_by_source_mid_device_stream() {
+    let c = Cell::new();
+    let (s, r) = c.failed_migration(Some(fault("device-state", "drop", 20_000)), json!({}));
+    c.check_source(
+        &s,
+        "device-state gpu0",
+        "output write: the peer closed the connection",
+    );
+    c.check_destination(&r, "device-state gpu0", "truncated at offset 20000");
+    c.check_migrates_afterwards("dst2");
+}
+
+#[test]
+fn drop_by_destination_mid_device_stream() {
+    let c = Cell::new();
+    let (s, r) = c.failed_migration(
+        None,
+        json!({ "fault": fault("device-state", "drop", 20_000) }),
+    );
+    c.check_source(
+        &s,
+        "device-state gpu0",
+        "output write: the peer closed the connection",
+    );
+    c.check_destination(&r, "device-state gpu0", "ended before its END record");
+}
+
+#[test]
+fn drop_by_source_before_complete() {
+    let c = Cell::new();
+    let (s, r) = c.failed_migration(Some(fault("complete", "drop", 0)), json!({}));
+    c.check_source(&s, "complete", "the peer closed the connection");
+    c.check_destination(&r, "read command", "before Complete");
+}
+
+#[test]
+fn drop_by_destination_at_complete() {
+    let c = Cell::new();
+    let (s, r) = c.failed_migration(None, json!({ "fault": fault("complete", "drop", 0) }));
+    c.check_source(&s, "complete", "closed the connection without answering");
+    c.check_destination(&r, "complete", "the peer closed the connection");
+}
+
+#[test]
+fn drop_by_destination_after_resume() {
+    // The destination ran the VM but could not tell the source: it must
+    // not keep it, as the source resumes its own.
+    let c = Cell::new();
+    let (s, r) = c.failed_migration(None, json!({ "fault": fault("resumed", "drop", 0) }));
+    c.check_source(&s, "complete", "closed the connection without answering");
+    c.check_destination(&r, "complete", "the peer closed the connection");
+}
+
+// ---- destination killed -----------------------------------------------
+
+/// Stalls one side at `phase` (`wait` = which side, its phase), then
+/// SIGKILLs the destination; returns the source's answer.
+fn killed(
+    c: &mut Cell,
+    send_fault: Option<Value>,
+    recv_extra: Value,
+    wait: (&str, &str),
+) -> ApiResponse {
+    let receiver = c.receive(recv_extra);
+    let sender = c.send_in_background(send_fault);
+    let (side, phase) = wait;
+    let host = if side == "src" { &c.src } else { &c.dst };
+    wait_stalled(host, phase);
+    c.dst.kill();
+    let _ = receiver.join();
+    sender.join().unwrap()
+}
+
+#[test]
+fn destination_killed_in_final_memory_pass() {
+    let mut c = Cell::new();
+    let s = killed(
+        &mut c,
+        Some(fault("final-memory", "stall", 0)),
+        json!({}),
+        ("src", "final-memory"),
+    );
+    c.check_source(&s, "final memory pass", "the peer closed the connection");
+    c.check_migrates_afterwards("dst2");
+}
+
+#[test]
+fn destination_killed_mid_device_stream() {
+    let mut c = Cell::new();
+    let s = killed(
+        &mut c,
+        None,
+        json!({ "fault": fault("device-state", "stall", 20_000) }),
+        ("dst", "device-state"),
+    );
+    c.check_source(&s, "device-state gpu0", "the peer closed the connection");
+}
+
+#[test]
+fn destination_killed_after_load() {
+    let mut c = Cell::new();
+    let s = killed(
+        &mut c,
+        None,
+        json!({ "fault": fault("state", "stall", 0) }),
+        ("dst", "state"),
+    );
+    c.check_source(&s, "state", "the peer closed the connection");
+}
+
+#[test]
+fn destination_killed_before_complete() {
+    let mut c = Cell::new();
+    let s = killed(
+        &mut c,
+        Some(fault("complete", "stall", 0)),
+        json!({}),
+        ("src", "complete"),
+    );
+    c.check_source(&s, "complete", "the peer closed the connection");
+}
+
+// ---- source killed -----------------------------------------------------
+
+/// Stalls the source at `phase`, SIGKILLs it, returns the receive answer.
+fn source_killed(c: &mut Cell, send_fault: Value, phase: &str) -> ApiResponse {
+    let receiver = c.receive(json!({}));
+    let _sender = c.send_in_background(Some(send_fault));
+    wait_stalled(&c.src, phase);
+    c.src.kill();
+    receiver.join().unwrap()
+}
+
+#[test]
+fn source_killed_after_pause() {
+    let mut c = Cell::new();
+    let r = source_killed(&mut c, fault("pause", "stall", 0), "pause");
+    c.check_destination(&r, "read command", "before Complete");
+}
+
+#[test]
+fn source_killed_in_final_memory_pass() {
+    let mut c = Cell::new();
+    let r = source_killed(&mut c, fault("final-memory", "stall", 0), "final-memory");
+    c.check_destination(&r, "memory", "closed the connection mid-transfer");
+}
+
+#[test]
+fn source_killed_mid_device_stream() {
+    let mut c = Cell::new();
+    let r = source_killed(
+        &mut c,
+        fault("device-state", "stall", 20_000),
+        "device-state",
+    );
+    c.check_destination(&r, "device-state gpu0", "truncated at offset 20000");
+}
+
+#[test]
+fn source_killed_before_complete() {
+    let mut c = Cell::new();
+    let r = source_killed(&mut c, fault("complete", "stall", 0), "complete");
+    // All data arrived and loaded; without Complete nothing may run.
+    c.check_destination(&r, "read command", "before Complete");
+}
+
+// ---- stalled peers -----------------------------------------------------
+
+#[test]
+fn stalled_destination_at_memory() {
+    let c = Cell::new();
+    let (s, r) = c.failed_migration(None, json!({ "fault": fault("memory", "stall", 0) }));
+    c.check_source(&s, "memory pass 0", "timed out");
+    c.check_destination(&r, "memory", "closed the connection mid-transfer");
+}
+
+#[test]
+fn stalled_destination_in_final_memory_pass() {
+    // The source is paused when the destination stops taking memory: it
+    // gives up after the timeout and runs again.
+    let c = Cell::new();
+    let (s, r) = c.failed_migration(None, json!({ "fault": fault("memory#2", "stall", 0) }));
+    c.check_source(&s, "final memory pass", "timed out");
+    c.check_destination(&r, "memory", "closed the connection mid-transfer");
+}
+
+#[test]
+fn stalled_source_in_final_memory_pass() {
+    let c = Cell::new();
+    let (s, r) = c.failed_migration(Some(fault("final-memory", "stall", 0)), json!({}));
+    c.check_destination(&r, "memory", "timed out");
+    c.check_source(
+        &s,
+        "final memory pass",
+        "the destination said: memory: timed out",
+    );
+}
+
+#[test]
+fn stalled_destination_mid_device_stream() {
+    let c = Cell::new();
+    let (s, r) = c.failed_migration(
+        None,
+        json!({ "fault": fault("device-state", "stall", 20_000) }),
+    );
+    c.check_source(&s, "device-state gpu0", "output write: timed out");
+    c.check_destination(&r, "device-state gpu0", "ended before its END record");
+}
+
+#[test]
+fn stalled_destination_mid_device_stream_over_tcp() {
+    // Loopback TCP buffers hold MiBs: the source may finish writing and
+    // then wait for the answer; either way it gives up after 2 s.
+    let c = Cell::build(Transport::Tcp, false);
+    let (s, r) = c.failed_migration(
+        None,
+        json!({ "fault": fault("device-state", "stall", 20_000) }),
+    );
+    c.check_source(&s, "device-state gpu", "timed out");
+    // The destination, awake again, finds the stream cut short or
+    // (everything was buffered) followed by Abandon: it discards either way.
+    c.check_destination(&r, "", "");
+}
+
+#[test]
+fn source_killed_mid_device_stream_over_tcp() {
+    let mut c = Cell::build(Transport::Tcp, false);
+    let r = source_killed(
+        &mut c,
+        fault("device-state", "stall", 20_000),
+        "device-state",
+    );
+    c.check_destination(&r, "device-state gpu0", "truncated at offset 20000");
+}
+
+#[test]
+fn stalled_source_mid_device_stream() {
+    let c = Cell::new();
+    let (s, r) = c.failed_migration(Some(fault("device-state", "stall", 20_000)), json!({}));
+    c.check_destination(&r, "device-state gpu0", "timed out");
+    c.check_source(&s, "device-state gpu0", "the destination said");
+}
+
+#[test]
+fn stalled_destination_at_complete() {
+    let c = Cell::new();
+    let (s, r) = c.failed_migration(None, json!({ "fault": fault("complete", "stall", 0) }));
+    c.check_source(&s, "complete", "timed out");
+    c.check_destination(&r, "complete", "the peer closed the connection");
+}
+
+// ---- snapshot ----------------------------------------------------------
+
+/// A small tmpfs, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Result<Tmpfs, String> {
+        std::fs::create_dir_all(at).map_err(|e| e.to_string())?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(Tmpfs(at.to_path_buf()))
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .output();
+    }
+}
+
+/// Asserts `dir` holds no snapshot that looks complete and no stray
+/// partial file.
+fn assert_no_snapshot(dir: &Path) {
+    let names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        !names.iter().any(|n| n == "state.json"),
+        "a failed snapshot left state.json: {names:?}"
+    );
+    assert!(
+        !names.iter().any(|n| n.ends_with(".partial")),
+        "a failed snapshot left partial files: {names:?}"
+    );
+}
+
+fn snapshot_cell(c: &Cell, target: &Path, phase: &str, cause: &str) {
+    c.src.put_ok("vm.pause", None);
+    let url = format!("file://{}", target.display());
+    let r = c
+        .src
+        .api
+        .put("vm.snapshot", Some(&json!({ "destination_url": url })))
+        .unwrap();
+    assert_api_error(&r, phase);
+    assert_log_line(&c.src, phase, cause);
+    assert_no_snapshot(target);
+    // Restoring it is refused, with the reason.
+    let dst = &c.dst;
+    let rr = dst
+        .api
+        .put("vm.restore", Some(&json!({ "source_url": url })))
+        .unwrap();
+    assert!(!rr.is_success(), "{:?}", rr.body);
+    assert_eq!(dst.info()["state"], "Created");
+    c.src.put_ok("vm.resume", None);
+    let info = c.src.info();
+    assert_eq!(info["state"], "Running");
+    for i in 0..2 {
+        assert_eq!(device(&info, i)["vf_state"], "RUNNING", "{info}");
+    }
+    assert_eq!(device(&info, 0)["digest"], device(&c.before, 0)["digest"]);
+    wait_generation_beyond(&c.src, 1, generation(&info, 1));
+    assert_no_leak(&c.src, c.src_usage);
+    // A good snapshot still works after the failure.
+    c.src.put_ok("vm.pause", None);
+    let good = c.dir.path().join("good");
+    let good_url = format!("file://{}", good.display());
+    c.src
+        .put_ok("vm.snapshot", Some(&json!({ "destination_url": good_url })));
+    c.src.put_ok("vm.resume", None);
+    dst.put_ok("vm.restore", Some(&json!({ "source_url": good_url })));
+    assert_eq!(
+        device(&dst.info(), 0)["digest"],
+        device(&c.before, 0)["digest"]
+    );
+}
+
+/// A small filesystem: tmpfs when root, else skipped with the reason.
+fn small_fs(c: &Cell, size: &str) -> Option<(Tmpfs, PathBuf)> {
+    let at = c.dir.path().join("small");
+    match Tmpfs::mount(&at, size) {
+        Ok(t) => Some((t, at.join("snap"))),
+        Err(e) => {
+            eprintln!("SKIP: cannot mount a {size} tmpfs ({e}); RLIMIT_FSIZE would hit the host process's API too");
+            None
+        }
+    }
+}
+
+#[test]
+fn snapshot_disk_full_in_memory() {
+    let c = Cell::new();
+    let Some((_fs, target)) = small_fs(&c, "4m") else {
+        return;
+    };
+    snapshot_cell(&c, &target, "write memory-ranges", "No space left");
+}
+
+#[test]
+fn snapshot_disk_full_in_device_data() {
+    let c = Cell::new();
+    // Guest memory (16 MiB) fits, gpu0's 2 MiB of filled VRAM does not.
+    let Some((_fs, target)) = small_fs(&c, "16448k") else {
+        return;
+    };
+    snapshot_cell(&c, &target, "save device gpu0", "No space left");
+}
+
+#[test]
+fn snapshot_file_size_limit() {
+    // What a full disk looks like where no tmpfs can be mounted: the
+    // host may write files of 8 MiB at most, guest memory is 16 MiB.
+    let c = Cell::build(Transport::Unix, true);
+    let target = c.dir.path().join("snap");
+    c.src.put_ok("vm.pause", None);
+    set_file_size_limit(pid(&c.src), Some(8 << 20));
+    let url = format!("file://{}", target.display());
+    let r = c
+        .src
+        .api
+        .put("vm.snapshot", Some(&json!({ "destination_url": url })))
+        .unwrap();
+    assert_api_error(&r, "write memory-ranges");
+    assert_log_line(&c.src, "write memory-ranges", "File too large");
+    assert_no_snapshot(&target);
+    set_file_size_limit(pid(&c.src), None);
+    c.src.put_ok("vm.resume", None);
+    let info = c.src.info();
+    assert_eq!(info["state"], "Running");
+    assert_eq!(device(&info, 0)["digest"], device(&c.before, 0)["digest"]);
+    assert_no_leak(&c.src, c.src_usage);
+}
+
+#[test]
+fn snapshot_arc_fails() {
+    let c = Cell::new();
+    c.inject("gpu1", arc("STOP", "STOP_COPY", EIO, false));
+    let target = c.dir.path().join("snap");
+    snapshot_cell(&c, &target, "save device gpu1", "enter STOP_COPY");
+}
+
+#[test]
+fn failed_snapshot_over_an_old_one_leaves_no_mix() {
+    let c = Cell::new();
+    let target = c.dir.path().join("snap");
+    let url = format!("file://{}", target.display());
+    c.src.put_ok("vm.pause", None);
+    c.src
+        .put_ok("vm.snapshot", Some(&json!({ "destination_url": url })));
+    c.src.put_ok("vm.resume", None);
+    // gpu0 moves on; then a second snapshot into the same directory
+    // fails after gpu0's new data file was written.
+    c.src.put_ok(
+        "vm.fill-device",
+        Some(&json!({ "device": "gpu0", "seed": 2, "zero_percent": 75 })),
+    );
+    c.inject("gpu1", arc("STOP", "STOP_COPY", EIO, false));
+    c.src.put_ok("vm.pause", None);
+    let r = c
+        .src
+        .api
+        .put("vm.snapshot", Some(&json!({ "destination_url": url })))
+        .unwrap();
+    assert_api_error(&r, "save device gpu1");
+    c.src.put_ok("vm.resume", None);
+    // The directory holds the old snapshot whole, or no snapshot: never
+    // the new gpu0 beside the old state.json and gpu1.
+    let restored = c
+        .dst
+        .api
+        .put("vm.restore", Some(&json!({ "source_url": url })))
+        .unwrap();
+    if restored.is_success() {
+        assert_eq!(
+            device(&c.dst.info(), 0)["digest"],
+            device(&c.before, 0)["digest"],
+            "restored a mix of two snapshots"
+        );
+    } else {
+        assert_no_snapshot(&target);
+        assert_eq!(c.dst.info()["state"], "Created");
+    }
+}
+
+// ---- hostile peers -----------------------------------------------------
+
+/// Speaks the migration protocol by hand to a listening destination.
+struct RawPeer(UnixStream);
+
+impl RawPeer {
+    fn connect(c: &Cell) -> RawPeer {
+        let path = c.url.strip_prefix("unix:").unwrap();
+        let s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        RawPeer(s)
+    }
+
+    fn request(&mut self, command: u16, headers: [u8; 6], length: u64, payload: &[u8]) {
+        let mut b = Vec::new();
+        b.extend_from_slice(&command.to_le_bytes());
+        b.extend_from_slice(&headers);
+        b.extend_from_slice(&length.to_le_bytes());
+        b.extend_from_slice(payload);
+        // The destination may already have closed: errors show in the answer.
+        let _ = self.0.write_all(&b);
+    }
+
+    /// Reads a response: its status (1 Ok, 2 Error) and message.
+    fn response(&mut self) -> (u16, String) {
+        let mut h = [0u8; 16];
+        self.0.read_exact(&mut h).unwrap();
+        let status = u16::from_le_bytes([h[0], h[1]]);
+        let len = u64::from_le_bytes(h[8..16].try_into().unwrap());
+        assert!(len < 1 << 20);
+        let mut m = vec![0u8; len as usize];
+        self.0.read_exact(&mut m).unwrap();
+        (status, String::from_utf8_lossy(&m).into_owned())
+    }
+
+    /// Start and a Config for an empty VM of 16 MiB (or with `devices`).
+    fn handshake(&mut self, config: &Value) {
+        self.request(1, [0; 6], 0, &[]);
+        assert_eq!(self.response().0, 1);
+        let payload = config.to_string().into_bytes();
+        self.request(2, [0; 6], payload.len() as u64, &payload);
+        let (status, msg) = self.response();
+        assert_eq!(status, 1, "{msg}");
+    }
+}
+
+fn empty_vm_config() -> Value {
+    json!({
+        "vm": { "memory_size": 16u64 << 20, "vcpu_workload": false, "devices": [] },
+        "devices": [],
+    })
+}
+
+fn hostile_cell(config: Value, attack: impl FnOnce(&mut RawPeer), phase: &str, cause: &str) {
+    let c = Cell::new();
+    let receiver = c.receive(json!({}));
+    let mut peer = RawPeer::connect(&c);
+    peer.handshake(&config);
+    attack(&mut peer);
+    let (status, msg) = peer.response();
+    assert_eq!(status, 2, "hostile input accepted: {msg}");
+    drop(peer);
+    let r = receiver.join().unwrap();
+    c.check_destination(&r, phase, cause);
+    // Guest memory (16 MiB), a 4 MiB VF, buffers: far below 64 MiB;
+    // a length taken at its word would be GiBs or an abort.
+    let hwm = vm_hwm_kib(pid(&c.dst));
+    eprintln!("destination VmHWM {hwm} KiB");
+    assert!(hwm < 64 << 10, "destination peaked at {hwm} KiB");
+    // Still usable: a real migration goes through.
+    let receiver = c
+        .dst
+        .receive_in_background(json!({ "receiver_url": c.url }));
+    c.src.put_ok(
+        "vm.send-migration",
+        Some(&json!({ "destination_url": c.url, "timeout_s": 20 })),
+    );
+    assert!(receiver.join().unwrap().is_success());
+    assert_eq!(c.dst.info()["state"], "Running");
+}
+
+#[test]
+fn hostile_memory_length() {
+    hostile_cell(
+        empty_vm_config(),
+        |p| p.request(4, [0; 6], 1 << 63, &[]),
+        "memory",
+        "exceeds the limit",
+    );
+}
+
+#[test]
+fn hostile_memory_range_outside() {
+    hostile_cell(
+        empty_vm_config(),
+        |p| {
+            let mut table = Vec::new();
+            table.extend_from_slice(&(15u64 << 20).to_le_bytes());
+            table.extend_from_slice(&(1u64 << 40).to_le_bytes());
+            p.request(4, [0; 6], 16, &table);
+        },
+        "memory",
+        "outside guest memory",
+    );
+}
+
+#[test]
+fn hostile_device_state_header() {
+    // A Config with gpu0 as the real source would send it.
+    let dev = xe_vf_glue::XeVfDevice::new(
+        "gpu0",
+        xe_vf_plugin::device_config::DeviceConfig::parse("emulated=on,vram=4M,id=gpu0").unwrap(),
+    )
+    .unwrap();
+    let info = serde_json::to_value(dev.migration_info().unwrap()).unwrap();
+    let config = json!({
+        "vm": { "memory_size": 16u64 << 20, "vcpu_workload": false,
+                "devices": [{ "id": "gpu0", "spec": "emulated=on,vram=4M,id=gpu0" }] },
+        "devices": [info],
+    });
+    hostile_cell(
+        config,
+        |p| {
+            let cmd = xe_vf_glue::protocol::Request::device_state(0, u64::MAX).to_bytes();
+            let _ = p.0.write_all(&cmd);
+            let _ =
+                p.0.write_all(b"NOTXEVF!garbage-header-bytes-that-are-not-a-device-state");
+            let _ = p.0.shutdown(std::net::Shutdown::Write);
+        },
+        "device-state gpu0",
+        "bad magic",
+    );
+}
