@@ -40,6 +40,9 @@ pub struct SaveReport {
     /// Time the device spent in STOP_COPY.
     #[serde(serialize_with = "super::restore::serialize_ms")]
     pub stop_copy: Duration,
+    /// The device failed to leave STOP_COPY and was reset (now in STOP,
+    /// blank): the saved stream is the only copy of its state.
+    pub device_state_lost: bool,
 }
 
 /// Streams the device's state into `out` and leaves the device in STOP.
@@ -176,10 +179,25 @@ pub fn save<W: Write>(
             source,
         }
     })?;
-    fsm::walk(device, DeviceState::Stop, recovery).map_err(|source| EngineError::Walk {
-        phase: Phase::LeaveStopCopy,
-        source,
-    })?;
+    // The stream is complete and verified at this point: it is the one
+    // good copy of the state if the device fails to leave STOP_COPY and has
+    // to be reset, so the save succeeds and says the device lost its state.
+    let device_state_lost = match fsm::walk(device, DeviceState::Stop, DeviceState::Stop) {
+        Ok(_) => false,
+        Err(e) if e.recovery() == Some(fsm::Recovery::ResetThenRecovered(DeviceState::Stop)) => {
+            error!(
+                "{}: {e}; the saved stream is complete and is now the only copy of the device state",
+                Phase::LeaveStopCopy.name()
+            );
+            true
+        }
+        Err(source) => {
+            return Err(EngineError::Walk {
+                phase: Phase::LeaveStopCopy,
+                source,
+            })
+        }
+    };
     let stop_copy = started.elapsed();
     info!(
         "saved {} device bytes as {} stream bytes ({} zero) in {:.1} ms",
@@ -196,6 +214,7 @@ pub fn save<W: Write>(
         stream_crc: summary.crc,
         xe,
         stop_copy,
+        device_state_lost,
     })
 }
 

@@ -331,3 +331,25 @@ fn generic_kind_streams_are_carried_without_xe_parsing() {
     restore(&dst, Cursor::new(stream), &o, &mut |_| {}).unwrap();
     assert_eq!(dst.digest().unwrap(), src.digest().unwrap());
 }
+
+#[test]
+fn failure_to_leave_stop_copy_after_a_complete_stream_keeps_the_stream() {
+    let src = vf(2 * MIB, false);
+    src.fill_vram(8, 0).unwrap();
+    let saved = src.digest().unwrap();
+    src.inject_fault(Fault::FailArc {
+        from: DeviceState::StopCopy,
+        to: DeviceState::Stop,
+        errno: libc::EIO,
+        enter_error: true,
+    });
+    let mut out = Vec::new();
+    let report = save(&*src, &mut out, &opts(), &mut |_| {}).unwrap();
+    assert!(report.device_state_lost);
+    assert_eq!(src.state().unwrap(), DeviceState::Stop);
+    assert_ne!(src.digest().unwrap(), saved, "the source VF was reset");
+    // The stream is the surviving copy and restores the state.
+    let dst = vf(2 * MIB, false);
+    restore(&dst, Cursor::new(out), &opts(), &mut |_| {}).unwrap();
+    assert_eq!(dst.digest().unwrap(), saved);
+}
