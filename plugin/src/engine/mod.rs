@@ -258,6 +258,45 @@ pub fn header_for(
     ))
 }
 
+/// Which phase to blame for a failure while relaying device data.
+struct RelayPhases {
+    read: Phase,
+    parse: Phase,
+    write: Phase,
+}
+
+/// Drains `read_ahead` into `sink` until EOF, checking an Xe stream in
+/// flight; `done` counts bytes already relayed. Returns the new count.
+fn relay(
+    read_ahead: &mut ReadAhead,
+    mut parser: Option<&mut crate::xe_stream::XeStreamParser>,
+    sink: &mut dyn io::Write,
+    phases: RelayPhases,
+    mut done: u64,
+    progress: &mut dyn FnMut(u64),
+) -> Result<u64, EngineError> {
+    loop {
+        let chunk = read_ahead
+            .next_chunk()
+            .map_err(EngineError::io(phases.read))?;
+        if chunk.is_empty() {
+            return Ok(done);
+        }
+        if let Some(p) = parser.as_deref_mut() {
+            p.feed(&chunk, &mut ())
+                .map_err(|source| EngineError::XeStream {
+                    phase: phases.parse,
+                    source,
+                })?;
+        }
+        sink.write_all(&chunk)
+            .map_err(EngineError::io(phases.write))?;
+        done += chunk.len() as u64;
+        progress(done);
+        read_ahead.recycle(chunk);
+    }
+}
+
 /// Checks a device can do what a save or restore needs.
 fn require_migratable(flags: MigrationFlags) -> Result<(), EngineError> {
     if flags.contains(MigrationFlags::STOP_COPY) {

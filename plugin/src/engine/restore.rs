@@ -12,7 +12,8 @@ use serde::{Serialize, Serializer};
 
 use super::pump::{DeadlineFd, ReadAhead};
 use super::{
-    check_compatible, require_migratable, save_recovery_state, EngineError, Phase, TransferOptions,
+    check_compatible, relay, require_migratable, save_recovery_state, EngineError, Phase,
+    RelayPhases, TransferOptions,
 };
 use crate::device::{DeviceError, MigrationDevice};
 use crate::fsm;
@@ -207,13 +208,13 @@ fn stream_into<R: Read + Send + 'static>(
     sink: &mut DeadlineFd,
     prefix: &[u8],
     source: FinishingDecoder<R>,
-    mut parser: Option<&mut XeStreamParser>,
+    parser: Option<&mut XeStreamParser>,
     opts: &TransferOptions,
     progress: &mut dyn FnMut(u64),
 ) -> Result<(), EngineError> {
     sink.write_all(prefix)
         .map_err(EngineError::io(Phase::ResumeWrite))?;
-    let mut written = prefix.len() as u64;
+    let written = prefix.len() as u64;
     // Headroom of one record: every DATA record lands straight in a
     // pipeline buffer, and the device gets buffer-sized writes even when
     // the stream is mostly small records and zero runs.
@@ -224,26 +225,12 @@ fn stream_into<R: Read + Send + 'static>(
     let mut read_ahead =
         ReadAhead::spawn_filling(source, opts.buffer_size, headroom, opts.queue_depth)
             .map_err(EngineError::io(Phase::Input))?;
-    loop {
-        let chunk = read_ahead
-            .next_chunk()
-            .map_err(EngineError::io(Phase::Input))?;
-        if chunk.is_empty() {
-            return Ok(());
-        }
-        if let Some(p) = parser.as_deref_mut() {
-            p.feed(&chunk, &mut ())
-                .map_err(|source| EngineError::XeStream {
-                    phase: Phase::ResumeWrite,
-                    source,
-                })?;
-        }
-        sink.write_all(&chunk)
-            .map_err(EngineError::io(Phase::ResumeWrite))?;
-        written += chunk.len() as u64;
-        progress(written);
-        read_ahead.recycle(chunk);
-    }
+    let phases = RelayPhases {
+        read: Phase::Input,
+        parse: Phase::ResumeWrite,
+        write: Phase::ResumeWrite,
+    };
+    relay(&mut read_ahead, parser, sink, phases, written, progress).map(|_| ())
 }
 
 /// Resets a destination device whose restore failed: its state is partial

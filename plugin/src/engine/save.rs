@@ -11,7 +11,8 @@ use serde::Serialize;
 
 use super::pump::{DeadlineFd, ReadAhead};
 use super::{
-    header_for, require_migratable, save_recovery_state, EngineError, Phase, TransferOptions,
+    header_for, relay, require_migratable, save_recovery_state, EngineError, Phase, RelayPhases,
+    TransferOptions,
 };
 use crate::device::MigrationDevice;
 use crate::fsm;
@@ -118,31 +119,21 @@ pub fn save<W: Write>(
     let mut parser = opts
         .is_xe()
         .then(|| XeStreamParser::new(ParserLimits::default()));
-    let mut raw_bytes = 0u64;
+    let phases = RelayPhases {
+        read: Phase::StopCopyRead,
+        parse: Phase::StopCopyRead,
+        write: Phase::Output,
+    };
+    let pumped = relay(
+        &mut read_ahead,
+        parser.as_mut(),
+        &mut encoder,
+        phases,
+        0,
+        progress,
+    );
 
-    let pumped: Result<(), EngineError> = (|| loop {
-        let chunk = read_ahead
-            .next_chunk()
-            .map_err(EngineError::io(Phase::StopCopyRead))?;
-        if chunk.is_empty() {
-            return Ok(());
-        }
-        if let Some(p) = parser.as_mut() {
-            p.feed(&chunk, &mut ())
-                .map_err(|source| EngineError::XeStream {
-                    phase: Phase::StopCopyRead,
-                    source,
-                })?;
-        }
-        encoder
-            .write_all(&chunk)
-            .map_err(EngineError::io(Phase::Output))?;
-        raw_bytes += chunk.len() as u64;
-        progress(raw_bytes);
-        read_ahead.recycle(chunk);
-    })();
-
-    let checked = pumped.and_then(|()| {
+    let checked = pumped.and_then(|raw_bytes| {
         let xe = match parser {
             Some(p) => Some(p.finish().map_err(|source| EngineError::XeStream {
                 phase: Phase::StopCopyRead,
