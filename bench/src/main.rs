@@ -24,7 +24,11 @@ use transport::TransportKind;
 use worker::{Case, Method, Role};
 
 #[derive(Parser)]
-#[command(name = "xe-vf-bench", about = "Xe VF state transfer benchmark")]
+#[command(
+    name = "xe-vf-bench",
+    about = "Xe VF state transfer benchmark",
+    args_override_self = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -65,6 +69,16 @@ enum Command {
         /// Where the JSON and PNG go.
         #[arg(long, default_value = "target/bench")]
         out_dir: PathBuf,
+    },
+    /// Prints the table and targets again from earlier `results.json`
+    /// files (merged) and redraws the plot.
+    Report {
+        /// results.json files written by `run`.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// Where the plot goes.
+        #[arg(long, default_value = "target/bench/downtime.png")]
+        png: PathBuf,
     },
     /// One side of one transfer (run by `run`).
     #[command(hide = true)]
@@ -111,6 +125,7 @@ fn main() {
             out_dir,
             case_timeout: std::time::Duration::from_secs(case_timeout),
         }),
+        Command::Report { inputs, png } => report::rerender(&inputs, &png),
         Command::Worker {
             role,
             method,

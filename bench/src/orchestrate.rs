@@ -8,6 +8,7 @@
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -58,8 +59,41 @@ pub struct Measurement {
     pub dst: Option<WorkerReport>,
 }
 
+/// Set by SIGINT/SIGTERM: the run stops at the next poll and unwinds, so
+/// the veth namespaces are deleted on the way out.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+fn catch_interrupts() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a zeroed sigaction is a valid "no flags, empty mask"
+        // value; the handler only stores to an atomic, which is
+        // async-signal-safe; the pointers passed outlive the call.
+        let rc = unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(sig, &action, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            log::warn!("sigaction({sig}): {}", std::io::Error::last_os_error());
+        }
+    }
+}
+
 pub fn run(plan: &Plan) -> Result<()> {
     let started = Instant::now();
+    if plan
+        .transports
+        .iter()
+        .any(|t| matches!(t, TransportKind::Veth { .. }))
+    {
+        catch_interrupts();
+    }
     let mut sizes = Vec::new();
     for s in &plan.sizes {
         sizes.push(parse_size(s).map_err(anyhow::Error::msg)?);
@@ -236,6 +270,9 @@ fn wait_until(child: &mut Child, deadline: Instant) -> Result<Option<ExitStatus>
         if let Some(status) = child.try_wait()? {
             return Ok(Some(status));
         }
+        if INTERRUPTED.load(Ordering::Relaxed) {
+            bail!("interrupted");
+        }
         if Instant::now() >= deadline {
             return Ok(None);
         }
@@ -321,10 +358,20 @@ fn run_case(
     let mut src = worker_command(case, "source", link)?
         .args(["--address", &address])
         .spawn()?;
-    let src_status = wait_until(&mut src, deadline)?;
-    let dst_status = match src_status {
-        Some(s) if s.success() => wait_until(&mut dst, deadline)?,
-        _ => None,
+    let waited = wait_until(&mut src, deadline).and_then(|src_status| {
+        let dst_status = match src_status {
+            Some(s) if s.success() => wait_until(&mut dst, deadline)?,
+            _ => None,
+        };
+        Ok((src_status, dst_status))
+    });
+    let (src_status, dst_status) = match waited {
+        Ok(w) => w,
+        Err(e) => {
+            reap(&mut src);
+            reap(&mut dst);
+            return Err(e);
+        }
     };
     let (Some(src_status), Some(status)) = (src_status, dst_status) else {
         reap(&mut src);
