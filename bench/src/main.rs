@@ -9,6 +9,7 @@
 //! `xe-vf-bench worker --role source|destination` for each side of each
 //! transfer, so every method pays for two processes and a real link.
 
+mod netns;
 mod orchestrate;
 mod plot;
 mod report;
@@ -23,7 +24,11 @@ use transport::TransportKind;
 use worker::{Case, Method, Role};
 
 #[derive(Parser)]
-#[command(name = "xe-vf-bench", about = "Xe VF state transfer benchmark")]
+#[command(
+    name = "xe-vf-bench",
+    about = "Xe VF state transfer benchmark",
+    args_override_self = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -46,9 +51,15 @@ enum Command {
             default_value = "limit,upstream-ch,qemu,ours"
         )]
         methods: Vec<Method>,
-        /// Links to run over.
+        /// Links to run over: unix, tcp (loopback), veth or veth:RATE
+        /// (e.g. veth:1gbit; two network namespaces joined by a veth pair
+        /// shaped to RATE, needs root, `ip` and `tc`).
         #[arg(long, value_delimiter = ',', default_value = "unix")]
         transports: Vec<TransportKind>,
+        /// Wall-clock bound of one transfer in seconds; a transfer that
+        /// runs longer is killed and reported as skipped.
+        #[arg(long, default_value_t = 180)]
+        case_timeout: u64,
         /// Repetitions per case at sizes below 4 GiB.
         #[arg(long, default_value_t = 2)]
         reps: usize,
@@ -58,6 +69,16 @@ enum Command {
         /// Where the JSON and PNG go.
         #[arg(long, default_value = "target/bench")]
         out_dir: PathBuf,
+    },
+    /// Prints the table and targets again from earlier `results.json`
+    /// files (merged) and redraws the plot.
+    Report {
+        /// results.json files written by `run`.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// Where the plot goes.
+        #[arg(long, default_value = "target/bench/downtime.png")]
+        png: PathBuf,
     },
     /// One side of one transfer (run by `run`).
     #[command(hide = true)]
@@ -72,10 +93,13 @@ enum Command {
         zero_percent: u8,
         #[arg(long)]
         seed: u64,
-        #[arg(long, value_enum)]
+        #[arg(long)]
         transport: TransportKind,
         #[arg(long)]
         address: Option<String>,
+        /// IP a veth destination listens on.
+        #[arg(long)]
+        listen: Option<String>,
     },
 }
 
@@ -90,6 +114,7 @@ fn main() {
             reps,
             big_reps,
             out_dir,
+            case_timeout,
         } => orchestrate::run(&orchestrate::Plan {
             sizes,
             zeros,
@@ -98,7 +123,9 @@ fn main() {
             reps,
             big_reps,
             out_dir,
+            case_timeout: std::time::Duration::from_secs(case_timeout),
         }),
+        Command::Report { inputs, png } => report::rerender(&inputs, &png),
         Command::Worker {
             role,
             method,
@@ -107,6 +134,7 @@ fn main() {
             seed,
             transport,
             address,
+            listen,
         } => worker::run(
             role,
             &Case {
@@ -117,6 +145,7 @@ fn main() {
                 transport,
             },
             address.as_deref(),
+            listen.as_deref(),
         ),
     };
     if let Err(e) = result {

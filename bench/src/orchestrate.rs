@@ -7,16 +7,18 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::Instant;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use xe_vf_plugin::device_config::parse_size;
 
+use crate::netns::{self, ShapedLink};
 use crate::report;
-use crate::transport::TransportKind;
+use crate::transport::{rate_label, TransportKind};
 use crate::worker::{device_bytes, Case, Method, WorkerReport};
 
 const GIB: u64 = 1 << 30;
@@ -31,6 +33,8 @@ pub struct Plan {
     pub reps: usize,
     pub big_reps: usize,
     pub out_dir: PathBuf,
+    /// Wall-clock bound of one transfer.
+    pub case_timeout: Duration,
 }
 
 /// One transfer as measured, or why it did not run.
@@ -55,8 +59,41 @@ pub struct Measurement {
     pub dst: Option<WorkerReport>,
 }
 
+/// Set by SIGINT/SIGTERM: the run stops at the next poll and unwinds, so
+/// the veth namespaces are deleted on the way out.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+fn catch_interrupts() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a zeroed sigaction is a valid "no flags, empty mask"
+        // value; the handler only stores to an atomic, which is
+        // async-signal-safe; the pointers passed outlive the call.
+        let rc = unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(sig, &action, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            log::warn!("sigaction({sig}): {}", std::io::Error::last_os_error());
+        }
+    }
+}
+
 pub fn run(plan: &Plan) -> Result<()> {
     let started = Instant::now();
+    if plan
+        .transports
+        .iter()
+        .any(|t| matches!(t, TransportKind::Veth { .. }))
+    {
+        catch_interrupts();
+    }
     let mut sizes = Vec::new();
     for s in &plan.sizes {
         sizes.push(parse_size(s).map_err(anyhow::Error::msg)?);
@@ -67,7 +104,41 @@ pub fn run(plan: &Plan) -> Result<()> {
     std::fs::create_dir_all(&plan.out_dir)?;
     let mut all = Vec::new();
     let mut group = 0usize;
-    for &transport in &plan.transports {
+    for (index, &transport) in plan.transports.iter().enumerate() {
+        let link = match transport {
+            TransportKind::Veth { rate_bit_s } => {
+                let made = match netns::unavailable() {
+                    Some(why) => Err(why),
+                    None => ShapedLink::create(rate_bit_s, (index % 256) as u8)
+                        .map_err(|e| format!("veth setup failed: {e:#}")),
+                };
+                match made {
+                    Ok(link) => {
+                        eprintln!("{} shaping:\n{}", transport.name(), link.qdiscs.trim_end());
+                        Some(link)
+                    }
+                    Err(why) => {
+                        eprintln!("skipping {}: {why}", transport.name());
+                        for &vram in &sizes {
+                            for &zero_percent in &plan.zeros {
+                                for &method in &plan.methods {
+                                    let case = Case {
+                                        method,
+                                        vram,
+                                        zero_percent,
+                                        seed: SEED,
+                                        transport,
+                                    };
+                                    all.push(skipped(&case, 0, format!("skipped: {why}")));
+                                }
+                            }
+                        }
+                        continue;
+                    }
+                }
+            }
+            TransportKind::Unix | TransportKind::Tcp => None,
+        };
         for &vram in &sizes {
             let reps = if vram >= 4 * GIB {
                 plan.big_reps
@@ -91,9 +162,9 @@ pub fn run(plan: &Plan) -> Result<()> {
                             seed: SEED,
                             transport,
                         };
-                        let m = run_case(&case, rep)?;
+                        let m = run_case(&case, rep, link.as_ref(), plan.case_timeout)?;
                         eprintln!(
-                            "[{:>6.1}s] {:<5} {:>5} MiB {:>3}% zeros rep {} {:<12} {}",
+                            "[{:>6.1}s] {:<11} {:>5} MiB {:>3}% zeros rep {} {:<12} {}",
                             started.elapsed().as_secs_f64(),
                             transport.name(),
                             vram >> 20,
@@ -172,16 +243,66 @@ fn skipped(case: &Case, rep: usize, why: String) -> Measurement {
     }
 }
 
-fn worker_command(case: &Case, role: &str) -> Result<Command> {
-    let mut cmd = Command::new(std::env::current_exe()?);
+/// A worker process for one side; inside its namespace on a veth link.
+fn worker_command(case: &Case, role: &str, link: Option<&ShapedLink>) -> Result<Command> {
+    let exe = std::env::current_exe()?;
+    let destination = role == "destination";
+    let mut cmd = match link {
+        Some(link) => link.command(destination, &exe),
+        None => Command::new(&exe),
+    };
     cmd.args(["worker", "--role", role, "--method", case.method.name()])
         .args(["--vram", &case.vram.to_string()])
         .args(["--zero-percent", &case.zero_percent.to_string()])
         .args(["--seed", &case.seed.to_string()])
-        .args(["--transport", case.transport.name()])
+        .args(["--transport", &case.transport.name()])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
+    if let (Some(link), true) = (link, destination) {
+        cmd.args(["--listen", &link.dst_ip]);
+    }
     Ok(cmd)
+}
+
+/// Waits for `child` until `deadline`; `None` if it is still running.
+fn wait_until(child: &mut Child, deadline: Instant) -> Result<Option<ExitStatus>> {
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if INTERRUPTED.load(Ordering::Relaxed) {
+            bail!("interrupted");
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Bytes a method puts on the wire for a case, roughly.
+fn wire_estimate(case: &Case) -> u64 {
+    let v = device_bytes(case);
+    match case.method {
+        Method::Limit | Method::Qemu => v,
+        Method::UpstreamCh => v / 3 * 4,
+        Method::Ours => v / 100 * u64::from(100 - case.zero_percent),
+    }
+}
+
+/// Why a case cannot finish within `budget` on a shaped link, if so.
+fn over_budget(case: &Case, budget: Duration) -> Option<String> {
+    let TransportKind::Veth { rate_bit_s } = case.transport else {
+        return None;
+    };
+    let wire_s = wire_estimate(case) as f64 * 8.0 / rate_bit_s as f64;
+    (wire_s > 0.8 * budget.as_secs_f64()).then(|| {
+        format!(
+            "skipped: ~{wire_s:.0} s of wire time at {} exceeds the {} s case budget",
+            rate_label(rate_bit_s),
+            budget.as_secs()
+        )
+    })
 }
 
 /// Kills a worker this run started, by its own handle.
@@ -199,7 +320,15 @@ fn last_report(out: &str, role: &str) -> Result<WorkerReport> {
     Ok(serde_json::from_str(line)?)
 }
 
-fn run_case(case: &Case, rep: usize) -> Result<Measurement> {
+fn run_case(
+    case: &Case,
+    rep: usize,
+    link: Option<&ShapedLink>,
+    timeout: Duration,
+) -> Result<Measurement> {
+    if let Some(why) = over_budget(case, timeout) {
+        return Ok(skipped(case, rep, why));
+    }
     let need = memory_estimate(case);
     let available = mem_available().unwrap_or(0);
     if need + GIB > available {
@@ -214,7 +343,8 @@ fn run_case(case: &Case, rep: usize) -> Result<Measurement> {
         ));
     }
 
-    let mut dst = worker_command(case, "destination")?.spawn()?;
+    let deadline = Instant::now() + timeout;
+    let mut dst = worker_command(case, "destination", link)?.spawn()?;
     let mut dst_out = BufReader::new(dst.stdout.take().context("destination stdout")?);
     let mut line = String::new();
     dst_out.read_line(&mut line)?;
@@ -225,25 +355,50 @@ fn run_case(case: &Case, rep: usize) -> Result<Measurement> {
             case.method.name()
         );
     };
-    let src = worker_command(case, "source")?
+    let mut src = worker_command(case, "source", link)?
         .args(["--address", &address])
         .spawn()?;
-    let src_output = src.wait_with_output()?;
-    if !src_output.status.success() {
+    let waited = wait_until(&mut src, deadline).and_then(|src_status| {
+        let dst_status = match src_status {
+            Some(s) if s.success() => wait_until(&mut dst, deadline)?,
+            _ => None,
+        };
+        Ok((src_status, dst_status))
+    });
+    let (src_status, dst_status) = match waited {
+        Ok(w) => w,
+        Err(e) => {
+            reap(&mut src);
+            reap(&mut dst);
+            return Err(e);
+        }
+    };
+    let (Some(src_status), Some(status)) = (src_status, dst_status) else {
+        reap(&mut src);
         reap(&mut dst);
-        bail!(
-            "{}: source failed ({})",
-            case.method.name(),
-            src_output.status
-        );
+        if src_status.is_some_and(|s| !s.success()) {
+            bail!("{}: source failed ({src_status:?})", case.method.name());
+        }
+        return Ok(skipped(
+            case,
+            rep,
+            format!("timed out after {} s (killed)", timeout.as_secs()),
+        ));
+    };
+    if !src_status.success() {
+        bail!("{}: source failed ({src_status})", case.method.name());
     }
-    let mut rest = String::new();
-    dst_out.read_to_string(&mut rest)?;
-    let status = dst.wait()?;
     if !status.success() {
         bail!("{}: destination failed ({status})", case.method.name());
     }
-    let src = last_report(&String::from_utf8_lossy(&src_output.stdout), "source")?;
+    let mut src_stdout = String::new();
+    src.stdout
+        .take()
+        .context("source stdout")?
+        .read_to_string(&mut src_stdout)?;
+    let mut rest = String::new();
+    dst_out.read_to_string(&mut rest)?;
+    let src = last_report(&src_stdout, "source")?;
     let dst = last_report(&rest, "destination")?;
 
     if src.digest != dst.digest {

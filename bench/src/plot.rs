@@ -2,7 +2,8 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! Downtime against VRAM size, one line per method, one panel per
-//! (link, zero share).
+//! (link, zero share); a panel with a single size shows one bar per
+//! method instead, labelled with its downtime.
 
 use std::path::Path;
 
@@ -67,61 +68,118 @@ pub fn downtime(rows: &[Row], path: &Path) -> Result<()> {
             .iter()
             .filter(|r| r.transport == t && r.zero_percent == z && r.reps > 0)
             .collect();
-        let max_s = these
-            .iter()
-            .map(|r| r.downtime_ms / 1e3)
-            .fold(0.0, f64::max)
-            * 1.1;
-        let mut chart = ChartBuilder::on(panel)
-            .caption(
-                format!("{} link, {z}% zero pages", t.name()),
-                ("sans-serif", 22),
-            )
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(55)
-            .build_cartesian_2d(0.0..max_gib.max(0.1), 0.0..max_s.max(0.01))
-            .map_err(|e| anyhow!("{e:?}"))?;
-        chart
-            .configure_mesh()
-            .x_desc("VRAM (GiB)")
-            .y_desc("downtime (s)")
-            .label_style(("sans-serif", 15))
-            .draw()
-            .map_err(|e| anyhow!("{e:?}"))?;
-        for m in Method::ALL {
-            let mut pts: Vec<(f64, f64)> = these
-                .iter()
-                .filter(|r| r.method == m)
-                .map(|r| (r.vram as f64 / (1u64 << 30) as f64, r.downtime_ms / 1e3))
-                .collect();
-            if pts.is_empty() {
-                continue;
-            }
-            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-            let c = colour(m);
-            chart
-                .draw_series(LineSeries::new(pts.clone(), c.stroke_width(3)))
-                .map_err(|e| anyhow!("{e:?}"))?
-                .label(m.name())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3))
-                });
-            chart
-                .draw_series(pts.into_iter().map(|p| Circle::new(p, 4, c.filled())))
-                .map_err(|e| anyhow!("{e:?}"))?;
+        let caption = format!("{} link, {z}% zero pages", t.name());
+        let mut sizes: Vec<u64> = these.iter().map(|r| r.vram).collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        if sizes.len() == 1 {
+            bar_panel(panel, &caption, sizes[0], &these)?;
+        } else {
+            line_panel(panel, &caption, max_gib, &these)?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .label_font(("sans-serif", 16))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| anyhow!("{e:?}"))?;
     }
     root.present()
         .map_err(|e| anyhow!("{e:?}"))
         .with_context(|| format!("write {}", path.display()))?;
+    Ok(())
+}
+
+type Panel<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
+
+fn line_panel(panel: &Panel, caption: &str, max_gib: f64, these: &[&Row]) -> Result<()> {
+    let max_s = these
+        .iter()
+        .map(|r| r.downtime_ms / 1e3)
+        .fold(0.0, f64::max)
+        * 1.1;
+    let mut chart = ChartBuilder::on(panel)
+        .caption(caption, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(55)
+        .build_cartesian_2d(0.0..max_gib.max(0.1), 0.0..max_s.max(0.01))
+        .map_err(|e| anyhow!("{e:?}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("VRAM (GiB)")
+        .y_desc("downtime (s)")
+        .label_style(("sans-serif", 15))
+        .draw()
+        .map_err(|e| anyhow!("{e:?}"))?;
+    for m in Method::ALL {
+        let mut pts: Vec<(f64, f64)> = these
+            .iter()
+            .filter(|r| r.method == m)
+            .map(|r| (r.vram as f64 / (1u64 << 30) as f64, r.downtime_ms / 1e3))
+            .collect();
+        if pts.is_empty() {
+            continue;
+        }
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let c = colour(m);
+        chart
+            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(3)))
+            .map_err(|e| anyhow!("{e:?}"))?
+            .label(m.name())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3)));
+        chart
+            .draw_series(pts.into_iter().map(|p| Circle::new(p, 4, c.filled())))
+            .map_err(|e| anyhow!("{e:?}"))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .label_font(("sans-serif", 16))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| anyhow!("{e:?}"))?;
+    Ok(())
+}
+
+fn bar_panel(panel: &Panel, caption: &str, vram: u64, these: &[&Row]) -> Result<()> {
+    let bars: Vec<(usize, Method, f64)> = Method::ALL
+        .iter()
+        .filter_map(|m| these.iter().find(|r| r.method == *m))
+        .enumerate()
+        .map(|(i, r)| (i, r.method, r.downtime_ms / 1e3))
+        .collect();
+    let max_s = bars.iter().map(|b| b.2).fold(0.0, f64::max) * 1.2;
+    let mut chart = ChartBuilder::on(panel)
+        .caption(format!("{caption}, {} MiB", vram >> 20), ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(55)
+        .build_cartesian_2d(0.0..bars.len().max(1) as f64, 0.0..max_s.max(0.01))
+        .map_err(|e| anyhow!("{e:?}"))?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(0)
+        .y_desc("downtime (s)")
+        .label_style(("sans-serif", 15))
+        .draw()
+        .map_err(|e| anyhow!("{e:?}"))?;
+    for (i, m, secs) in bars {
+        let x = i as f64;
+        chart
+            .draw_series(std::iter::once(Rectangle::new(
+                [(x + 0.15, 0.0), (x + 0.85, secs)],
+                colour(m).filled(),
+            )))
+            .map_err(|e| anyhow!("{e:?}"))?;
+        for (text, lift) in [
+            (m.name().to_string(), 0.13),
+            (format!("{:.0} ms", secs * 1e3), 0.08),
+        ] {
+            chart
+                .draw_series(std::iter::once(Text::new(
+                    text,
+                    (x + 0.17, secs + max_s * lift),
+                    ("sans-serif", 15),
+                )))
+                .map_err(|e| anyhow!("{e:?}"))?;
+        }
+    }
     Ok(())
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Result;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::orchestrate::Measurement;
 use crate::plot;
@@ -20,7 +20,7 @@ const MIB: f64 = (1u64 << 20) as f64;
 const GIB: f64 = (1u64 << 30) as f64;
 
 /// The repetitions of one (transport, method, size, zero share).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Row {
     pub transport: TransportKind,
     pub method: Method,
@@ -327,29 +327,7 @@ pub fn write(all: &[Measurement], out_dir: &Path, elapsed: Duration) -> Result<(
     let rows = aggregate(all);
     let fits = fits(&rows);
     let targets = targets(&rows, &fits);
-    println!("{}", table(&rows));
-    println!("| target | value | holds |");
-    println!("|---|---|---|");
-    for t in &targets {
-        let holds = match t.holds {
-            Some(true) => "yes",
-            Some(false) => "NO",
-            None => "n/a",
-        };
-        println!("| {} | {} | {holds} |", t.what, t.value);
-    }
-    println!();
-    for f in &fits {
-        println!(
-            "slope {:<5} {:<12} {:>3}% zeros: {:>7.1} ms/GiB (intercept {:.1} ms, r2 {:.4})",
-            f.transport.name(),
-            f.method.name(),
-            f.zero_percent,
-            f.ms_per_gib,
-            f.intercept_ms,
-            f.r2
-        );
-    }
+    print(&rows, &fits, &targets);
     let json_path = out_dir.join("results.json");
     std::fs::write(
         &json_path,
@@ -368,4 +346,59 @@ pub fn write(all: &[Measurement], out_dir: &Path, elapsed: Duration) -> Result<(
     }
     println!("bench run time {:.0} s", elapsed.as_secs_f64());
     Ok(())
+}
+
+#[derive(Deserialize)]
+struct SavedRows {
+    elapsed_s: f64,
+    rows: Vec<Row>,
+}
+
+/// Prints the table and targets again from the `results.json` of earlier
+/// runs (several merge into one report) and redraws the plot.
+pub fn rerender(inputs: &[std::path::PathBuf], png: &Path) -> Result<()> {
+    let mut rows = Vec::new();
+    for input in inputs {
+        let bytes = std::fs::read(input)?;
+        let saved: SavedRows = serde_json::from_slice(&bytes)?;
+        println!(
+            "{}: {} rows, bench run time {:.0} s",
+            input.display(),
+            saved.rows.len(),
+            saved.elapsed_s
+        );
+        rows.extend(saved.rows);
+    }
+    let fits = fits(&rows);
+    let targets = targets(&rows, &fits);
+    print(&rows, &fits, &targets);
+    plot::downtime(&rows, png)?;
+    println!("\nwrote {}", png.display());
+    Ok(())
+}
+
+fn print(rows: &[Row], fits: &[Fit], targets: &[Target]) {
+    println!("{}", table(rows));
+    println!("| target | value | holds |");
+    println!("|---|---|---|");
+    for t in targets {
+        let holds = match t.holds {
+            Some(true) => "yes",
+            Some(false) => "NO",
+            None => "n/a",
+        };
+        println!("| {} | {} | {holds} |", t.what, t.value);
+    }
+    println!();
+    for f in fits {
+        println!(
+            "slope {:<5} {:<12} {:>3}% zeros: {:>7.1} ms/GiB (intercept {:.1} ms, r2 {:.4})",
+            f.transport.name(),
+            f.method.name(),
+            f.zero_percent,
+            f.ms_per_gib,
+            f.intercept_ms,
+            f.r2
+        );
+    }
 }

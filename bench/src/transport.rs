@@ -18,19 +18,107 @@ use serde::Serialize;
 /// Socket buffer size asked for on both ends of every connection.
 pub const SOCKET_BUFFER: libc::c_int = 8 << 20;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
+/// Which link a transfer crosses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TransportKind {
+    /// A Unix stream socket: no network stack, bounded by CPU only.
     Unix,
+    /// TCP over loopback.
     Tcp,
+    /// TCP between two network namespaces joined by a veth pair whose
+    /// both ends are shaped to `rate_bit_s`: a link-bound migration
+    /// network (see [`crate::netns`]).
+    Veth { rate_bit_s: u64 },
 }
 
+/// Rate of `veth` when none is given.
+pub const DEFAULT_VETH_RATE: u64 = 10_000_000_000;
+
 impl TransportKind {
-    pub fn name(self) -> &'static str {
+    /// The name used on the command line and in the table, e.g.
+    /// `veth:1gbit`.
+    pub fn name(self) -> String {
         match self {
-            TransportKind::Unix => "unix",
-            TransportKind::Tcp => "tcp",
+            TransportKind::Unix => "unix".into(),
+            TransportKind::Tcp => "tcp".into(),
+            TransportKind::Veth { rate_bit_s } => format!("veth:{}", rate_label(rate_bit_s)),
         }
+    }
+}
+
+/// `10gbit`, `1gbit`, `500mbit`: the largest unit that divides the rate.
+pub fn rate_label(bit_s: u64) -> String {
+    for (unit, name) in [
+        (1_000_000_000, "gbit"),
+        (1_000_000, "mbit"),
+        (1_000, "kbit"),
+    ] {
+        if bit_s >= unit && bit_s.is_multiple_of(unit) {
+            return format!("{}{name}", bit_s / unit);
+        }
+    }
+    format!("{bit_s}bit")
+}
+
+/// Parses `N[k|m|g]bit` (decimal units, as `tc` reads them).
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let lower = s.trim().to_ascii_lowercase();
+    let body = lower
+        .strip_suffix("bit")
+        .ok_or_else(|| format!("rate {s:?} must end in bit, e.g. 10gbit"))?;
+    let (digits, unit) = match body.char_indices().last() {
+        Some((i, 'k')) => (&body[..i], 1_000),
+        Some((i, 'm')) => (&body[..i], 1_000_000),
+        Some((i, 'g')) => (&body[..i], 1_000_000_000),
+        _ => (body, 1),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("rate {s:?} is not a number of bits per second"))?;
+    match n.checked_mul(unit) {
+        Some(r) if (1_000_000..=400_000_000_000).contains(&r) => Ok(r),
+        _ => Err(format!("rate {s:?} is outside 1mbit..400gbit")),
+    }
+}
+
+impl std::str::FromStr for TransportKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "unix" => Ok(TransportKind::Unix),
+            "tcp" => Ok(TransportKind::Tcp),
+            "veth" => Ok(TransportKind::Veth {
+                rate_bit_s: DEFAULT_VETH_RATE,
+            }),
+            _ => match s.strip_prefix("veth:") {
+                Some(rate) => Ok(TransportKind::Veth {
+                    rate_bit_s: parse_rate(rate)?,
+                }),
+                None => Err(format!(
+                    "unknown transport {s:?}: unix, tcp, veth or veth:RATE (e.g. veth:1gbit)"
+                )),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TransportKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for TransportKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.name())
     }
 }
 
@@ -41,8 +129,9 @@ pub enum Listener {
 }
 
 impl Listener {
-    /// Binds a fresh endpoint; `dir` holds the Unix socket path.
-    pub fn bind(kind: TransportKind, dir: &std::path::Path) -> Result<Self> {
+    /// Binds a fresh endpoint; `dir` holds the Unix socket path, `ip` is
+    /// the address a veth destination listens on.
+    pub fn bind(kind: TransportKind, dir: &std::path::Path, ip: Option<&str>) -> Result<Self> {
         Ok(match kind {
             TransportKind::Unix => {
                 let path = dir.join(format!("xe-vf-bench-{}.sock", std::process::id()));
@@ -52,6 +141,10 @@ impl Listener {
                 Listener::Unix(l, path)
             }
             TransportKind::Tcp => Listener::Tcp(TcpListener::bind("127.0.0.1:0")?),
+            TransportKind::Veth { .. } => {
+                let ip = ip.context("a veth destination needs --listen")?;
+                Listener::Tcp(TcpListener::bind((ip, 0)).with_context(|| format!("bind {ip}"))?)
+            }
         })
     }
 
@@ -93,7 +186,7 @@ pub fn connect(kind: TransportKind, address: &str) -> Result<File> {
         TransportKind::Unix => UnixStream::connect(address)
             .with_context(|| format!("connect {address}"))?
             .into(),
-        TransportKind::Tcp => {
+        TransportKind::Tcp | TransportKind::Veth { .. } => {
             let s = TcpStream::connect(address).with_context(|| format!("connect {address}"))?;
             s.set_nodelay(true)?;
             s.into()
@@ -152,4 +245,38 @@ pub fn get_len(r: &mut impl Read, max: u64) -> Result<u64> {
         bail!("length prefix {len} exceeds the bound {max}");
     }
     Ok(len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_names_round_trip() {
+        for s in ["unix", "tcp", "veth:10gbit", "veth:1gbit", "veth:500mbit"] {
+            let t: TransportKind = s.parse().unwrap();
+            assert_eq!(t.name(), s);
+        }
+        assert_eq!(
+            "veth".parse::<TransportKind>().unwrap(),
+            TransportKind::Veth {
+                rate_bit_s: 10_000_000_000
+            }
+        );
+    }
+
+    #[test]
+    fn bad_rates_are_refused() {
+        for s in [
+            "veth:",
+            "veth:10",
+            "veth:fastbit",
+            "veth:0gbit",
+            "veth:999tbit",
+            "udp",
+        ] {
+            assert!(s.parse::<TransportKind>().is_err(), "{s}");
+        }
+        assert_eq!(parse_rate("2500Mbit"), Ok(2_500_000_000));
+    }
 }

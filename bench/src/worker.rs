@@ -125,11 +125,11 @@ pub fn device_bytes(case: &Case) -> u64 {
 }
 
 /// Runs one side; the report goes to stdout as one JSON line.
-pub fn run(role: Role, case: &Case, address: Option<&str>) -> Result<()> {
+pub fn run(role: Role, case: &Case, address: Option<&str>, listen: Option<&str>) -> Result<()> {
     let report = match role {
         Role::Destination => {
             let dir = std::env::temp_dir();
-            let listener = Listener::bind(case.transport, &dir)?;
+            let listener = Listener::bind(case.transport, &dir, listen)?;
             let dest = Destination::prepare(case)?;
             println!("READY {}", listener.address()?);
             std::io::stdout().flush()?;
