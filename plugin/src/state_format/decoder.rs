@@ -8,8 +8,8 @@ use std::io::{self, Read, Write};
 use log::debug;
 
 use super::{
-    crc, decode_header, le_u32, le_u64, read_full, Result, StateFormatError, StateHeader,
-    MAX_ZERO_RUN, RECORD_DATA, RECORD_END, RECORD_HEADER_LEN, RECORD_ZERO, ZEROS,
+    crc, decode_header, le_u32, le_u64, read_full, read_full_pair, Result, StateFormatError,
+    StateHeader, MAX_ZERO_RUN, RECORD_DATA, RECORD_END, RECORD_HEADER_LEN, RECORD_ZERO, ZEROS,
 };
 
 /// What a decoder read.
@@ -69,6 +69,10 @@ pub struct StateDecoder<R: Read> {
     pending: Pending,
     phase: Phase,
     summary: DecodeSummary,
+    /// The header after a DATA record, read together with its payload:
+    /// every DATA record is followed by another record (END at least), so
+    /// this never reads past END and halves the reads on a socket.
+    next_head: Option<[u8; RECORD_HEADER_LEN]>,
 }
 
 impl<R: Read> StateDecoder<R> {
@@ -94,6 +98,7 @@ impl<R: Read> StateDecoder<R> {
                 encoded_bytes: offset,
                 ..Default::default()
             },
+            next_head: None,
         })
     }
 
@@ -202,9 +207,15 @@ impl<R: Read> StateDecoder<R> {
     /// Reads and verifies one record. A DATA payload lands in `out` when
     /// it fits (no copy), otherwise in the internal buffer.
     fn next_record(&mut self, out: &mut [u8]) -> Result<Step> {
-        let offset = self.summary.encoded_bytes;
-        let mut head = [0u8; RECORD_HEADER_LEN];
-        read_full(&mut self.reader, &mut head, &mut self.summary.encoded_bytes)?;
+        let (offset, head) = match self.next_head.take() {
+            Some(head) => (self.summary.encoded_bytes - RECORD_HEADER_LEN as u64, head),
+            None => {
+                let offset = self.summary.encoded_bytes;
+                let mut head = [0u8; RECORD_HEADER_LEN];
+                read_full(&mut self.reader, &mut head, &mut self.summary.encoded_bytes)?;
+                (offset, head)
+            }
+        };
         let ty = head[0];
         let reserved_zero = head[1..4] == [0, 0, 0];
         let length = le_u64(&head[4..12]);
@@ -235,7 +246,18 @@ impl<R: Read> StateDecoder<R> {
                     }
                     &mut self.buf[..len]
                 };
-                read_full(&mut self.reader, payload, &mut self.summary.encoded_bytes)?;
+                // An empty DATA record is malformed; it is refused below
+                // without reading further.
+                if len > 0 {
+                    let mut next = [0u8; RECORD_HEADER_LEN];
+                    read_full_pair(
+                        &mut self.reader,
+                        payload,
+                        &mut next,
+                        &mut self.summary.encoded_bytes,
+                    )?;
+                    self.next_head = Some(next);
+                }
                 let payload_crc = crc32c::crc32c(payload);
                 if crc32c::crc32c_append(payload_crc, &head[..16]) != stored_crc {
                     return Err(StateFormatError::RecordChecksum { offset });

@@ -284,6 +284,40 @@ pub(crate) fn read_full<R: Read>(reader: &mut R, buf: &mut [u8], offset: &mut u6
     Ok(())
 }
 
+/// Fills `first` then `second` from `reader`, with one `readv` where the
+/// reader supports it; truncation is reported at the offset it happened.
+pub(crate) fn read_full_pair<R: Read>(
+    reader: &mut R,
+    first: &mut [u8],
+    second: &mut [u8],
+    offset: &mut u64,
+) -> Result<()> {
+    let (mut a, mut b) = (0, 0);
+    while a < first.len() || b < second.len() {
+        let result = if a < first.len() {
+            let mut bufs = [
+                io::IoSliceMut::new(&mut first[a..]),
+                io::IoSliceMut::new(&mut second[b..]),
+            ];
+            reader.read_vectored(&mut bufs)
+        } else {
+            reader.read(&mut second[b..])
+        };
+        match result {
+            Ok(0) => return Err(StateFormatError::Truncated { offset: *offset }),
+            Ok(n) => {
+                *offset += n as u64;
+                let into_first = n.min(first.len() - a);
+                a += into_first;
+                b += n - into_first;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(StateFormatError::Io(e)),
+        }
+    }
+    Ok(())
+}
+
 /// Builds a record header; `payload_crc` is the CRC32C of the payload
 /// (0, the CRC of nothing, for records without one).
 pub(crate) fn record_header(ty: u8, length: u64, value: u32, payload_crc: u32) -> [u8; 20] {

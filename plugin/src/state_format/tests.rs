@@ -716,3 +716,56 @@ fn decoder_buffer_never_exceeds_a_tiny_chunk_size() {
     }
     assert_eq!(out, data);
 }
+
+/// A DATA payload and the header after it arrive in one read, and nothing
+/// past END is read even then.
+#[test]
+fn decoder_reads_payload_and_next_header_together_but_never_past_end() {
+    struct Counting<'a> {
+        data: &'a [u8],
+        pos: usize,
+        reads: usize,
+    }
+    impl Read for Counting<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.read_vectored(&mut [io::IoSliceMut::new(buf)])
+        }
+        fn read_vectored(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+            self.reads += 1;
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(self.data.len() - self.pos);
+                b[..take].copy_from_slice(&self.data[self.pos..self.pos + take]);
+                self.pos += take;
+                n += take;
+            }
+            Ok(n)
+        }
+    }
+    // Alternating 4 KiB data and zero pages: DATA, ZERO, DATA, ...
+    let mut data = vec![0u8; 64 * 4096];
+    for page in data.chunks_mut(8192) {
+        page[..4096].fill(0xa5);
+    }
+    let (encoded, summary) = encode(&data, EncoderOptions::default());
+    let records = (summary.data_records + summary.zero_records + 1) as usize;
+    let mut with_tail = encoded.clone();
+    with_tail.extend_from_slice(b"next command");
+    let mut src = Counting {
+        data: &with_tail,
+        pos: 0,
+        reads: 0,
+    };
+    let mut dec = StateDecoder::new(&mut src).unwrap();
+    let mut out = Vec::new();
+    dec.copy_decoded(&mut out).unwrap();
+    dec.finish().unwrap();
+    assert_eq!(out, data);
+    assert_eq!(src.pos, encoded.len(), "read past END");
+    // One read per record (plus the stream header's reads).
+    assert!(
+        src.reads <= records + 4,
+        "{} reads for {records} records",
+        src.reads
+    );
+}
