@@ -58,6 +58,19 @@ pub fn save_with_walk(device: &dyn MigrationDevice) -> anyhow::Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// STOP_COPY -> STOP -> RUNNING_P2P -> RUNNING, checking every arc.
+fn walk_back_from_stop_copy(rec: &Recording, d: &mut Details) -> anyhow::Result<()> {
+    fsm::walk(rec, Stop, Running).context("walk STOP_COPY -> STOP")?;
+    fsm::walk(rec, Running, Running).context("walk STOP -> RUNNING")?;
+    let back = rec.take();
+    d.set("walk_back", &back);
+    expect_arcs(
+        "walk back",
+        &back,
+        &[(Stop, false), (RunningP2p, false), (Running, false)],
+    )
+}
+
 /// Check 2: MIG_DATA_SIZE against the bytes STOP_COPY really produces.
 /// The uAPI calls it an estimate; mtty computes it from the same struct
 /// it copies out, so for mtty the two must be equal.
@@ -124,15 +137,7 @@ pub fn save_a(bench: &mut Bench, d: &mut Details) -> anyhow::Result<()> {
     let bytes = stream::read_to_eof(&mut fd)?;
     drop(fd);
     d.set("walk_bytes", bytes.len());
-    fsm::walk(&rec, Stop, Running).context("walk STOP_COPY -> STOP")?;
-    fsm::walk(&rec, Running, Running).context("walk STOP -> RUNNING")?;
-    let back = rec.take();
-    d.set("walk_back", &back);
-    expect_arcs(
-        "walk back",
-        &back,
-        &[(Stop, false), (RunningP2p, false), (Running, false)],
-    )?;
+    walk_back_from_stop_copy(&rec, d)?;
 
     // Pass 2: the same arcs one `set_state` at a time.
     let mut single = Vec::new();
@@ -405,15 +410,7 @@ pub fn pre_copy(bench: &mut Bench, d: &mut Details) -> anyhow::Result<()> {
     let rest = stream::read_to_eof(&mut fd)?;
     drop(fd);
     d.set("stop_copy_bytes", rest.len());
-    fsm::walk(&rec, Stop, Running).context("walk to STOP")?;
-    fsm::walk(&rec, Running, Running).context("walk to RUNNING")?;
-    let back = rec.take();
-    d.set("walk_back", &back);
-    expect_arcs(
-        "walk back",
-        &back,
-        &[(Stop, false), (RunningP2p, false), (Running, false)],
-    )?;
+    walk_back_from_stop_copy(&rec, d)?;
 
     let mut whole = initial.clone();
     whole.extend_from_slice(&again);
