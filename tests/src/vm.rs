@@ -15,7 +15,7 @@ use xe_vf_glue::device_set::XeVfSet;
 use xe_vf_glue::migration::{MemoryRange, Pausable};
 use xe_vf_glue::XeVfDevice;
 use xe_vf_plugin::device_config::DeviceConfig;
-use xe_vf_plugin::emulated::{Fault, GuestDmaRegion, StateDigest};
+use xe_vf_plugin::emulated::{EmulatedXeVf, Fault, GuestDmaRegion, StateDigest};
 
 use crate::error::{HostError, HostResult};
 use crate::memory::{GuestMemory, PAGE_SIZE};
@@ -257,19 +257,26 @@ impl Vm {
             .collect()
     }
 
-    /// Test hook: hands `fault` to the emulated VF `id`.
-    pub fn inject_fault(&self, id: &str, fault: Fault) -> HostResult<()> {
+    /// The emulated VF `id`, for the test hooks named by `phase`.
+    fn emulated_device(&self, id: &str, phase: &str) -> HostResult<Arc<EmulatedXeVf>> {
         let set = self.devices();
         let index = self
             .config
             .devices
             .iter()
             .position(|d| d.id == id)
-            .ok_or_else(|| HostError::bad_request("inject-fault", format!("no device '{id}'")))?;
-        let emu = set.devices()[index].backend().emulated().ok_or_else(|| {
-            HostError::bad_request("inject-fault", format!("device '{id}' is not emulated"))
-        })?;
-        emu.inject_fault(fault);
+            .ok_or_else(|| HostError::bad_request(phase, format!("no device '{id}'")))?;
+        set.devices()[index]
+            .backend()
+            .emulated()
+            .cloned()
+            .ok_or_else(|| HostError::bad_request(phase, format!("device '{id}' is not emulated")))
+    }
+
+    /// Test hook: hands `fault` to the emulated VF `id`.
+    pub fn inject_fault(&self, id: &str, fault: Fault) -> HostResult<()> {
+        self.emulated_device(id, "inject-fault")?
+            .inject_fault(fault);
         log::warn!("fault injection: device {id}: {fault:?}");
         Ok(())
     }
@@ -278,17 +285,8 @@ impl Vm {
     /// (about `zero_percent` of the pages zero), so its state differs
     /// from a reset one even with its workload off.
     pub fn fill_device(&self, id: &str, seed: u64, zero_percent: u8) -> HostResult<()> {
-        let set = self.devices();
-        let index = self
-            .config
-            .devices
-            .iter()
-            .position(|d| d.id == id)
-            .ok_or_else(|| HostError::bad_request("fill-device", format!("no device '{id}'")))?;
-        let emu = set.devices()[index].backend().emulated().ok_or_else(|| {
-            HostError::bad_request("fill-device", format!("device '{id}' is not emulated"))
-        })?;
-        emu.fill_vram(seed, zero_percent)
+        self.emulated_device(id, "fill-device")?
+            .fill_vram(seed, zero_percent)
             .map_err(|e| HostError::failed("fill-device", e))
     }
 
