@@ -1,0 +1,285 @@
+#!/usr/bin/env bash
+# Copyright 2026 The xe-vf-migration authors
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+#
+# Builds the real `cloud-hypervisor` and `ch-remote` from the pinned Cloud
+# Hypervisor sources (vmm-glue/cloud-hypervisor/sources.env):
+#
+#   upstream  the pinned commit as it is, for comparison;
+#   patched   the same commit with our series (vmm-glue/cloud-hypervisor/
+#             patches/*.patch, in order) applied, which links this
+#             repository's xe-vf-glue and xe-vf-plugin into the VMM.
+#
+# Sources, first that applies (--source):
+#   vendor    ../shared/vendor/*.tar.gz beside the repository (offline, CI),
+#             checked against their sha256;
+#   git       clones of the pinned commits (a user's machine);
+#   DIR       a Cloud Hypervisor source tree the user names (its micro-http
+#             comes from the vendor tarball if present, else from git).
+#
+# The builds use `cargo build --locked` and are cached outside the clone
+# (XE_CACHE_DIR, default ~/.cache/xe-vf-migration): one cargo target
+# directory shared by both flavours (dependencies are compiled once), one
+# source tree per flavour kept under a private git index so that a changed
+# series rewrites only the files it touches (cargo rebuilds only those
+# crates), and the finished binaries keyed by everything that went into
+# them (sources, series, our crates, toolchain, profile). A build whose key
+# is cached costs nothing.
+#
+# Results: <out>/<flavour>/{cloud-hypervisor,ch-remote,BUILD-INFO}, <out>
+# defaulting to <repo>/target/cloud-hypervisor.
+#
+# Usage: scripts/build-cloud-hypervisor.sh [--flavor upstream|patched|all]
+#            [--source auto|vendor|git|DIR] [--profile release|PROFILE]
+#            [--out DIR] [--print-dir]
+# Environment: XE_CACHE_DIR, XE_CH_VENDOR_DIR (default <repo>/../shared/vendor),
+#   CARGO_BUILD_JOBS.
+
+set -euo pipefail
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$SCRIPT_DIR/.." && pwd)
+SERIES_DIR="$REPO/vmm-glue/cloud-hypervisor"
+# shellcheck source=../vmm-glue/cloud-hypervisor/sources.env
+. "$SERIES_DIR/sources.env"
+
+# Bumped when this script changes how a build is made (part of every key).
+RECIPE=1
+
+FLAVOR=all
+SOURCE=auto
+PROFILE=release
+OUT="$REPO/target/cloud-hypervisor"
+PRINT_DIR=0
+VENDOR_DIR="${XE_CH_VENDOR_DIR:-$REPO/../shared/vendor}"
+CACHE="${XE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/xe-vf-migration}/cloud-hypervisor"
+
+log() { echo "[build-ch] $*" >&2; }
+die() {
+    echo "[build-ch] ERROR: $*" >&2
+    exit 1
+}
+usage() {
+    sed -n '/^# Usage:/,/^#   CARGO_BUILD_JOBS/p' "$0" | sed 's/^# \{0,1\}//' >&2
+    exit "${1:-2}"
+}
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --flavor) FLAVOR=${2:?--flavor needs a value}; shift 2 ;;
+    --source) SOURCE=${2:?--source needs a value}; shift 2 ;;
+    --profile) PROFILE=${2:?--profile needs a value}; shift 2 ;;
+    --out) OUT=${2:?--out needs a value}; shift 2 ;;
+    --print-dir) PRINT_DIR=1; shift ;;
+    -h | --help) usage 0 ;;
+    *) echo "unknown argument '$1'" >&2; usage ;;
+    esac
+done
+
+case "$FLAVOR" in
+upstream) FLAVORS=(upstream) ;;
+patched) FLAVORS=(patched) ;;
+all) FLAVORS=(upstream patched) ;;
+*) die "--flavor '$FLAVOR': expected upstream, patched or all" ;;
+esac
+shopt -s nullglob
+PATCHES=("$SERIES_DIR"/patches/*.patch)
+shopt -u nullglob
+if [ "${#PATCHES[@]}" -eq 0 ]; then
+    [ "$FLAVOR" = patched ] && die "no patches in $SERIES_DIR/patches"
+    FLAVORS=(upstream)
+fi
+
+for tool in git tar sha256sum cargo flock; do
+    command -v "$tool" >/dev/null || die "'$tool' is needed"
+done
+mkdir -p "$CACHE" "$OUT"
+exec 9>"$CACHE/.lock"
+flock 9 # one build at a time per cache
+
+now() { date +%s; }
+sha() { sha256sum | cut -c1-64; }
+
+check_sha256() {
+    local file=$1 want=$2 got
+    got=$(sha256sum "$file" | cut -c1-64)
+    [ "$got" = "$want" ] || die "$file: sha256 $got, expected $want (not the pinned sources)"
+}
+
+if [ "$SOURCE" = auto ]; then
+    if [ -f "$VENDOR_DIR/$CH_TARBALL" ]; then SOURCE=vendor; else SOURCE=git; fi
+fi
+
+# ------------------------------------------------------------------ sources
+
+# Clones (or updates) a bare mirror holding `commit`; prints its git dir.
+git_mirror() {
+    local url=$1 commit=$2 name=$3 dir="$CACHE/git/$3.git"
+    if ! git --git-dir="$dir" cat-file -e "$commit^{commit}" 2>/dev/null; then
+        log "fetching $name $commit from $url"
+        [ -d "$dir" ] || git init -q --bare "$dir"
+        git --git-dir="$dir" fetch -q --depth 1 "$url" "$commit" ||
+            git --git-dir="$dir" fetch -q "$url" ||
+            die "cannot fetch $commit from $url"
+        git --git-dir="$dir" cat-file -e "$commit^{commit}" ||
+            die "$url has no commit $commit"
+    fi
+    echo "$dir"
+}
+
+# Unpacks micro-http into a cargo directory source; prints its directory.
+micro_http_source() {
+    local dir="$CACHE/micro-http-$MICRO_HTTP_COMMIT"
+    if [ ! -f "$dir/micro_http/.cargo-checksum.json" ]; then
+        rm -rf "$dir" && mkdir -p "$dir/micro_http"
+        if [ -f "$VENDOR_DIR/$MICRO_HTTP_TARBALL" ]; then
+            check_sha256 "$VENDOR_DIR/$MICRO_HTTP_TARBALL" "$MICRO_HTTP_SHA256"
+            tar -xzf "$VENDOR_DIR/$MICRO_HTTP_TARBALL" -C "$dir/micro_http" --strip-components=1
+        else
+            local mirror
+            mirror=$(git_mirror "$MICRO_HTTP_REPO" "$MICRO_HTTP_COMMIT" micro-http)
+            git --git-dir="$mirror" archive "$MICRO_HTTP_COMMIT" | tar -x -C "$dir/micro_http"
+        fi
+        # A directory source replacing a git source carries no package checksum.
+        echo '{"files":{},"package":null}' >"$dir/micro_http/.cargo-checksum.json"
+    fi
+    echo "$dir"
+}
+
+# Makes the pristine sources a commit in the flavour's private git dir and
+# prints its id. For git sources that is the pinned commit itself.
+pristine_commit() {
+    local gitdir=$1 tmp tree
+    case "$SOURCE" in
+    git)
+        local mirror
+        mirror=$(git_mirror "$CH_REPO" "$CH_COMMIT" cloud-hypervisor)
+        git --git-dir="$gitdir" fetch -q "$mirror" "$CH_COMMIT"
+        echo "$CH_COMMIT"
+        return
+        ;;
+    vendor)
+        check_sha256 "$VENDOR_DIR/$CH_TARBALL" "$CH_SHA256"
+        tmp=$(mktemp -d)
+        tar -xzf "$VENDOR_DIR/$CH_TARBALL" -C "$tmp" --strip-components=1
+        ;;
+    *)
+        [ -f "$SOURCE/Cargo.toml" ] && [ -d "$SOURCE/vmm" ] ||
+            die "--source $SOURCE: not a Cloud Hypervisor source tree"
+        tmp=$(mktemp -d)
+        tar -C "$SOURCE" --exclude=./.git --exclude=./target -cf - . | tar -x -C "$tmp"
+        ;;
+    esac
+    tree=$(GIT_INDEX_FILE="$gitdir/import-index" GIT_WORK_TREE="$tmp" \
+        git --git-dir="$gitdir" add -A -f . >/dev/null &&
+        GIT_INDEX_FILE="$gitdir/import-index" git --git-dir="$gitdir" write-tree)
+    rm -rf "$tmp" "$gitdir/import-index"
+    GIT_AUTHOR_DATE="1970-01-01T00:00:00Z" GIT_COMMITTER_DATE="1970-01-01T00:00:00Z" \
+        git --git-dir="$gitdir" -c user.name=build -c user.email=build@localhost \
+        commit-tree "$tree" -m "pristine sources ($SOURCE)"
+}
+
+# ------------------------------------------------------------------ keys
+
+# Hash of the files of this repository the patched VMM compiles.
+our_crates_hash() {
+    (cd "$REPO" && find Cargo.toml Cargo.lock plugin/Cargo.toml plugin/src vmm-glue \
+        -type f -not -path '*/target/*' | LC_ALL=C sort | xargs sha256sum) | sha
+}
+
+toolchain_id() { rustc -vV | sha; }
+
+# ------------------------------------------------------------------ build
+
+# Lays out the flavour's tree at `pristine` plus its patches; prints the tree.
+prepare_tree() {
+    local flavor=$1 pristine=$2 gitdir=$3 tree=$4
+    git --git-dir="$gitdir" --work-tree="$tree" checkout -q -f --detach "$pristine"
+    git --git-dir="$gitdir" --work-tree="$tree" clean -q -f -d -x
+    if [ "$flavor" = patched ]; then
+        # Our crates sit beside CH's tree, where the series' path
+        # dependencies (../xe-vf-migration/...) expect them.
+        ln -sfn "$REPO" "$(dirname "$tree")/xe-vf-migration"
+        local p
+        for p in "${PATCHES[@]}"; do
+            git --git-dir="$gitdir" --work-tree="$tree" -C "$tree" apply --whitespace=nowarn "$p" ||
+                die "$(basename "$p") does not apply to $CH_COMMIT"
+        done
+    fi
+    mkdir -p "$tree/.cargo"
+    cat >"$tree/.cargo/config.toml" <<EOF
+# Written by build-cloud-hypervisor.sh: micro_http from the pinned sources.
+[source."$MICRO_HTTP_LOCK_SOURCE"]
+git = "$MICRO_HTTP_REPO"
+branch = "main"
+replace-with = "pinned-micro-http"
+
+[source.pinned-micro-http]
+directory = "$MICRO_HTTP_DIR"
+EOF
+}
+
+build_flavor() {
+    local flavor=$1 key=$2 bin="$CACHE/bin/$1-$2"
+    if [ -x "$bin/cloud-hypervisor" ] && [ -x "$bin/ch-remote" ]; then
+        log "$flavor: cached ($bin)"
+    else
+        local gitdir="$CACHE/tree/$flavor.git" tree="$CACHE/tree/$flavor/cloud-hypervisor"
+        local started pristine
+        started=$(now)
+        [ -d "$gitdir" ] || git init -q --bare "$gitdir"
+        mkdir -p "$tree"
+        pristine=$(pristine_commit "$gitdir")
+        prepare_tree "$flavor" "$pristine" "$gitdir" "$tree"
+        local extra=()
+        [ "$flavor" = patched ] && extra=(--config "env.CH_EXTRA_VERSION=\"xe-vf\"")
+        log "$flavor: cargo build --locked --profile $PROFILE (cloud-hypervisor, ch-remote)"
+        (cd "$tree" && GIT_CEILING_DIRECTORIES="$CACHE/tree/$flavor" \
+            CARGO_TARGET_DIR="$CACHE/target" \
+            cargo build --locked --profile "$PROFILE" "${extra[@]}" \
+            --bin cloud-hypervisor --bin ch-remote) ||
+            die "$flavor: cargo build failed"
+        local built="$CACHE/target/$PROFILE"
+        [ "$PROFILE" = dev ] && built="$CACHE/target/debug"
+        rm -rf "$bin.tmp" && mkdir -p "$bin.tmp"
+        cp "$built/cloud-hypervisor" "$built/ch-remote" "$bin.tmp/"
+        {
+            echo "flavor=$flavor"
+            echo "key=$key"
+            echo "source=$SOURCE"
+            echo "cloud_hypervisor_commit=$CH_COMMIT"
+            echo "micro_http_commit=$MICRO_HTTP_COMMIT"
+            echo "profile=$PROFILE"
+            echo "rustc=$(rustc -V)"
+            if [ "$flavor" = patched ]; then
+                local p
+                for p in "${PATCHES[@]}"; do echo "patch=$(basename "$p")"; done
+            fi
+            echo "build_seconds=$(($(now) - started))"
+        } >"$bin.tmp/BUILD-INFO"
+        rm -rf "$bin" && mv "$bin.tmp" "$bin"
+        log "$flavor: built in $(($(now) - started)) s"
+    fi
+    rm -rf "$OUT/$flavor.tmp" && mkdir -p "$OUT/$flavor.tmp"
+    cp "$bin"/* "$OUT/$flavor.tmp/"
+    rm -rf "${OUT:?}/$flavor" && mv "$OUT/$flavor.tmp" "$OUT/$flavor"
+    [ "$PRINT_DIR" = 1 ] && echo "$OUT/$flavor"
+    return 0
+}
+
+MICRO_HTTP_DIR=$(micro_http_source)
+case "$SOURCE" in
+vendor | git) SOURCE_ID=$CH_COMMIT ;;
+*) SOURCE_ID=$(tar -C "$SOURCE" --exclude=./.git --exclude=./target --sort=name \
+    --mtime=@0 --owner=0 --group=0 -cf - . | sha) ;;
+esac
+BASE_KEY=$(printf '%s\n' "recipe=$RECIPE" "source=$SOURCE_ID" \
+    "micro_http=$MICRO_HTTP_COMMIT" "profile=$PROFILE" "toolchain=$(toolchain_id)" | sha)
+
+for flavor in "${FLAVORS[@]}"; do
+    key=$BASE_KEY
+    if [ "$flavor" = patched ]; then
+        key=$(printf '%s\n' "$BASE_KEY" "$(cat "${PATCHES[@]}" | sha)" "$(our_crates_hash)" | sha)
+    fi
+    build_flavor "$flavor" "${key:0:16}"
+done
