@@ -26,7 +26,8 @@
 # them (sources, series, our crates, toolchain, profile). A build whose key
 # is cached costs nothing.
 #
-# Results: <out>/<flavour>/{cloud-hypervisor,ch-remote,BUILD-INFO}, <out>
+# Results: <out>/<flavour>/{cloud-hypervisor,ch-remote,cloud-hypervisor.yaml,
+# BUILD-INFO}, <out>
 # defaulting to <repo>/target/cloud-hypervisor.
 #
 # Usage: scripts/build-cloud-hypervisor.sh [--flavor upstream|patched|all]
@@ -44,7 +45,7 @@ SERIES_DIR="$REPO/vmm-glue/cloud-hypervisor"
 . "$SERIES_DIR/sources.env"
 
 # Bumped when this script changes how a build is made (part of every key).
-RECIPE=1
+RECIPE=2
 
 FLAVOR=all
 SOURCE=auto
@@ -243,6 +244,8 @@ build_flavor() {
         [ "$PROFILE" = dev ] && built="$CACHE/target/debug"
         rm -rf "$bin.tmp" && mkdir -p "$bin.tmp"
         cp "$built/cloud-hypervisor" "$built/ch-remote" "$bin.tmp/"
+        # The API's OpenAPI description, for tests that check bodies against it.
+        cp "$tree/vmm/src/api/openapi/cloud-hypervisor.yaml" "$bin.tmp/"
         {
             echo "flavor=$flavor"
             echo "key=$key"
