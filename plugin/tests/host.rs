@@ -59,6 +59,11 @@ fn list_finds_the_pf_and_its_vfs() {
         other => panic!("VF1 not probed: {other:?}"),
     }
 
+    // The vfio-dev class device without its /dev node (a kernel without
+    // CONFIG_VFIO_DEVICE_CDEV) is no cdev.
+    std::fs::remove_file(fake.path("dev/vfio/devices/vfio0")).unwrap();
+    assert_eq!(facts(&host, "0000:03:00.1").vfio_cdev, None);
+
     let vf2 = &pf.vfs[1];
     assert_eq!(vf2.driver.as_deref(), Some("xe"));
     assert_eq!(vf2.driver_override, None);

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::device::{DeviceFacts, DeviceRef, Role, DEV_IOMMU, DEV_VFIO, PCI_DEVICES};
+use super::device::{Bus, DeviceFacts, DeviceRef, Role, DEV_IOMMU, DEV_VFIO, PCI_DEVICES};
 use super::probe::{Availability, Probe};
 use super::root::HostRoot;
 use super::{driver_is_vfio_safe, holders, lmem, Host, PF_DRIVER, VF_DRIVER, VF_MODULE};
@@ -72,7 +72,8 @@ pub struct Credentials {
 }
 
 impl Credentials {
-    /// This process's effective user and groups (`/proc/self/status`).
+    /// This process's effective user and groups (`/proc/self/status`),
+    /// named from `/etc/passwd` when it is listed there.
     pub fn current() -> Self {
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
         let field = |key: &str| -> Vec<u32> {
@@ -94,11 +95,10 @@ impl Credentials {
             .into_iter()
             .collect::<Vec<_>>();
         gids.extend(field("Groups:"));
-        Credentials {
-            name: format!("uid {uid}"),
-            uid,
-            gids,
-        }
+        let name = Self::lookup(&HostRoot::system(), &uid.to_string())
+            .map(|c| c.name)
+            .unwrap_or_else(|_| format!("uid {uid}"));
+        Credentials { name, uid, gids }
     }
 
     /// A user from the tree's `/etc/passwd` and `/etc/group`, by name or
@@ -219,11 +219,11 @@ fn check_device(host: &Host, dev: &DeviceRef, cred: &Credentials) -> CheckReport
         (Role::Pf, _) => "an SR-IOV PF".to_string(),
         _ => "a PCI function".to_string(),
     };
-    lines.add(
-        "device",
-        Status::Ok,
-        format!("{} is {what} ({})", f.name, f.id_string()),
-    );
+    let id = match f.bus {
+        Bus::Pci => format!(" ({})", f.id_string()),
+        Bus::Mdev => String::new(),
+    };
+    lines.add("device", Status::Ok, format!("{} is {what}{id}", f.name));
 
     match (f.role, &f.parent) {
         (Role::Vf, Some(pf)) => {
@@ -501,8 +501,9 @@ fn check_migration(f: &DeviceFacts, lines: &mut Lines) -> Option<&'static str> {
     }
     let iommu = match &p.iommu_dirty_tracking {
         Availability::Yes => "IOMMU dirty tracking: yes".to_string(),
-        Availability::No { reason } | Availability::Unknown { reason } => {
-            format!("IOMMU dirty tracking: no ({reason})")
+        Availability::No { reason } => format!("IOMMU dirty tracking: no ({reason})"),
+        Availability::Unknown { reason } => {
+            format!("IOMMU dirty tracking: unknown, counted as no ({reason})")
         }
     };
     if p.dma_logging {

@@ -227,13 +227,16 @@ fn vf_of(root: &HostRoot, sysfs: &Path) -> Option<(String, u32)> {
     Some((pf, index))
 }
 
-/// `/dev/vfio/devices/vfioN` from the device's `vfio-dev/vfioN` entry.
+/// `/dev/vfio/devices/vfioN` from the device's `vfio-dev/vfioN` entry,
+/// if that node exists: the `vfio-dev` class device is there on every
+/// kernel, the cdev only with `CONFIG_VFIO_DEVICE_CDEV` (Debian's 6.12
+/// has the former without the latter).
 fn vfio_cdev(root: &HostRoot, sysfs: &Path) -> Option<PathBuf> {
     let name = root
         .list(&sysfs.join("vfio-dev"))
         .into_iter()
         .find(|n| n.starts_with("vfio"))?;
-    Some(Path::new(DEV_VFIO_DEVICES).join(name))
+    Some(Path::new(DEV_VFIO_DEVICES).join(name)).filter(|node| root.exists(node))
 }
 
 /// Reads everything sysfs holds about `dev`. `migration` is left
