@@ -25,11 +25,11 @@ use xe_vf_plugin::{DeviceIdentity, DeviceState, MigrationDevice, MigrationFlags}
 
 use crate::dirty::{self, DirtyMode, DirtyTracker};
 use crate::iommufd_dirty::HwptDirtyTracker;
-use crate::migration::{
-    MemoryRange, MemoryRangeTable, Migratable, MigratableError, Pausable, Snapshot, Snapshottable,
-    Transportable,
-};
 use crate::snapshot::{self, PendingDataFile, XeVfSnapshotState};
+use vm_migration::protocol::{MemoryRange, MemoryRangeTable};
+use vm_migration::{
+    Migratable, MigratableError, Pausable, Snapshot, Snapshottable, StreamedState, Transportable,
+};
 
 /// What a destination needs to know of a source VF before anything stops.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,39 +166,6 @@ impl XeVfDevice {
             .map_err(|e| phase(anyhow!("device {}: {e}", self.id)))
     }
 
-    /// RUNNING -> RUNNING_P2P: the first half of a multi-device pause, so
-    /// no VF DMAs into a peer that has already stopped.
-    pub fn quiesce(&mut self) -> Result<(), MigratableError> {
-        let flags = self
-            .device
-            .migration_flags()
-            .map_err(|e| MigratableError::Pause(anyhow!("device {}: {e}", self.id)))?;
-        if flags.contains(MigrationFlags::P2P) && self.state()? == DeviceState::Running {
-            self.walk(
-                DeviceState::RunningP2p,
-                DeviceState::Running,
-                MigratableError::Pause,
-            )?;
-        }
-        Ok(())
-    }
-
-    /// STOP -> RUNNING_P2P: the first half of a multi-device resume.
-    pub fn unquiesce(&mut self) -> Result<(), MigratableError> {
-        let flags = self
-            .device
-            .migration_flags()
-            .map_err(|e| MigratableError::Resume(anyhow!("device {}: {e}", self.id)))?;
-        if flags.contains(MigrationFlags::P2P) && self.state()? == DeviceState::Stop {
-            self.walk(
-                DeviceState::RunningP2p,
-                DeviceState::Stop,
-                MigratableError::Resume,
-            )?;
-        }
-        Ok(())
-    }
-
     /// What the destination checks before the source stops.
     pub fn migration_info(&self) -> Result<DeviceMigrationInfo, MigratableError> {
         let header = engine::header_for(&*self.device, &self.opts)
@@ -239,7 +206,7 @@ impl XeVfDevice {
     }
 
     /// Destination side: loads a streamed state; the VF is left in STOP.
-    pub fn receive_state<R: Read + Send + 'static>(
+    pub fn receive_state<R: Read + Send>(
         &self,
         input: R,
         progress: &mut dyn FnMut(u64),
@@ -309,6 +276,39 @@ impl Pausable for XeVfDevice {
             DeviceState::Stop,
             MigratableError::Resume,
         )
+    }
+
+    /// RUNNING -> RUNNING_P2P: the first half of a multi-device pause, so
+    /// no VF DMAs into a peer that has already stopped.
+    fn quiesce(&mut self) -> Result<(), MigratableError> {
+        let flags = self
+            .device
+            .migration_flags()
+            .map_err(|e| MigratableError::Pause(anyhow!("device {}: {e}", self.id)))?;
+        if flags.contains(MigrationFlags::P2P) && self.state()? == DeviceState::Running {
+            self.walk(
+                DeviceState::RunningP2p,
+                DeviceState::Running,
+                MigratableError::Pause,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// STOP -> RUNNING_P2P: the first half of a multi-device resume.
+    fn unquiesce(&mut self) -> Result<(), MigratableError> {
+        let flags = self
+            .device
+            .migration_flags()
+            .map_err(|e| MigratableError::Resume(anyhow!("device {}: {e}", self.id)))?;
+        if flags.contains(MigrationFlags::P2P) && self.state()? == DeviceState::Stop {
+            self.walk(
+                DeviceState::RunningP2p,
+                DeviceState::Stop,
+                MigratableError::Resume,
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -450,7 +450,9 @@ impl Migratable for XeVfDevice {
                 ),
                 _ => return Err(log_err(format!("dirty mode {mode:?} has no source"))),
             };
-            tables.push(MemoryRangeTable::from_bitmap(bitmap, r.gpa, page_size));
+            tables.push(MemoryRangeTable::from_dirty_bitmap(
+                bitmap, r.gpa, page_size,
+            ));
         }
         Ok(MemoryRangeTable::new_from_tables(tables))
     }
@@ -475,6 +477,24 @@ impl Migratable for XeVfDevice {
         }
         info!("device {}: migration complete, VF left in {state}", self.id);
         Ok(())
+    }
+}
+
+impl StreamedState for XeVfDevice {
+    fn send_state(&mut self, out: &mut (dyn Write + Send)) -> Result<u64, MigratableError> {
+        XeVfDevice::send_state(self, out, &mut |_| {}).map(|r| r.encoded_bytes)
+    }
+
+    fn receive_state(&mut self, input: &mut (dyn Read + Send)) -> Result<u64, MigratableError> {
+        XeVfDevice::receive_state(self, input, &mut |_| {}).map(|r| r.decoded.encoded_bytes)
+    }
+
+    fn restore_state(
+        &mut self,
+        snapshot: &Snapshot,
+        source_url: &str,
+    ) -> Result<(), MigratableError> {
+        self.restore_from_snapshot(snapshot, source_url).map(|_| ())
     }
 }
 
