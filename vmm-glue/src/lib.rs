@@ -16,4 +16,4 @@ pub mod xe_vf;
 
 pub use vm_migration as migration;
 pub use vm_migration::protocol;
-pub use xe_vf::{DeviceMigrationInfo, XeVfDevice};
+pub use xe_vf::{check_placement, DeviceMigrationInfo, XeVfDevice};
