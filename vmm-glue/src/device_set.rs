@@ -10,8 +10,8 @@
 
 use log::error;
 
-use crate::migration::{MigratableError, Pausable};
 use crate::xe_vf::XeVfDevice;
+use vm_migration::{MigratableError, Pausable};
 
 #[derive(Default)]
 pub struct XeVfSet {

@@ -11,9 +11,9 @@
 pub mod device_set;
 pub mod dirty;
 pub mod iommufd_dirty;
-pub mod migration;
-pub mod protocol;
 pub mod snapshot;
 pub mod xe_vf;
 
-pub use xe_vf::{DeviceMigrationInfo, XeVfDevice};
+pub use vm_migration as migration;
+pub use vm_migration::protocol;
+pub use xe_vf::{check_placement, DeviceMigrationInfo, XeVfDevice};

@@ -22,12 +22,15 @@
 //! inside the JSON.
 
 use std::collections::BTreeMap;
+use std::io::{Read, Write};
 
 use anyhow::anyhow;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use crate::protocol::{MemoryRange, MemoryRangeTable};
+
+pub mod protocol;
 
 /// Failure of one migration phase of one component.
 #[derive(Debug, Error)]
@@ -65,6 +68,20 @@ pub trait Pausable {
     }
 
     fn resume(&mut self) -> Result<(), MigratableError> {
+        Ok(())
+    }
+
+    /// First half of pausing several components: stop initiating
+    /// peer-to-peer DMA while still serving it (VFIO's RUNNING_P2P). The
+    /// VMM quiesces every component before it pauses any, so no device
+    /// DMAs into a peer that has already stopped.
+    fn quiesce(&mut self) -> Result<(), MigratableError> {
+        Ok(())
+    }
+
+    /// First half of resuming several components, the reverse of
+    /// `quiesce()`: called on every component before any `resume()`.
+    fn unquiesce(&mut self) -> Result<(), MigratableError> {
         Ok(())
     }
 }
@@ -192,6 +209,33 @@ pub trait Migratable: Send + Pausable + Snapshottable + Transportable {
     fn complete_migration(&mut self) -> Result<(), MigratableError> {
         Ok(())
     }
+}
+
+/// A component whose state is too large for the JSON snapshot, such as a
+/// VFIO device whose migration data includes its device memory.
+///
+/// Its `snapshot()` only describes the state; the VMM streams the state
+/// itself: into a file of its own beside `state.json` through
+/// `Transportable::send()`, and as a `DeviceState` phase after `State` in
+/// a live migration. Memory use is then bounded by buffers, not by the
+/// size of the state.
+pub trait StreamedState: Migratable {
+    /// Writes the paused component's state to `out`; returns the bytes
+    /// written.
+    fn send_state(&mut self, out: &mut (dyn Write + Send)) -> Result<u64, MigratableError>;
+
+    /// Loads a state written by `send_state()` from `input`, which must
+    /// not be read past the end of that state; returns the bytes read. The
+    /// component stays paused. A failed load leaves no partial state.
+    fn receive_state(&mut self, input: &mut (dyn Read + Send)) -> Result<u64, MigratableError>;
+
+    /// Loads the state that the snapshot at `source_url` holds for this
+    /// component, which `snapshot` describes.
+    fn restore_state(
+        &mut self,
+        snapshot: &Snapshot,
+        source_url: &str,
+    ) -> Result<(), MigratableError>;
 }
 
 #[cfg(test)]

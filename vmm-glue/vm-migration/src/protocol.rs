@@ -38,7 +38,7 @@ use std::ops::RangeInclusive;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::migration::MigratableError;
+use crate::MigratableError;
 
 /// Newest protocol version this implementation sends.
 pub const CURRENT_PROTOCOL_VERSION: u16 = 0;
