@@ -80,6 +80,13 @@ enum Command {
         #[arg(long, default_value = "target/bench/downtime.png")]
         png: PathBuf,
     },
+    /// Measures the page-digest functions of the verify pass on this
+    /// machine (one thread each, then the fastest on 1..=N threads).
+    HashRates {
+        /// Most threads to try.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
     /// One side of one transfer (run by `run`).
     #[command(hide = true)]
     Worker {
@@ -101,6 +108,29 @@ enum Command {
         #[arg(long)]
         listen: Option<String>,
     },
+}
+
+/// Prints the measured digest rates as the migration sees them.
+fn hash_rates(threads: usize) -> anyhow::Result<()> {
+    use xe_vf_glue::verify::{rates, DigestKey, PageDigester};
+    let key = DigestKey::random()?;
+    let ranked = rates::measure_functions(&key);
+    for r in &ranked {
+        println!(
+            "{:16} 1 thread: {:7.0} MiB/s",
+            r.function.name(),
+            r.bytes_per_s / f64::from(1 << 20)
+        );
+    }
+    let best = PageDigester::new(ranked[0].function, &key);
+    for n in 1..=threads.max(1) {
+        println!(
+            "{:16} {n} thread(s) through the final-pass code: {:7.0} MiB/s",
+            best.function().name(),
+            rates::measure_parallel(&best, n)? / f64::from(1 << 20)
+        );
+    }
+    Ok(())
 }
 
 fn main() {
@@ -126,6 +156,7 @@ fn main() {
             case_timeout: std::time::Duration::from_secs(case_timeout),
         }),
         Command::Report { inputs, png } => report::rerender(&inputs, &png),
+        Command::HashRates { threads } => hash_rates(threads),
         Command::Worker {
             role,
             method,

@@ -12,6 +12,7 @@ pub mod device_set;
 pub mod dirty;
 pub mod iommufd_dirty;
 pub mod snapshot;
+pub mod verify;
 pub mod xe_vf;
 
 pub use vm_migration as migration;
