@@ -215,6 +215,21 @@ pub struct MigrationTestOptions {
     /// id) as soon as they exist, e.g. a failing RESUMING -> STOP.
     #[serde(default)]
     pub device_faults: BTreeMap<String, Vec<DeviceFault>>,
+    /// Source: how the final pass covers the pages VFs may have DMA'd
+    /// into when the destination speaks the verify pass: `auto` (decided
+    /// from the measured hash and link rates), `verify` or `resend`.
+    #[serde(default)]
+    pub final_pass: FinalPassMode,
+}
+
+/// See [`MigrationTestOptions::final_pass`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FinalPassMode {
+    #[default]
+    Auto,
+    Verify,
+    Resend,
 }
 
 impl Default for MigrationTestOptions {
@@ -226,6 +241,7 @@ impl Default for MigrationTestOptions {
             stall_at: None,
             timeout_s: default_receive_timeout_s(),
             device_faults: BTreeMap::new(),
+            final_pass: FinalPassMode::Auto,
         }
     }
 }

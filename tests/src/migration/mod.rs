@@ -15,6 +15,7 @@ pub mod conn;
 pub mod lanes;
 pub mod receive;
 pub mod send;
+pub mod verify_pass;
 
 use std::io::{self, Read, Write};
 

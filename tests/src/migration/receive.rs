@@ -8,7 +8,7 @@
 //! it is dropped (a VF whose load failed was already reset by the
 //! engine), so a partly restored VF never runs.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,7 @@ use xe_vf_plugin::engine::TransferOptions;
 
 use super::conn::{Conn, Listener, MigrationUrl};
 use super::lanes::ReceiveLanes;
+use super::verify_pass;
 use super::{is_eof, read_json_payload, write_error, MigrationConfig};
 use crate::error::{HostError, HostResult};
 use crate::fault::{self, FaultyStream, MigrationFault, MigrationTestOptions};
@@ -40,6 +41,9 @@ pub struct ReceiveReport {
     pub memory_connection_bytes: u64,
     /// With `verify`: the VM as it was right before it resumed.
     pub at_switchover: Option<VmFingerprint>,
+    /// Verify pass: bytes checked by digest, and those that differed.
+    pub verified_bytes: u64,
+    pub differing_bytes: u64,
 }
 
 struct Receiver<'a> {
@@ -118,6 +122,8 @@ fn receive_one(
             memory_passes: 0,
             memory_connection_bytes: 0,
             at_switchover: None,
+            verified_bytes: 0,
+            differing_bytes: 0,
         },
     };
     let result = receiver.run();
@@ -205,7 +211,25 @@ impl Receiver<'_> {
                         .sender_protocol_version()
                         .map_err(|e| HostError::bad_request("start", e))?;
                     started = true;
-                    self.ok("start")?;
+                    let agreed =
+                        verify_pass::sender_features(&request) & verify_pass::SUPPORTED_FEATURES;
+                    self.conn
+                        .write_all(&verify_pass::start_answer(agreed))
+                        .map_err(|e| HostError::failed("start", e))?;
+                }
+                Command::VerifySetup => {
+                    self.phase("verify setup");
+                    let memory = self.vm("verify setup")?.memory().clone();
+                    verify_pass::receive_setup(&mut self.conn, &request, &memory)?;
+                    self.ok("verify setup")?;
+                }
+                Command::Digests => {
+                    self.phase("digests");
+                    let memory = self.vm("digests")?.memory().clone();
+                    let (checked, differ) =
+                        verify_pass::answer_digests(&mut self.conn, &request, &memory)?;
+                    self.report.verified_bytes += checked;
+                    self.report.differing_bytes += differ;
                 }
                 Command::Config => self.config(&request)?,
                 Command::Memory => self.memory(&request)?,

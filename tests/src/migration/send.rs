@@ -16,16 +16,20 @@ use xe_vf_plugin::engine::TransferOptions;
 
 use super::conn::{connect, Conn, MigrationUrl};
 use super::lanes::SendLanes;
+use super::verify_pass::{self, VerifyOutcome, VerifyPlan};
 use super::{expect_ok, peer_refusal, CountingWriter, MigrationConfig};
 use crate::api_bodies::{SendMigrationData, TimeoutStrategy};
 use crate::error::{HostError, HostResult};
-use crate::fault::{self, FaultyStream, MigrationFault};
+use crate::fault::{self, FaultyStream, FinalPassMode, MigrationFault};
 use crate::memory::{COPY_CHUNK, PAGE_SIZE};
 use crate::vm::{Vm, VmFingerprint};
 use crate::vmm::{Counters, VmState, Vmm};
 
 /// Memory bytes per `Memory` command on the main connection.
 const MEMORY_CHUNK: u64 = 64 << 20;
+/// Share of the DMA-reachable bytes the verify estimate expects to
+/// differ (the VF's writes during the last round).
+const EXPECTED_DMA_SHARE: f64 = 0.02;
 /// Longest wait for the destination to listen (CH does not wait; the
 /// host does, as tests start both sides at once).
 const CONNECT_RETRY: Duration = Duration::from_secs(10);
@@ -45,6 +49,29 @@ pub struct SendReport {
     pub connections: u32,
     /// Memory checksum and VF digests of the source as it stopped.
     pub at_stop: VmFingerprint,
+    /// Where the downtime went.
+    pub downtime: DowntimeBreakdown,
+}
+
+/// The downtime by phase, in milliseconds from the pause.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DowntimeBreakdown {
+    /// Final memory pass: CPU-dirty pages, then the DMA-reachable pages
+    /// resent or verified (digests and the pages that differ).
+    pub final_memory_ms: f64,
+    /// Every VF's state streamed and loaded.
+    pub device_state_ms: f64,
+    /// State and Complete, until the destination's Ok.
+    pub switchover_ms: f64,
+    /// CPU-dirty bytes sent in the final pass.
+    pub cpu_dirty_bytes: u64,
+    /// DMA-reachable bytes the CPU dirty log did not cover.
+    pub dma_bytes: u64,
+    /// `resend` (QEMU style), `verify`, or `none` (no DMA pages).
+    pub dma_pages: &'static str,
+    /// How the choice was made (rates, estimates), when verify was offered.
+    pub decision: Option<verify_pass::FinalPassChoice>,
+    pub verify: Option<VerifyOutcome>,
 }
 
 /// Everything that must be undone if the migration fails.
@@ -69,6 +96,12 @@ struct Sender<'a> {
     memory_bytes: AtomicU64,
     device_bytes: u64,
     passes: u32,
+    final_pass: FinalPassMode,
+    /// Set when the destination speaks the verify pass and it was set up.
+    verify: Option<VerifyPlan>,
+    /// Memory bytes per second of the last pre-copy pass.
+    link_rate: Option<f64>,
+    breakdown: DowntimeBreakdown,
 }
 
 /// `vm.send-migration`: checks the request, then migrates in a worker
@@ -104,7 +137,15 @@ pub fn start(vmm: &Arc<Vmm>, req: SendMigrationData) -> HostResult<()> {
         .name("migration-worker".into())
         .spawn(move || {
             let vmm = worker_vmm;
-            let result = send(&vmm, &vm, &req, &url, initial, options.fault);
+            let result = send(
+                &vmm,
+                &vm,
+                &req,
+                &url,
+                initial,
+                options.fault,
+                options.final_pass,
+            );
             vmm.end_detached_op();
             vmm.set_phase("idle");
             let outcome = match result {
@@ -131,6 +172,7 @@ fn send(
     url: &MigrationUrl,
     initial: VmState,
     fault: Option<MigrationFault>,
+    final_pass: FinalPassMode,
 ) -> HostResult<SendReport> {
     let timeout = req.timeout();
     let started = Instant::now();
@@ -165,6 +207,10 @@ fn send(
         memory_bytes: AtomicU64::new(0),
         device_bytes: 0,
         passes: 0,
+        final_pass,
+        verify: None,
+        link_rate: None,
+        breakdown: DowntimeBreakdown::default(),
     };
     let result = sender.run(started, initial);
     sender.lanes.close();
@@ -202,18 +248,23 @@ fn send(
     }
 }
 
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
 impl Sender<'_> {
     fn run(&mut self, started: Instant, initial: VmState) -> HostResult<SendReport> {
         self.phase("start");
-        Request::start()
+        verify_pass::start_request(verify_pass::SUPPORTED_FEATURES)?
             .write_to(&mut self.conn)
             .map_err(|e| HostError::failed("start", e))?;
-        expect_ok(&mut self.conn, "start")?;
+        let agreed = verify_pass::read_start_answer(&mut self.conn)?;
 
         // The destination checks compatibility here; nothing has been
         // touched on this side yet.
         self.phase("config");
         self.send_config()?;
+        self.set_up_verify(agreed)?;
 
         self.phase("start dirty log");
         {
@@ -244,18 +295,15 @@ impl Sender<'_> {
         }
         self.inject("pause");
 
-        let mut bitmap = self.vm.memory().take_dirty_bitmap();
-        for (w, l) in bitmap.iter_mut().zip(&leftover) {
-            *w |= l;
-        }
-        self.merge_device_dirty(&mut bitmap)?;
-        let final_table = MemoryRangeTable::from_dirty_bitmap(bitmap, 0, PAGE_SIZE);
-        let final_pass_bytes = final_table.effective_size();
-        self.send_memory(final_table, true)?;
+        let final_pass_bytes = self.final_memory_pass(&leftover)?;
         // Memory is all there: the extra connections end (CH's cleanup).
         self.lanes.close();
+        self.breakdown.final_memory_ms = ms_since(downtime_started);
 
+        let devices_started = Instant::now();
         self.send_device_states()?;
+        self.breakdown.device_state_ms = ms_since(devices_started);
+        let switchover_started = Instant::now();
         self.inject("state");
         self.send_state()?;
 
@@ -271,6 +319,7 @@ impl Sender<'_> {
             .map_err(|e| HostError::failed("complete", e))?;
         expect_ok(&mut self.conn, "complete")?;
         let downtime = downtime_started.elapsed();
+        self.breakdown.switchover_ms = ms_since(switchover_started);
 
         // The destination runs the VM now: this side stays stopped.
         {
@@ -296,7 +345,95 @@ impl Sender<'_> {
             final_pass_bytes,
             connections: self.req.connections.get(),
             at_stop,
+            downtime: std::mem::take(&mut self.breakdown),
         })
+    }
+
+    /// With the destination agreeing to the verify pass (and the test
+    /// options not forcing a resend), chooses the digest function and
+    /// key and sends them, so that the destination hashes every page of
+    /// pre-copy as it arrives.
+    fn set_up_verify(&mut self, agreed: u32) -> HostResult<()> {
+        let wanted = self.final_pass != FinalPassMode::Resend;
+        let has_devices = !self.vm.devices().devices().is_empty();
+        if agreed & verify_pass::FEATURE_DIGEST_VERIFY == 0 || !wanted || !has_devices {
+            return Ok(());
+        }
+        self.phase("verify setup");
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let plan = VerifyPlan::prepare(threads)?;
+        verify_pass::send_setup(&mut self.conn, &plan)?;
+        self.verify = Some(plan);
+        Ok(())
+    }
+
+    /// The final pass: CPU-dirty pages (and what pre-copy left over),
+    /// then the pages the VFs may have DMA'd into, resent or, with the
+    /// verify pass, checked by digest and only the differing ones sent.
+    /// Returns the memory bytes this pass put on the wire.
+    fn final_memory_pass(&mut self, leftover: &[u64]) -> HostResult<u64> {
+        let mut cpu = self.vm.memory().take_dirty_bitmap();
+        for (w, l) in cpu.iter_mut().zip(leftover) {
+            *w |= l;
+        }
+        let mut dma = vec![0u64; cpu.len()];
+        self.merge_device_dirty(&mut dma)?;
+        let dma_runs = verify_pass::dma_only_runs(&dma, &cpu);
+        let dma_bytes: u64 = dma_runs.iter().map(|r| r.pages * PAGE_SIZE).sum();
+        let cpu_table = MemoryRangeTable::from_dirty_bitmap(cpu.iter().copied(), 0, PAGE_SIZE);
+        self.breakdown.cpu_dirty_bytes = cpu_table.effective_size();
+        self.breakdown.dma_bytes = dma_bytes;
+        let verify = match (&self.verify, dma_bytes) {
+            (_, 0) | (None, _) => false,
+            (Some(plan), _) => {
+                let link_rate = self.link_rate.unwrap_or(f64::MAX);
+                let decision = xe_vf_glue::verify::decide(
+                    dma_bytes,
+                    plan.hash_rate(),
+                    link_rate,
+                    EXPECTED_DMA_SHARE,
+                );
+                let forced = match self.final_pass {
+                    FinalPassMode::Verify => true,
+                    FinalPassMode::Resend => false,
+                    FinalPassMode::Auto => decision.is_verify(),
+                };
+                self.breakdown.decision = Some(verify_pass::FinalPassChoice {
+                    decision,
+                    plan: plan.report.clone(),
+                });
+                forced
+            }
+        };
+        self.breakdown.dma_pages = match (dma_bytes, verify) {
+            (0, _) => "none",
+            (_, true) => "verify",
+            (_, false) => "resend",
+        };
+        if !verify {
+            for (w, d) in cpu.iter_mut().zip(&dma) {
+                *w |= d;
+            }
+            let table = MemoryRangeTable::from_dirty_bitmap(cpu, 0, PAGE_SIZE);
+            let bytes = table.effective_size();
+            self.send_memory(table, true)?;
+            return Ok(bytes);
+        }
+        let cpu_bytes = cpu_table.effective_size();
+        self.send_memory(cpu_table, true)?;
+        self.phase("final memory pass (digests)");
+        let Some(plan) = self.verify.as_ref() else {
+            return Ok(cpu_bytes);
+        };
+        let memory = self.vm.memory().clone();
+        let (resend, outcome) =
+            verify_pass::exchange_digests(&mut self.conn, &memory, &dma_runs, plan)?;
+        let resent = resend.effective_size();
+        if resent > 0 {
+            self.send_memory(resend, true)?;
+        }
+        self.breakdown.verify = Some(outcome);
+        Ok(cpu_bytes + resent)
     }
 
     /// CH's precopy loop: all memory, then what got dirty, until the
@@ -357,6 +494,7 @@ impl Sender<'_> {
             self.send_memory(table, false)?;
             let elapsed_ms = pass_started.elapsed().as_secs_f64() * 1e3;
             rate = Some(bytes as f64 / elapsed_ms.max(0.001));
+            self.link_rate = rate.map(|r| r * 1e3);
             iteration += 1;
         }
     }

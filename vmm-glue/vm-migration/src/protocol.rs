@@ -128,6 +128,16 @@ pub enum Command {
     /// is in `command_headers[0..2]`; `length` is the stream's byte length
     /// or [`DEVICE_STATE_SELF_DELIMITED`].
     DeviceState = 0x100,
+    /// Our extension (feature `DIGEST_VERIFY`): the digest function and
+    /// per-migration key the destination hashes arriving pages with; sent
+    /// after Config, before the first Memory. Payload:
+    /// `xe_vf_glue::verify::wire::VerifySetup`.
+    VerifySetup = 0x101,
+    /// Our extension (feature `DIGEST_VERIFY`): digests of pages the
+    /// source did not resend in the final pass. Payload:
+    /// `xe_vf_glue::verify::wire::DigestBatch`; the Ok answering it
+    /// carries the pages whose digests differ (its `length` bytes).
+    Digests = 0x102,
 }
 
 impl TryFrom<u16> for Command {
@@ -146,6 +156,8 @@ impl TryFrom<u16> for Command {
             8 => Command::CompletePaused,
             9 => Command::PageFault,
             0x100 => Command::DeviceState,
+            0x101 => Command::VerifySetup,
+            0x102 => Command::Digests,
             other => return Err(ProtocolError::UnknownCommand(other)),
         })
     }
