@@ -41,6 +41,9 @@ pub struct ReceiveReport {
     pub memory_connection_bytes: u64,
     /// With `verify`: the VM as it was right before it resumed.
     pub at_switchover: Option<VmFingerprint>,
+    /// With `verify`: how long taking `at_switchover` held the switch-over
+    /// (part of the source's downtime; benchmarks subtract it).
+    pub fingerprint_ms: f64,
     /// Verify pass: bytes checked by digest, and those that differed.
     pub verified_bytes: u64,
     pub differing_bytes: u64,
@@ -122,6 +125,7 @@ fn receive_one(
             memory_passes: 0,
             memory_connection_bytes: 0,
             at_switchover: None,
+            fingerprint_ms: 0.0,
             verified_bytes: 0,
             differing_bytes: 0,
         },
@@ -462,7 +466,9 @@ impl Receiver<'_> {
             .take()
             .ok_or_else(|| HostError::bad_request("complete", "no VM"))?;
         if self.req.verify {
+            let t = Instant::now();
             self.report.at_switchover = Some(vm.fingerprint()?);
+            self.report.fingerprint_ms = t.elapsed().as_secs_f64() * 1e3;
         }
         let state = if resume {
             if let Err(e) = vm.resume() {
