@@ -356,6 +356,9 @@ fn live_migration_of_two_vfs_in_one_vm() {
     let dst = Host::start(dir.path(), "dst", &[]);
     let url = format!("unix:{}", dir.path().join("mig.sock").display());
     let sent = migrate_and_verify(&src, &dst, &url);
+    // Both VF states went at once, each over a connection of its own,
+    // while the final memory pass used the main one.
+    assert_eq!(sent["downtime"]["device_state_connections"], 2);
     assert_eq!(sent["at_stop"]["devices"].as_array().unwrap().len(), 2);
     assert_ne!(
         sent["at_stop"]["devices"][0]["digest"],

@@ -9,6 +9,7 @@
 //! engine), so a partly restored VF never runs.
 
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,7 @@ use xe_vf_plugin::device_config::DeviceConfig;
 use xe_vf_plugin::engine::TransferOptions;
 
 use super::conn::{Conn, Listener, MigrationUrl};
+use super::device_lanes::{Target, Targets};
 use super::lanes::ReceiveLanes;
 use super::verify_pass;
 use super::{is_eof, read_json_payload, write_error, MigrationConfig};
@@ -55,6 +57,8 @@ struct Receiver<'a> {
     conn: Conn,
     listener: Arc<Listener>,
     lanes: Option<ReceiveLanes>,
+    /// VFs that device-state connections may load (from Config on).
+    device_targets: Option<Arc<Targets>>,
     vm: Option<Vm>,
     fault: Option<MigrationFault>,
     received: Vec<bool>,
@@ -114,6 +118,7 @@ fn receive_one(
         conn,
         listener,
         lanes: None,
+        device_targets: None,
         vm: None,
         fault: req.fault.clone(),
         received: Vec::new(),
@@ -188,10 +193,68 @@ impl Receiver<'_> {
             .ok_or_else(|| HostError::bad_request(phase, "command before Config"))
     }
 
+    /// Stops the extra connections (device-state ones end when the source
+    /// closes them) and returns the first failure of a device-state one.
+    fn device_lane_error(&mut self) -> Option<HostError> {
+        if let Some(mut lanes) = self.lanes.take() {
+            let _ = lanes.finish();
+        }
+        self.device_targets.take().and_then(|t| t.outcome().2)
+    }
+
     /// Serves commands until Complete; returns the VM to install.
     fn run(&mut self) -> HostResult<(Arc<Vm>, VmState)> {
+        let result = self.serve_commands();
+        if matches!(&result, Err(e) if e.phase == "abandon") {
+            // The source gave up; a VF that failed on its own connection
+            // is why.
+            if let Some(e) = self.device_lane_error() {
+                return Err(e);
+            }
+        }
+        result
+    }
+
+    /// Waits for the next command; while VF state streams in on its own
+    /// connections, the main connection may be silent for longer than
+    /// the timeout.
+    fn wait_for_command(&self) -> HostResult<()> {
+        let timeout = Duration::from_secs(self.req.timeout_s.clamp(1, 3600));
+        loop {
+            let mut pfd = libc::pollfd {
+                fd: self.conn.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+            // SAFETY: one valid pollfd on our stack, count 1.
+            let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+            match rc {
+                0 if self.device_targets.as_ref().is_some_and(|t| t.streaming()) => continue,
+                0 => {
+                    return Err(HostError::failed(
+                        "read command",
+                        format!(
+                            "migration socket error: timed out: the peer was silent for {} s",
+                            timeout.as_secs()
+                        ),
+                    ))
+                }
+                n if n > 0 => return Ok(()),
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(HostError::failed("read command", e));
+                    }
+                }
+            }
+        }
+    }
+
+    fn serve_commands(&mut self) -> HostResult<(Arc<Vm>, VmState)> {
         let mut started = false;
         loop {
+            self.wait_for_command()?;
             let request = Request::read_from(&mut self.conn).map_err(|e| {
                 if is_eof(&e) {
                     HostError::failed(
@@ -215,8 +278,18 @@ impl Receiver<'_> {
                         .sender_protocol_version()
                         .map_err(|e| HostError::bad_request("start", e))?;
                     started = true;
-                    let agreed =
+                    let mut agreed =
                         verify_pass::sender_features(&request) & verify_pass::SUPPORTED_FEATURES;
+                    // Test hooks at the device stream work on the main
+                    // connection's path: keep the streams there.
+                    let hooked = self.req.stall_at.as_deref() == Some("device-state")
+                        || self
+                            .fault
+                            .as_ref()
+                            .is_some_and(|f| f.phase == "device-state");
+                    if hooked {
+                        agreed &= !verify_pass::FEATURE_DEVICE_STATE_CONNECTIONS;
+                    }
                     self.conn
                         .write_all(&verify_pass::start_answer(agreed))
                         .map_err(|e| HostError::failed("start", e))?;
@@ -331,9 +404,27 @@ impl Receiver<'_> {
         }
         self.received = vec![false; config.vm.devices.len()];
         let timeout = Duration::from_secs(self.req.timeout_s.clamp(1, 3600));
+        let targets = {
+            let set = vm.devices();
+            set.devices()
+                .iter()
+                .zip(&config.vm.devices)
+                .map(|(d, entry)| Target {
+                    id: entry.id.clone(),
+                    device: d.device().clone(),
+                    opts: TransferOptions {
+                        device_timeout: timeout,
+                        ..TransferOptions::default()
+                    },
+                })
+                .collect()
+        };
+        let targets = Arc::new(Targets::new(targets));
+        self.device_targets = Some(targets.clone());
         self.lanes = Some(ReceiveLanes::start(
             self.listener.clone(),
             vm.memory().clone(),
+            targets,
             timeout,
         )?);
         self.vm = Some(vm);
@@ -425,7 +516,19 @@ impl Receiver<'_> {
         self.phase("state");
         // All memory is in: the extra connections have closed (CH's cleanup).
         if let Some(mut lanes) = self.lanes.take() {
-            let bytes = lanes.finish()?;
+            let bytes = lanes.finish();
+            if let Some(targets) = self.device_targets.take() {
+                let (got, device_bytes, error) = targets.outcome();
+                if let Some(e) = error {
+                    return Err(e);
+                }
+                for (mine, theirs) in self.received.iter_mut().zip(got) {
+                    *mine |= theirs;
+                }
+                self.report.device_bytes += device_bytes;
+                Counters::add(&self.vmm.counters.device_bytes_received, device_bytes);
+            }
+            let bytes = bytes?;
             self.report.memory_connection_bytes = bytes;
             self.report.memory_bytes += bytes;
             Counters::add(&self.vmm.counters.memory_bytes_received, bytes);

@@ -15,6 +15,7 @@ use xe_vf_glue::protocol::{Request, DEVICE_STATE_SELF_DELIMITED};
 use xe_vf_plugin::engine::TransferOptions;
 
 use super::conn::{connect, Conn, MigrationUrl};
+use super::device_lanes::{self, DeviceLanes};
 use super::lanes::SendLanes;
 use super::verify_pass::{self, VerifyOutcome, VerifyPlan};
 use super::{expect_ok, peer_refusal, CountingWriter, MigrationConfig};
@@ -69,6 +70,9 @@ pub struct DowntimeBreakdown {
     pub dma_bytes: u64,
     /// `resend` (QEMU style), `verify`, or `none` (no DMA pages).
     pub dma_pages: &'static str,
+    /// VF states that went over connections of their own, concurrently
+    /// with the final memory pass (0: in turn on the main connection).
+    pub device_state_connections: usize,
     /// How the choice was made (rates, estimates), when verify was offered.
     pub decision: Option<verify_pass::FinalPassChoice>,
     pub verify: Option<VerifyOutcome>,
@@ -90,6 +94,11 @@ struct Sender<'a> {
     url: &'a MigrationUrl,
     conn: Conn,
     lanes: SendLanes,
+    /// One connection per VF when the destination takes device state
+    /// concurrently with the final memory pass.
+    device_lanes: DeviceLanes,
+    /// Features both sides agreed to in Start.
+    agreed: u32,
     buf: Vec<u8>,
     undo: Undo,
     fault: Option<MigrationFault>,
@@ -201,6 +210,8 @@ fn send(
         url,
         conn,
         lanes: SendLanes::default(),
+        device_lanes: DeviceLanes::default(),
+        agreed: 0,
         buf: vec![0u8; COPY_CHUNK],
         undo: Undo::default(),
         fault,
@@ -214,6 +225,7 @@ fn send(
     };
     let result = sender.run(started, initial);
     sender.lanes.close();
+    sender.device_lanes.close();
     // Back to the defaults for what follows (snapshots, a next attempt).
     for d in vm.devices().devices_mut() {
         d.set_transfer_options(TransferOptions::default());
@@ -259,6 +271,7 @@ impl Sender<'_> {
             .write_to(&mut self.conn)
             .map_err(|e| HostError::failed("start", e))?;
         let agreed = verify_pass::read_start_answer(&mut self.conn)?;
+        self.agreed = agreed;
 
         // The destination checks compatibility here; nothing has been
         // touched on this side yet.
@@ -282,6 +295,19 @@ impl Sender<'_> {
         self.vm.memory().clear_dirty();
         self.phase("connections");
         self.lanes = SendLanes::open(self.url, self.req.connections.get(), self.req.timeout())?;
+        // A fault armed for the device stream is injected on the main
+        // connection's path, so it keeps that path.
+        let stream_fault = self
+            .fault
+            .as_ref()
+            .is_some_and(|f| f.phase == "device-state");
+        let vfs = self.vm.devices().devices().len();
+        if self.agreed & verify_pass::FEATURE_DEVICE_STATE_CONNECTIONS != 0
+            && vfs > 0
+            && !stream_fault
+        {
+            self.device_lanes = DeviceLanes::open(self.url, vfs, self.req.timeout())?;
+        }
 
         let leftover = self.precopy()?;
 
@@ -295,14 +321,27 @@ impl Sender<'_> {
         }
         self.inject("pause");
 
-        let final_pass_bytes = self.final_memory_pass(&leftover)?;
-        // Memory is all there: the extra connections end (CH's cleanup).
-        self.lanes.close();
-        self.breakdown.final_memory_ms = ms_since(downtime_started);
-
-        let devices_started = Instant::now();
-        self.send_device_states()?;
-        self.breakdown.device_state_ms = ms_since(devices_started);
+        let mut dma = vec![
+            0u64;
+            leftover
+                .len()
+                .max(self.vm.memory().pages().div_ceil(64) as usize)
+        ];
+        self.merge_device_dirty(&mut dma)?;
+        let final_pass_bytes = if self.device_lanes.is_empty() {
+            let bytes = self.final_memory_pass(&leftover, dma)?;
+            // Memory is all there: the extra connections end (CH's cleanup).
+            self.lanes.close();
+            self.breakdown.final_memory_ms = ms_since(downtime_started);
+            let devices_started = Instant::now();
+            self.send_device_states()?;
+            self.breakdown.device_state_ms = ms_since(devices_started);
+            bytes
+        } else {
+            let bytes = self.final_pass_with_device_lanes(&leftover, dma, downtime_started)?;
+            self.lanes.close();
+            bytes
+        };
         let switchover_started = Instant::now();
         self.inject("state");
         self.send_state()?;
@@ -371,13 +410,11 @@ impl Sender<'_> {
     /// then the pages the VFs may have DMA'd into, resent or, with the
     /// verify pass, checked by digest and only the differing ones sent.
     /// Returns the memory bytes this pass put on the wire.
-    fn final_memory_pass(&mut self, leftover: &[u64]) -> HostResult<u64> {
+    fn final_memory_pass(&mut self, leftover: &[u64], dma: Vec<u64>) -> HostResult<u64> {
         let mut cpu = self.vm.memory().take_dirty_bitmap();
         for (w, l) in cpu.iter_mut().zip(leftover) {
             *w |= l;
         }
-        let mut dma = vec![0u64; cpu.len()];
-        self.merge_device_dirty(&mut dma)?;
         let dma_runs = verify_pass::dma_only_runs(&dma, &cpu);
         let dma_bytes: u64 = dma_runs.iter().map(|r| r.pages * PAGE_SIZE).sum();
         let cpu_table = MemoryRangeTable::from_dirty_bitmap(cpu.iter().copied(), 0, PAGE_SIZE);
@@ -608,6 +645,69 @@ impl Sender<'_> {
             expect_ok(&mut self.conn, phase)?;
         }
         Ok(())
+    }
+
+    /// The final memory pass on the main connection while every VF's
+    /// state streams over its own connection, all at once. Returns the
+    /// memory bytes of the final pass.
+    fn final_pass_with_device_lanes(
+        &mut self,
+        leftover: &[u64],
+        dma: Vec<u64>,
+        paused: Instant,
+    ) -> HostResult<u64> {
+        self.vmm
+            .set_phase("send: final memory pass and device state");
+        let conns = self.device_lanes.take();
+        self.breakdown.device_state_connections = conns.len();
+        let vm = self.vm.clone();
+        let set = vm.devices();
+        let (memory, devices) = std::thread::scope(|s| {
+            let streams: Vec<_> = conns
+                .into_iter()
+                .zip(set.devices())
+                .enumerate()
+                .map(|(index, (conn, device))| {
+                    s.spawn(move || {
+                        let r = device_lanes::send_one(conn, index, device);
+                        (r, ms_since(paused))
+                    })
+                })
+                .collect();
+            let memory = self.final_memory_pass(leftover, dma);
+            self.breakdown.final_memory_ms = ms_since(paused);
+            let devices: Vec<(HostResult<u64>, f64)> = streams
+                .into_iter()
+                .map(|t| {
+                    t.join().unwrap_or_else(|_| {
+                        (
+                            Err(HostError::failed("device-state", "sending thread panicked")),
+                            0.0,
+                        )
+                    })
+                })
+                .collect();
+            (memory, devices)
+        });
+        drop(set);
+        let mut first_error = None;
+        for (result, done_ms) in devices {
+            self.breakdown.device_state_ms = self.breakdown.device_state_ms.max(done_ms);
+            match result {
+                Ok(bytes) => {
+                    self.device_bytes += bytes;
+                    Counters::add(&self.vmm.counters.device_bytes_sent, bytes);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        let bytes = memory?;
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(bytes),
+        }
     }
 
     /// Each stopped VF's state, streamed straight into the socket.

@@ -34,8 +34,12 @@ use crate::memory::{GuestMemory, PAGE_SIZE};
 pub const FEATURE_DEVICE_STATE: u32 = 1 << 0;
 /// The verify pass (`VerifySetup`, `Digests`).
 pub const FEATURE_DIGEST_VERIFY: u32 = 1 << 1;
+/// One connection per VF for its state, concurrent with the final memory
+/// pass (see [`super::device_lanes`]).
+pub const FEATURE_DEVICE_STATE_CONNECTIONS: u32 = 1 << 2;
 /// What this host speaks.
-pub const SUPPORTED_FEATURES: u32 = FEATURE_DEVICE_STATE | FEATURE_DIGEST_VERIFY;
+pub const SUPPORTED_FEATURES: u32 =
+    FEATURE_DEVICE_STATE | FEATURE_DIGEST_VERIFY | FEATURE_DEVICE_STATE_CONNECTIONS;
 
 /// Pages per `Digests` batch: 64 MiB of memory, 256 KiB of digests.
 const BATCH_PAGES: u64 = 16 * 1024;
