@@ -29,6 +29,7 @@ use xe_vf_plugin::vfio::{Placement, VfioMigrationDevice};
 use xe_vf_plugin::{DeviceIdentity, DeviceState, MigrationDevice, MigrationFlags};
 
 use crate::dirty::{self, DirtyMode, DirtyTracker};
+use crate::error_chain::Chain;
 use crate::iommufd_dirty::HwptDirtyTracker;
 use crate::snapshot::{self, PendingDataFile, XeVfSnapshotState};
 use vm_migration::protocol::{MemoryRange, MemoryRangeTable};
@@ -248,8 +249,12 @@ impl XeVfDevice {
 
     /// What the destination checks before the source stops.
     pub fn migration_info(&self) -> Result<DeviceMigrationInfo, MigratableError> {
-        let header = engine::header_for(&*self.device, &self.opts)
-            .map_err(|e| MigratableError::StartMigration(anyhow_engine(e)))?;
+        self.describe()
+            .map_err(|e| MigratableError::StartMigration(anyhow_engine(e)))
+    }
+
+    fn describe(&self) -> Result<DeviceMigrationInfo, EngineError> {
+        let header = engine::header_for(&*self.device, &self.opts)?;
         Ok(DeviceMigrationInfo {
             id: self.id.clone(),
             device_kind: header.device_kind,
@@ -402,8 +407,8 @@ impl Snapshottable for XeVfDevice {
     fn snapshot(&mut self) -> Result<Snapshot, MigratableError> {
         self.require_migration(MigratableError::Snapshot)?;
         let info = self
-            .migration_info()
-            .map_err(|e| MigratableError::Snapshot(anyhow!("{e}")))?;
+            .describe()
+            .map_err(|e| MigratableError::Snapshot(anyhow_engine(e)))?;
         Snapshot::new_from_state(&XeVfSnapshotState {
             format_version: FORMAT_VERSION,
             device_kind: info.device_kind,
@@ -422,7 +427,7 @@ impl Transportable for XeVfDevice {
         let send_err = |e: String| MigratableError::MigrateSend(anyhow!("device {}: {e}", self.id));
         let state: XeVfSnapshotState = snapshot
             .to_state()
-            .map_err(|e| send_err(format!("snapshot section: {e}")))?;
+            .map_err(|e| send_err(format!("snapshot section: {}", Chain(&e))))?;
         let dir = snapshot::snapshot_dir(destination_url).map_err(|e| send_err(e.to_string()))?;
         let mut pending =
             PendingDataFile::create(&dir, &state.data_file).map_err(|e| send_err(e.to_string()))?;
