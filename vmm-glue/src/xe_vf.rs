@@ -280,8 +280,10 @@ impl XeVfDevice {
             .map_err(|e| MigratableError::MigrateReceive(anyhow!("device {}: {e}", self.id)))
     }
 
-    /// Source side: streams the stopped VF's state into `out`.
-    pub fn send_state<W: Write>(
+    /// Source side: streams the stopped VF's state into `out`, reporting
+    /// progress. (`StreamedState::send_state` is the same for CH's VMM,
+    /// which wants only the byte count.)
+    pub fn save_state_to<W: Write>(
         &self,
         out: W,
         progress: &mut dyn FnMut(u64),
@@ -291,8 +293,10 @@ impl XeVfDevice {
             .map_err(|e| MigratableError::MigrateSend(anyhow!("device {}: {e}", self.id)))
     }
 
-    /// Destination side: loads a streamed state; the VF is left in STOP.
-    pub fn receive_state<R: Read + Send>(
+    /// Destination side: loads a streamed state from `input`, reporting
+    /// progress; the VF is left in STOP. (`StreamedState::receive_state`
+    /// is the same for CH's VMM.)
+    pub fn load_state_from<R: Read + Send>(
         &self,
         input: R,
         progress: &mut dyn FnMut(u64),
@@ -433,7 +437,7 @@ impl Transportable for XeVfDevice {
             PendingDataFile::create(&dir, &state.data_file).map_err(|e| send_err(e.to_string()))?;
         let saved = {
             let mut out = BufWriter::with_capacity(1 << 20, pending.file());
-            let report = self.send_state(&mut out, &mut |_| {});
+            let report = self.save_state_to(&mut out, &mut |_| {});
             report.and_then(|r| {
                 out.flush()
                     .map(|()| r)
@@ -568,11 +572,13 @@ impl Migratable for XeVfDevice {
 
 impl StreamedState for XeVfDevice {
     fn send_state(&mut self, out: &mut (dyn Write + Send)) -> Result<u64, MigratableError> {
-        XeVfDevice::send_state(self, out, &mut |_| {}).map(|r| r.encoded_bytes)
+        self.save_state_to(out, &mut |_| {})
+            .map(|r| r.encoded_bytes)
     }
 
     fn receive_state(&mut self, input: &mut (dyn Read + Send)) -> Result<u64, MigratableError> {
-        XeVfDevice::receive_state(self, input, &mut |_| {}).map(|r| r.decoded.encoded_bytes)
+        self.load_state_from(input, &mut |_| {})
+            .map(|r| r.decoded.encoded_bytes)
     }
 
     fn restore_state(

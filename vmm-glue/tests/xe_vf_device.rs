@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use xe_vf_glue::device_set::XeVfSet;
 use xe_vf_glue::error_chain::chain;
-use xe_vf_glue::migration::{Migratable, MigratableError, Pausable, Snapshottable, Transportable};
+use xe_vf_glue::migration::{
+    Migratable, MigratableError, Pausable, Snapshottable, StreamedState, Transportable,
+};
 use xe_vf_glue::protocol::MemoryRange;
 use xe_vf_glue::snapshot::XeVfSnapshotState;
 use xe_vf_glue::XeVfDevice;
@@ -149,16 +151,40 @@ fn migration_stream_between_two_devices() {
     src.pause().unwrap();
     let (tx, rx) = UnixStream::pair().unwrap();
     let receiver = std::thread::spawn(move || {
-        let r = dst.receive_state(rx, &mut |_| {});
+        let r = dst.load_state_from(rx, &mut |_| {});
         (dst, r)
     });
-    let sent = src.send_state(&tx, &mut |_| {}).unwrap();
+    let sent = src.save_state_to(&tx, &mut |_| {}).unwrap();
     drop(tx);
     let (mut dst, received) = receiver.join().unwrap();
     assert_eq!(received.unwrap().decoded.decoded_bytes, sent.raw_bytes);
     assert_eq!(digest(&dst), digest(&src));
     src.complete_migration().unwrap();
     dst.resume().unwrap();
+}
+
+/// The same stream through CH's `StreamedState`, as the patched VMM moves
+/// it: byte counts on both sides, the state itself arrives whole.
+#[test]
+fn streamed_state_through_the_trait() {
+    let mut src = dev("gpu0", "emulated=on,vram=4M,workload=on");
+    // Half of VRAM non-zero, so the stream is not all elided zeros.
+    src.backend().emulated().unwrap().fill_vram(7, 50).unwrap();
+    let mut dst = dev("gpu0", "emulated=on,vram=4M,workload=off");
+    src.pause().unwrap();
+    dst.pause().unwrap();
+    let (mut tx, mut rx) = UnixStream::pair().unwrap();
+    let receiver = std::thread::spawn(move || {
+        let r = StreamedState::receive_state(&mut dst, &mut rx);
+        (dst, r)
+    });
+    let sent = StreamedState::send_state(&mut src, &mut tx).unwrap();
+    drop(tx);
+    let (dst, received) = receiver.join().unwrap();
+    assert_eq!(received.unwrap(), sent);
+    assert!(sent > 2 << 20, "{sent} bytes for 2 MiB of non-zero VRAM");
+    assert_eq!(digest(&dst), digest(&src));
+    assert_eq!(dst.state().unwrap(), DeviceState::Stop);
 }
 
 #[test]

@@ -378,9 +378,9 @@ impl Receiver<'_> {
             let set = vm.devices();
             let device = &set.devices()[index];
             if self_delimited {
-                device.receive_state(reader, &mut |_| {})
+                device.load_state_from(reader, &mut |_| {})
             } else {
-                device.receive_state(reader.take(request.length()), &mut |_| {})
+                device.load_state_from(reader.take(request.length()), &mut |_| {})
             }
         }
         .map_err(|e| HostError::failed(&phase, Chain(&e)))?;

@@ -496,7 +496,7 @@ impl Sender<'_> {
                 fault_conn,
                 stream_fault,
             );
-            let sent = d.send_state(&mut out, &mut |_| {});
+            let sent = d.save_state_to(&mut out, &mut |_| {});
             let count = out.inner.count;
             self.device_bytes += count;
             Counters::add(&self.vmm.counters.device_bytes_sent, count);
