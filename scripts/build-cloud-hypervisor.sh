@@ -30,9 +30,16 @@
 # BUILD-INFO}, <out>
 # defaulting to <repo>/target/cloud-hypervisor.
 #
+# With --test, the patched tree's tests then run: Cloud Hypervisor's own
+# tests of the crates the series touches (vm-migration, pci, vmm's unit
+# tests with the --device parsing and the series' own tests, the
+# cloud-hypervisor binary's CLI tests), and xe-vf-glue's tests compiled
+# against the patched tree's real vm-migration crate instead of our
+# stand-in (a scratch workspace holding copies of plugin/ and vmm-glue/).
+#
 # Usage: scripts/build-cloud-hypervisor.sh [--flavor upstream|patched|all]
 #            [--source auto|vendor|git|DIR] [--profile release|PROFILE]
-#            [--out DIR] [--print-dir]
+#            [--out DIR] [--print-dir] [--test]
 # Environment: XE_CACHE_DIR, XE_CH_VENDOR_DIR (default <repo>/../shared/vendor),
 #   CARGO_BUILD_JOBS.
 
@@ -45,13 +52,14 @@ SERIES_DIR="$REPO/vmm-glue/cloud-hypervisor"
 . "$SERIES_DIR/sources.env"
 
 # Bumped when this script changes how a build is made (part of every key).
-RECIPE=2
+RECIPE=3
 
 FLAVOR=all
 SOURCE=auto
 PROFILE=release
 OUT="$REPO/target/cloud-hypervisor"
 PRINT_DIR=0
+RUN_TESTS=0
 VENDOR_DIR="${XE_CH_VENDOR_DIR:-$REPO/../shared/vendor}"
 CACHE="${XE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/xe-vf-migration}/cloud-hypervisor"
 
@@ -72,6 +80,7 @@ while [ $# -gt 0 ]; do
     --profile) PROFILE=${2:?--profile needs a value}; shift 2 ;;
     --out) OUT=${2:?--out needs a value}; shift 2 ;;
     --print-dir) PRINT_DIR=1; shift ;;
+    --test) RUN_TESTS=1; shift ;;
     -h | --help) usage 0 ;;
     *) echo "unknown argument '$1'" >&2; usage ;;
     esac
@@ -220,25 +229,57 @@ directory = "$MICRO_HTTP_DIR"
 EOF
 }
 
+# The flavour's source tree. The patched one links this repository, so
+# each repository (clone, worktree) gets a tree of its own: cargo then
+# never mistakes another checkout's older files for unchanged ones.
+tree_dir() {
+    case "$1" in
+    patched) echo "$CACHE/tree/patched-$(echo "$REPO" | sha | cut -c1-8)" ;;
+    *) echo "$CACHE/tree/$1" ;;
+    esac
+}
+
+# Lays out the flavour's tree for the current inputs; prints its path.
+ensure_tree() {
+    local flavor=$1 dir
+    dir=$(tree_dir "$flavor")
+    local gitdir="$dir.git" tree="$dir/cloud-hypervisor" pristine
+    [ -d "$gitdir" ] || git init -q --bare "$gitdir"
+    mkdir -p "$tree"
+    pristine=$(pristine_commit "$gitdir")
+    # Laid out again only when its inputs changed, so cargo sees no
+    # needlessly touched files.
+    local stamp="$pristine $MICRO_HTTP_DIR"
+    [ "$flavor" = patched ] && stamp="$stamp $(cat "${PATCHES[@]}" | sha)"
+    if [ "$(cat "$dir/.prepared" 2>/dev/null)" != "$stamp" ]; then
+        rm -f "$dir/.prepared"
+        prepare_tree "$flavor" "$pristine" "$gitdir" "$tree" >&2
+        echo "$stamp" >"$dir/.prepared"
+    fi
+    echo "$tree"
+}
+
+# Runs cargo in a flavour's tree, with the shared target directory.
+tree_cargo() {
+    local tree=$1
+    shift
+    (cd "$tree" && GIT_CEILING_DIRECTORIES="$(dirname "$tree")" \
+        CARGO_TARGET_DIR="$CACHE/target" cargo "$@")
+}
+
 build_flavor() {
     local flavor=$1 key=$2 bin="$CACHE/bin/$1-$2"
     if [ -x "$bin/cloud-hypervisor" ] && [ -x "$bin/ch-remote" ]; then
         log "$flavor: cached ($bin)"
     else
-        local gitdir="$CACHE/tree/$flavor.git" tree="$CACHE/tree/$flavor/cloud-hypervisor"
-        local started pristine
+        local started tree
         started=$(now)
-        [ -d "$gitdir" ] || git init -q --bare "$gitdir"
-        mkdir -p "$tree"
-        pristine=$(pristine_commit "$gitdir")
-        prepare_tree "$flavor" "$pristine" "$gitdir" "$tree"
+        tree=$(ensure_tree "$flavor")
         local extra=()
         [ "$flavor" = patched ] && extra=(--config "env.CH_EXTRA_VERSION=\"xe-vf\"")
         log "$flavor: cargo build --locked --profile $PROFILE (cloud-hypervisor, ch-remote)"
-        (cd "$tree" && GIT_CEILING_DIRECTORIES="$CACHE/tree/$flavor" \
-            CARGO_TARGET_DIR="$CACHE/target" \
-            cargo build --locked --profile "$PROFILE" "${extra[@]}" \
-            --bin cloud-hypervisor --bin ch-remote) ||
+        tree_cargo "$tree" build --locked --profile "$PROFILE" "${extra[@]}" \
+            --bin cloud-hypervisor --bin ch-remote ||
             die "$flavor: cargo build failed"
         local built="$CACHE/target/$PROFILE"
         [ "$PROFILE" = dev ] && built="$CACHE/target/debug"
@@ -270,6 +311,41 @@ build_flavor() {
     return 0
 }
 
+# The patched tree's tests, and xe-vf-glue's through the real traits.
+run_tests() {
+    local started tree
+    started=$(now)
+    tree=$(ensure_tree patched)
+    log "patched: Cloud Hypervisor's tests of the crates the series touches"
+    tree_cargo "$tree" test --locked -p vm-migration -p pci ||
+        die "patched: vm-migration or pci tests failed"
+    tree_cargo "$tree" test --locked -p vmm --features kvm --lib ||
+        die "patched: vmm unit tests failed"
+    tree_cargo "$tree" test --locked -p cloud-hypervisor --bin cloud-hypervisor ||
+        die "patched: cloud-hypervisor CLI tests failed"
+
+    log "patched: xe-vf-glue's tests against the patched tree's vm-migration"
+    local ws
+    ws="$(dirname "$tree")/glue-real"
+    rm -rf "$ws" && mkdir -p "$ws"
+    tar -C "$REPO" --exclude=./plugin/fuzz --exclude=./vmm-glue/cloud-hypervisor \
+        --exclude=./vmm-glue/vm-migration -cf - ./plugin ./vmm-glue | tar -x -C "$ws"
+    cp "$REPO/Cargo.lock" "$ws/"
+    {
+        echo '# Written by build-cloud-hypervisor.sh: xe-vf-glue against CH'"'"'s vm-migration.'
+        echo '[workspace]'
+        echo 'resolver = "2"'
+        echo 'members = ["plugin", "vmm-glue"]'
+        echo
+        sed -n '/^\[workspace.package\]/,/^\[patch.crates-io\]/p' "$REPO/Cargo.toml" | sed '$d'
+        echo '[patch.crates-io]'
+        echo "vm-migration = { path = \"$tree/vm-migration\" }"
+    } >"$ws/Cargo.toml"
+    (cd "$ws" && CARGO_TARGET_DIR="$CACHE/target-glue" cargo test -p xe-vf-glue) ||
+        die "xe-vf-glue's tests against the real vm-migration failed"
+    log "patched: tests passed in $(($(now) - started)) s"
+}
+
 MICRO_HTTP_DIR=$(micro_http_source)
 case "$SOURCE" in
 vendor | git) SOURCE_ID=$CH_COMMIT ;;
@@ -286,3 +362,7 @@ for flavor in "${FLAVORS[@]}"; do
     fi
     build_flavor "$flavor" "${key:0:16}"
 done
+if [ "$RUN_TESTS" = 1 ]; then
+    [ "${#PATCHES[@]}" -gt 0 ] || die "--test: no patches to test"
+    run_tests
+fi
