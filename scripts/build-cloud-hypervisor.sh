@@ -37,9 +37,15 @@
 # against the patched tree's real vm-migration crate instead of our
 # stand-in (a scratch workspace holding copies of plugin/ and vmm-glue/).
 #
+# To work on the series: --dev-tree DIR lays out DIR/cloud-hypervisor as a
+# git repository at the pinned commit with one commit per patch (and this
+# repository linked as DIR/xe-vf-migration); edit, commit, rebase there,
+# then --export-series DIR writes the commits back as the patch series.
+#
 # Usage: scripts/build-cloud-hypervisor.sh [--flavor upstream|patched|all]
 #            [--source auto|vendor|git|DIR] [--profile release|PROFILE]
 #            [--out DIR] [--print-dir] [--test]
+#        scripts/build-cloud-hypervisor.sh --dev-tree DIR | --export-series DIR
 # Environment: XE_CACHE_DIR, XE_CH_VENDOR_DIR (default <repo>/../shared/vendor),
 #   CARGO_BUILD_JOBS.
 
@@ -60,6 +66,8 @@ PROFILE=release
 OUT="$REPO/target/cloud-hypervisor"
 PRINT_DIR=0
 RUN_TESTS=0
+DEV_TREE=
+EXPORT_FROM=
 VENDOR_DIR="${XE_CH_VENDOR_DIR:-$REPO/../shared/vendor}"
 CACHE="${XE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/xe-vf-migration}/cloud-hypervisor"
 
@@ -81,6 +89,8 @@ while [ $# -gt 0 ]; do
     --out) OUT=${2:?--out needs a value}; shift 2 ;;
     --print-dir) PRINT_DIR=1; shift ;;
     --test) RUN_TESTS=1; shift ;;
+    --dev-tree) DEV_TREE=${2:?--dev-tree needs a directory}; shift 2 ;;
+    --export-series) EXPORT_FROM=${2:?--export-series needs a directory}; shift 2 ;;
     -h | --help) usage 0 ;;
     *) echo "unknown argument '$1'" >&2; usage ;;
     esac
@@ -216,6 +226,12 @@ prepare_tree() {
                 die "$(basename "$p") does not apply to $CH_COMMIT"
         done
     fi
+    prepare_cargo_config "$tree"
+}
+
+# micro_http from the pinned sources, Cargo.lock untouched.
+prepare_cargo_config() {
+    local tree=$1
     mkdir -p "$tree/.cargo"
     cat >"$tree/.cargo/config.toml" <<EOF
 # Written by build-cloud-hypervisor.sh: micro_http from the pinned sources.
@@ -346,7 +362,50 @@ run_tests() {
     log "patched: tests passed in $(($(now) - started)) s"
 }
 
+# A development checkout of the patched tree: pinned sources as the first
+# commit, one commit per patch.
+make_dev_tree() {
+    local dir=$1 tree="$1/cloud-hypervisor"
+    [ -e "$tree" ] && die "--dev-tree: $tree exists already"
+    mkdir -p "$tree"
+    git -C "$tree" init -q
+    local pristine
+    pristine=$(pristine_commit "$tree/.git")
+    local as_builder=(-c user.name=build -c user.email=build@localhost)
+    git -C "$tree" reset -q --hard "$pristine"
+    git -C "$tree" "${as_builder[@]}" commit -q --amend --allow-empty \
+        -m "Cloud Hypervisor ${CH_COMMIT:0:12} (pinned sources)"
+    git -C "$tree" tag series-base
+    ln -sfn "$REPO" "$dir/xe-vf-migration"
+    echo "/.cargo" >>"$tree/.git/info/exclude"
+    if [ "${#PATCHES[@]}" -gt 0 ]; then
+        git -C "$tree" "${as_builder[@]}" am -q --keep-cr "${PATCHES[@]}" ||
+            die "the series does not apply"
+    fi
+    prepare_cargo_config "$tree"
+    log "dev tree ready: $tree (series on top of tag series-base)"
+}
+
+# Writes the dev tree's commits after series-base back as the series.
+export_series() {
+    local tree="$1/cloud-hypervisor"
+    git -C "$tree" rev-parse -q --verify series-base >/dev/null ||
+        die "--export-series: $tree has no series-base tag (make it with --dev-tree)"
+    rm -f "$SERIES_DIR"/patches/*.patch
+    git -C "$tree" format-patch -q --zero-commit --no-signature \
+        -o "$SERIES_DIR/patches" series-base..HEAD
+    log "exported $(find "$SERIES_DIR/patches" -name '*.patch' | wc -l) patches"
+}
+
 MICRO_HTTP_DIR=$(micro_http_source)
+if [ -n "$DEV_TREE" ]; then
+    make_dev_tree "$DEV_TREE"
+    exit 0
+fi
+if [ -n "$EXPORT_FROM" ]; then
+    export_series "$EXPORT_FROM"
+    exit 0
+fi
 case "$SOURCE" in
 vendor | git) SOURCE_ID=$CH_COMMIT ;;
 *) SOURCE_ID=$(tar -C "$SOURCE" --exclude=./.git --exclude=./target --sort=name \
