@@ -11,7 +11,7 @@ fi
 # The real ch-remote and cloud-hypervisor (and CH's OpenAPI file) the
 # integration tests talk to, built from the pinned sources; cached in
 # ${XE_CACHE_DIR:-~/.cache/xe-vf-migration}, so a second run costs nothing.
-scripts/build-cloud-hypervisor.sh --flavor upstream
+scripts/build-cloud-hypervisor.sh --flavor all
 cargo nextest run --workspace --no-fail-fast "$@"
 if [ -x scripts/fuzz.sh ] && [ "${XE_SKIP_FUZZ:-0}" != 1 ]; then
     scripts/fuzz.sh
