@@ -83,6 +83,12 @@ pub enum MigratableError {
 
     #[error("Lifecycle operation skipped for disconnected component {0}")]
     DeviceDisconnected(String),
+
+    /// The source sent `Switchover` and got no answer: the destination may
+    /// be running the VM, so the source must not resume it. Only an
+    /// operator can tell which host runs it.
+    #[error("The destination did not confirm that it runs the VM")]
+    SwitchoverUnconfirmed(#[source] anyhow::Error),
 }
 
 /// A component that can be stopped and started again around a snapshot.

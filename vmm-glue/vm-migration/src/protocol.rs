@@ -73,6 +73,12 @@ pub enum Command {
     /// The streamed state of one component, after `State`, when both
     /// peers announced [`ProtocolFeatures::DEVICE_STATE`].
     DeviceState = 0x100,
+    /// The second step of a two-step switch-over (negotiated as
+    /// [`ProtocolFeatures::SWITCHOVER`]): the destination answered
+    /// `Complete` holding everything but with the VM paused; now it runs
+    /// the VM (unless the source sent `CompletePaused`). From this request
+    /// on, the source never resumes the VM by itself.
+    Switchover = 0x101,
 }
 
 impl Command {
@@ -89,6 +95,7 @@ impl Command {
             8 => Command::CompletePaused,
             9 => Command::PageFault,
             0x100 => Command::DeviceState,
+            0x101 => Command::Switchover,
             _ => return None,
         };
         Some(command)
@@ -149,6 +156,10 @@ bitflags! {
     pub struct ProtocolFeatures: u32 {
         /// [`Command::DeviceState`] requests between `State` and `Complete`.
         const DEVICE_STATE = 1;
+        /// The two-step switch-over: `Complete` leaves the destination
+        /// ready and paused, [`Command::Switchover`] hands the VM over, so
+        /// a lost answer cannot leave the VM running on both hosts.
+        const SWITCHOVER = 1 << 1;
     }
 }
 
@@ -262,6 +273,11 @@ impl Request {
 
     pub fn abandon() -> Self {
         Request::new(Command::Abandon, 0)
+    }
+
+    /// Hands the VM over to a destination that answered `Complete`.
+    pub fn switchover() -> Self {
+        Request::new(Command::Switchover, 0)
     }
 
     /// Always followed by exactly one [`MemoryRange`].
@@ -730,6 +746,10 @@ mod tests {
             request_bytes(&Request::device_state(0x0a0b)),
             [0, 1, 0x0b, 0x0a, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]
         );
+        assert_eq!(
+            request_bytes(&Request::switchover()),
+            [1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
         let s = Request::start();
         assert_eq!(request_bytes(&s)[..4], [1, 0, 0, 0]);
         assert_eq!(
@@ -762,6 +782,7 @@ mod tests {
             (Command::CompletePaused, 8),
             (Command::PageFault, 9),
             (Command::DeviceState, 0x100),
+            (Command::Switchover, 0x101),
         ];
         for (command, value) in expected {
             assert_eq!(command as u16, value);
@@ -791,6 +812,7 @@ mod tests {
             Request::abandon(),
             Request::page_fault(),
             Request::device_state(3),
+            Request::switchover(),
             Request::new(Command::Invalid, 0),
         ];
         for r in all {
@@ -907,6 +929,15 @@ mod tests {
         raw[4..8].copy_from_slice(&0x8000_0001u32.to_le_bytes());
         let r = Request::read_from(&mut Cursor::new(&raw)).unwrap();
         assert_eq!(r.sender_features(), ProtocolFeatures::DEVICE_STATE);
+
+        let both = ProtocolFeatures::DEVICE_STATE | ProtocolFeatures::SWITCHOVER;
+        let raw = request_bytes(&Request::start_with_features(both));
+        assert_eq!(raw[4..8], 3u32.to_le_bytes());
+        let r = Request::read_from(&mut Cursor::new(&raw)).unwrap();
+        assert_eq!(r.sender_features(), both);
+        let raw = response_bytes(&Response::ok_with_features(both));
+        let r = Response::read_from(&mut Cursor::new(&raw)).unwrap();
+        assert_eq!(r.features(), both);
 
         assert_eq!(Response::ok().features(), ProtocolFeatures::empty());
         let raw = response_bytes(&Response::ok_with_features(ProtocolFeatures::DEVICE_STATE));
