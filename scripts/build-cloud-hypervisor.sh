@@ -27,8 +27,10 @@
 # is cached costs nothing.
 #
 # Results: <out>/<flavour>/{cloud-hypervisor,ch-remote,cloud-hypervisor.yaml,
-# BUILD-INFO}, <out>
-# defaulting to <repo>/target/cloud-hypervisor.
+# BUILD-INFO}, <out> defaulting to <repo>/target/cloud-hypervisor; the
+# patched flavour also installs the sources of its vm-migration crate in
+# <out>/patched/vm-migration-src/, which the mirror's drift test
+# (vmm-glue/vm-migration/tests/drift/) compares our stand-in with.
 #
 # With --test, the patched tree's tests then run: Cloud Hypervisor's own
 # tests of the crates the series touches (vm-migration, pci, vmm's unit
@@ -58,7 +60,7 @@ SERIES_DIR="$REPO/vmm-glue/cloud-hypervisor"
 . "$SERIES_DIR/sources.env"
 
 # Bumped when this script changes how a build is made (part of every key).
-RECIPE=3
+RECIPE=4
 
 FLAVOR=all
 SOURCE=auto
@@ -201,10 +203,12 @@ pristine_commit() {
 
 # ------------------------------------------------------------------ keys
 
-# Hash of the files of this repository the patched VMM compiles.
+# Hash of the files of this repository the patched VMM compiles. Not our
+# stand-in vm-migration: CH's workspace replaces it by its own crate.
 our_crates_hash() {
     (cd "$REPO" && find Cargo.toml Cargo.lock plugin/Cargo.toml plugin/src vmm-glue \
-        -type f -not -path '*/target/*' | LC_ALL=C sort | xargs sha256sum) | sha
+        -type f -not -path '*/target/*' -not -path 'vmm-glue/vm-migration/*' |
+        LC_ALL=C sort | xargs sha256sum) | sha
 }
 
 toolchain_id() { rustc -vV | sha; }
@@ -303,6 +307,10 @@ build_flavor() {
         cp "$built/cloud-hypervisor" "$built/ch-remote" "$bin.tmp/"
         # The API's OpenAPI description, for tests that check bodies against it.
         cp "$tree/vmm/src/api/openapi/cloud-hypervisor.yaml" "$bin.tmp/"
+        # The contract crate as the series leaves it, for the mirror's drift test.
+        if [ "$flavor" = patched ]; then
+            cp -r "$tree/vm-migration/src" "$bin.tmp/vm-migration-src"
+        fi
         {
             echo "flavor=$flavor"
             echo "key=$key"
@@ -321,7 +329,7 @@ build_flavor() {
         log "$flavor: built in $(($(now) - started)) s"
     fi
     rm -rf "$OUT/$flavor.tmp" && mkdir -p "$OUT/$flavor.tmp"
-    cp "$bin"/* "$OUT/$flavor.tmp/"
+    cp -r "$bin"/* "$OUT/$flavor.tmp/"
     rm -rf "${OUT:?}/$flavor" && mv "$OUT/$flavor.tmp" "$OUT/$flavor"
     [ "$PRINT_DIR" = 1 ] && echo "$OUT/$flavor"
     return 0
