@@ -12,8 +12,10 @@ fi
 # integration tests talk to, built from the pinned sources, and the patched
 # pair, whose vm-migration sources the mirror's drift test compares with
 # vmm-glue/vm-migration; cached in ${XE_CACHE_DIR:-~/.cache/xe-vf-migration},
-# so a second run costs nothing.
-scripts/build-cloud-hypervisor.sh --flavor all
+# so a second run costs nothing. --test runs the patched tree's tests: CH's
+# own tests of the crates the series touches, the series' tests, and
+# xe-vf-glue's tests compiled against CH's real vm-migration crate.
+scripts/build-cloud-hypervisor.sh --flavor all --test
 cargo nextest run --workspace --no-fail-fast "$@"
 if [ -x scripts/fuzz.sh ] && [ "${XE_SKIP_FUZZ:-0}" != 1 ]; then
     scripts/fuzz.sh
