@@ -12,9 +12,10 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use xe_vf_glue::migration::{MemoryRange, MemoryRangeTable};
+use xe_vf_glue::protocol::{MemoryRange, MemoryRangeTable};
 use xe_vf_glue::verify::wire::{push_page, DigestBatch, PageRun};
 use xe_vf_glue::verify::{DigestTable, PageDigester, PageSource};
+use xe_vf_glue::wire::range_end;
 use xe_vf_plugin::emulated::create_memfd;
 
 pub const PAGE_SIZE: u64 = 4096;
@@ -157,7 +158,7 @@ impl GuestMemory {
     /// guest memory.
     pub fn merge_into_bitmap(&self, bitmap: &mut [u64], table: &MemoryRangeTable) {
         for r in table.regions() {
-            let end = r.end().unwrap_or(u64::MAX).min(self.size);
+            let end = range_end(r).unwrap_or(u64::MAX).min(self.size);
             if r.gpa >= end {
                 continue;
             }
@@ -181,11 +182,14 @@ impl GuestMemory {
 
     /// Refuses a range outside guest memory.
     pub fn check(&self, r: &MemoryRange) -> io::Result<()> {
-        match r.end() {
+        match range_end(r) {
             Some(end) if end <= self.size => Ok(()),
             _ => Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("range {r} lies outside guest memory of {} bytes", self.size),
+                format!(
+                    "range {:#x}+{:#x} lies outside guest memory of {} bytes",
+                    r.gpa, r.length, self.size
+                ),
             )),
         }
     }

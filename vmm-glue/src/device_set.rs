@@ -10,6 +10,7 @@
 
 use log::error;
 
+use crate::error_chain::Chain;
 use crate::xe_vf::XeVfDevice;
 use vm_migration::{MigratableError, Pausable};
 
@@ -39,7 +40,7 @@ impl XeVfSet {
     fn roll_back(&mut self) {
         for d in &mut self.devices {
             if let Err(e) = d.resume() {
-                error!("rolling back a failed pause: {e}");
+                error!("rolling back a failed pause: {}", Chain(&e));
             }
         }
     }

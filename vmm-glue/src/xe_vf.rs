@@ -29,6 +29,7 @@ use xe_vf_plugin::vfio::{Placement, VfioMigrationDevice};
 use xe_vf_plugin::{DeviceIdentity, DeviceState, MigrationDevice, MigrationFlags};
 
 use crate::dirty::{self, DirtyMode, DirtyTracker};
+use crate::error_chain::Chain;
 use crate::iommufd_dirty::HwptDirtyTracker;
 use crate::snapshot::{self, PendingDataFile, XeVfSnapshotState};
 use vm_migration::protocol::{MemoryRange, MemoryRangeTable};
@@ -248,8 +249,12 @@ impl XeVfDevice {
 
     /// What the destination checks before the source stops.
     pub fn migration_info(&self) -> Result<DeviceMigrationInfo, MigratableError> {
-        let header = engine::header_for(&*self.device, &self.opts)
-            .map_err(|e| MigratableError::StartMigration(anyhow_engine(e)))?;
+        self.describe()
+            .map_err(|e| MigratableError::StartMigration(anyhow_engine(e)))
+    }
+
+    fn describe(&self) -> Result<DeviceMigrationInfo, EngineError> {
+        let header = engine::header_for(&*self.device, &self.opts)?;
         Ok(DeviceMigrationInfo {
             id: self.id.clone(),
             device_kind: header.device_kind,
@@ -275,8 +280,10 @@ impl XeVfDevice {
             .map_err(|e| MigratableError::MigrateReceive(anyhow!("device {}: {e}", self.id)))
     }
 
-    /// Source side: streams the stopped VF's state into `out`.
-    pub fn send_state<W: Write>(
+    /// Source side: streams the stopped VF's state into `out`, reporting
+    /// progress. (`StreamedState::send_state` is the same for CH's VMM,
+    /// which wants only the byte count.)
+    pub fn save_state_to<W: Write>(
         &self,
         out: W,
         progress: &mut dyn FnMut(u64),
@@ -286,8 +293,10 @@ impl XeVfDevice {
             .map_err(|e| MigratableError::MigrateSend(anyhow!("device {}: {e}", self.id)))
     }
 
-    /// Destination side: loads a streamed state; the VF is left in STOP.
-    pub fn receive_state<R: Read + Send>(
+    /// Destination side: loads a streamed state from `input`, reporting
+    /// progress; the VF is left in STOP. (`StreamedState::receive_state`
+    /// is the same for CH's VMM.)
+    pub fn load_state_from<R: Read + Send>(
         &self,
         input: R,
         progress: &mut dyn FnMut(u64),
@@ -402,8 +411,8 @@ impl Snapshottable for XeVfDevice {
     fn snapshot(&mut self) -> Result<Snapshot, MigratableError> {
         self.require_migration(MigratableError::Snapshot)?;
         let info = self
-            .migration_info()
-            .map_err(|e| MigratableError::Snapshot(anyhow!("{e}")))?;
+            .describe()
+            .map_err(|e| MigratableError::Snapshot(anyhow_engine(e)))?;
         Snapshot::new_from_state(&XeVfSnapshotState {
             format_version: FORMAT_VERSION,
             device_kind: info.device_kind,
@@ -422,13 +431,13 @@ impl Transportable for XeVfDevice {
         let send_err = |e: String| MigratableError::MigrateSend(anyhow!("device {}: {e}", self.id));
         let state: XeVfSnapshotState = snapshot
             .to_state()
-            .map_err(|e| send_err(format!("snapshot section: {e}")))?;
+            .map_err(|e| send_err(format!("snapshot section: {}", Chain(&e))))?;
         let dir = snapshot::snapshot_dir(destination_url).map_err(|e| send_err(e.to_string()))?;
         let mut pending =
             PendingDataFile::create(&dir, &state.data_file).map_err(|e| send_err(e.to_string()))?;
         let saved = {
             let mut out = BufWriter::with_capacity(1 << 20, pending.file());
-            let report = self.send_state(&mut out, &mut |_| {});
+            let report = self.save_state_to(&mut out, &mut |_| {});
             report.and_then(|r| {
                 out.flush()
                     .map(|()| r)
@@ -563,11 +572,13 @@ impl Migratable for XeVfDevice {
 
 impl StreamedState for XeVfDevice {
     fn send_state(&mut self, out: &mut (dyn Write + Send)) -> Result<u64, MigratableError> {
-        XeVfDevice::send_state(self, out, &mut |_| {}).map(|r| r.encoded_bytes)
+        self.save_state_to(out, &mut |_| {})
+            .map(|r| r.encoded_bytes)
     }
 
     fn receive_state(&mut self, input: &mut (dyn Read + Send)) -> Result<u64, MigratableError> {
-        XeVfDevice::receive_state(self, input, &mut |_| {}).map(|r| r.decoded.encoded_bytes)
+        self.load_state_from(input, &mut |_| {})
+            .map(|r| r.decoded.encoded_bytes)
     }
 
     fn restore_state(

@@ -6,7 +6,7 @@
 //!
 //! Negotiated in Start (feature `DEVICE_STATE_CONNECTIONS`, see
 //! [`super::verify_pass`]). The source opens one extra connection per VF
-//! before pre-copy, announcing [`ConnectionRole::DeviceState`]; once the
+//! before pre-copy, announcing our role [`ROLE_DEVICE_STATE`]; once the
 //! VM is paused, each carries exactly one `DeviceState` request and its
 //! self-delimited stream, answered Ok (or Error with the reason), while
 //! the main connection carries the final memory pass. State and Complete
@@ -14,20 +14,21 @@
 //! destination without the feature gets every VF's state on the main
 //! connection, in turn, as before.
 
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
-use xe_vf_glue::protocol::{
-    Command, ConnectionRole, Request, Response, DEVICE_STATE_SELF_DELIMITED,
-};
+use xe_vf_glue::error_chain::Chain;
+use xe_vf_glue::protocol::{Command, Request, Response, DEVICE_STATE_SELF_DELIMITED};
 use xe_vf_glue::XeVfDevice;
 use xe_vf_plugin::engine::{self, TransferOptions};
 use xe_vf_plugin::MigrationDevice;
 
 use super::conn::{connect, Conn, MigrationUrl};
+use super::verify_pass::ROLE_DEVICE_STATE;
 use super::{expect_ok, peer_refusal, write_error, CountingWriter};
 use crate::error::{HostError, HostResult};
 
@@ -47,8 +48,7 @@ impl DeviceLanes {
                 connect(url, Instant::now() + timeout).map_err(|e| HostError::failed(&phase, e))?;
             conn.set_timeouts(timeout)
                 .map_err(|e| HostError::failed(&phase, e))?;
-            ConnectionRole::DeviceState
-                .write_to(&mut conn)
+            conn.write_all(&ROLE_DEVICE_STATE.to_le_bytes())
                 .map_err(|e| HostError::failed(&phase, e))?;
             conns.push(conn);
         }
@@ -75,19 +75,19 @@ impl DeviceLanes {
 /// waits for the destination's Ok; returns the bytes sent.
 pub fn send_one(mut conn: Conn, index: usize, device: &XeVfDevice) -> HostResult<u64> {
     let phase = format!("device-state {}", device_id(device));
-    Request::device_state(index as u16, DEVICE_STATE_SELF_DELIMITED)
+    Request::device_state(index as u16)
         .write_to(&mut conn)
-        .map_err(|e| HostError::failed(&phase, e))?;
+        .map_err(|e| HostError::failed(&phase, Chain(&e)))?;
     let mut out = CountingWriter {
         inner: &mut conn,
         count: 0,
     };
-    let sent = device.send_state(&mut out, &mut |_| {});
+    let sent = device.save_state_to(&mut out, &mut |_| {});
     let count = out.count;
     if let Err(e) = sent {
         let cause = match peer_refusal(&mut conn) {
-            Some(reason) => format!("{e}; the destination said: {reason}"),
-            None => e.to_string(),
+            Some(reason) => format!("{}; the destination said: {reason}", Chain(&e)),
+            None => Chain(&e).to_string(),
         };
         conn.shutdown();
         return Err(HostError::failed(&phase, cause));
@@ -198,12 +198,14 @@ impl Targets {
             Ok(r) => r,
             // Closed unused: the migration ended before the VFs' turn.
             Err(e) if super::is_eof(&e) => return Ok(()),
-            Err(e) => return Err(HostError::failed(phase, e)),
+            Err(e) => return Err(HostError::failed(phase, Chain(&e))),
         };
         self.active.fetch_add(1, Ordering::AcqRel);
         let _active = Active(&self.active);
-        let index = match (request.command(), request.device_index()) {
-            (Command::DeviceState, Some(i)) if request.is_self_delimited() => usize::from(i),
+        let index = match request.command() {
+            Command::DeviceState if request.length() == DEVICE_STATE_SELF_DELIMITED => {
+                usize::from(request.device_index())
+            }
             _ => {
                 return Err(HostError::bad_request(
                     phase,
@@ -245,6 +247,6 @@ impl Targets {
         );
         Response::ok()
             .write_to(conn)
-            .map_err(|e| HostError::failed(&phase, e))
+            .map_err(|e| HostError::failed(&phase, Chain(&e)))
     }
 }

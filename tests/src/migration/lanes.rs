@@ -23,11 +23,19 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
-use xe_vf_glue::migration::MemoryRangeTable;
-use xe_vf_glue::protocol::{Command, ConnectionRole, Request, Response};
+use xe_vf_glue::error_chain::Chain;
+use xe_vf_glue::protocol::{Command, ConnectionRole, MemoryRangeTable, Request, Response};
 
 use super::conn::{connect, Conn, Listener, MigrationUrl};
 use super::device_lanes::Targets;
+use super::verify_pass::ROLE_DEVICE_STATE;
+
+/// What an accepted extra connection carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lane {
+    Memory,
+    DeviceState,
+}
 use super::expect_ok;
 use crate::error::{HostError, HostResult};
 use crate::memory::{GuestMemory, COPY_CHUNK};
@@ -61,7 +69,7 @@ impl SendLanes {
                     .map_err(|e| HostError::failed(&phase, e))?;
                 ConnectionRole::PrecopyMemory
                     .write_to(&mut conn)
-                    .map_err(|e| HostError::failed(&phase, e))?;
+                    .map_err(|e| HostError::failed(&phase, Chain(&e)))?;
                 conns.push(conn);
             }
         }
@@ -142,7 +150,7 @@ fn send_chunk(
     Request::memory(chunk.length())
         .write_to(conn)
         .and_then(|()| chunk.write_to(conn))
-        .map_err(|e| HostError::failed(phase, e))?;
+        .map_err(|e| HostError::failed(phase, Chain(&e)))?;
     for r in chunk.regions() {
         memory
             .send_range(r, conn, buf)
@@ -250,7 +258,7 @@ impl ReceiveLanes {
                 continue;
             };
             let n = workers.len() + 1;
-            if role == ConnectionRole::DeviceState {
+            if role == Lane::DeviceState {
                 let (d, halt) = (devices.clone(), stop.clone());
                 match std::thread::Builder::new()
                     .name(format!("migrate-dev-{n}"))
@@ -283,19 +291,31 @@ impl ReceiveLanes {
 
     /// Reads the role of an accepted connection; memory and device-state
     /// ones are kept.
-    fn classify(mut conn: Conn, timeout: Duration) -> Option<(ConnectionRole, Conn)> {
+    fn classify(mut conn: Conn, timeout: Duration) -> Option<(Lane, Conn)> {
         conn.set_timeouts(ROLE_TIMEOUT).ok()?;
-        let role = match ConnectionRole::read_from(&mut conn) {
+        // Our device-state role is not one of the series' crate's, so
+        // the word is read raw first.
+        let mut word = [0u8; 2];
+        if let Err(e) = std::io::Read::read_exact(&mut conn, &mut word) {
+            warn!("migration: dropping a connection: no role ({e})");
+            return None;
+        }
+        let word = u16::from_le_bytes(word);
+        if word == ROLE_DEVICE_STATE {
+            conn.set_timeouts(timeout).ok()?;
+            return Some((Lane::DeviceState, conn));
+        }
+        let role = match ConnectionRole::try_from(word) {
             Ok(r) => r,
             Err(e) => {
-                warn!("migration: dropping a connection: no role ({e})");
+                warn!("migration: dropping a connection: {}", Chain(&e));
                 return None;
             }
         };
         match role {
-            ConnectionRole::PrecopyMemory | ConnectionRole::DeviceState => {
+            ConnectionRole::PrecopyMemory => {
                 conn.set_timeouts(timeout).ok()?;
-                Some((role, conn))
+                Some((Lane::Memory, conn))
             }
             other => {
                 warn!("migration: dropping a connection with role {other:?} (not supported)");
@@ -326,7 +346,7 @@ impl ReceiveLanes {
                     debug!("migration: connection {n} closed by the source");
                     return Ok(());
                 }
-                Err(e) => return Err(HostError::failed(&phase, e)),
+                Err(e) => return Err(HostError::failed(&phase, Chain(&e))),
             };
             if request.command() != Command::Memory {
                 return Err(HostError::bad_request(
@@ -335,7 +355,7 @@ impl ReceiveLanes {
                 ));
             }
             let table = MemoryRangeTable::read_from(&mut conn, request.length())
-                .map_err(|e| HostError::bad_request(&phase, e))?;
+                .map_err(|e| HostError::bad_request(&phase, Chain(&e)))?;
             for r in table.regions() {
                 memory
                     .receive_range(r, &mut conn, &mut buf)
@@ -344,7 +364,7 @@ impl ReceiveLanes {
             }
             Response::ok()
                 .write_to(&mut conn)
-                .map_err(|e| HostError::failed(&phase, e))?;
+                .map_err(|e| HostError::failed(&phase, Chain(&e)))?;
         }
     }
 

@@ -16,15 +16,18 @@ use std::time::{Duration, Instant};
 use log::{error, info};
 use serde::Serialize;
 use serde_json::json;
-use xe_vf_glue::migration::{MemoryRangeTable, Snapshot};
-use xe_vf_glue::protocol::{Command, Request, Response};
+use xe_vf_glue::error_chain::Chain;
+use xe_vf_glue::migration::Snapshot;
+use xe_vf_glue::protocol::{
+    Command, MemoryRangeTable, Request, Response, DEVICE_STATE_SELF_DELIMITED,
+};
 use xe_vf_plugin::device_config::DeviceConfig;
 use xe_vf_plugin::engine::TransferOptions;
 
 use super::conn::{Conn, Listener, MigrationUrl};
 use super::device_lanes::{Target, Targets};
 use super::lanes::ReceiveLanes;
-use super::verify_pass;
+use super::verify_pass::{self, Incoming};
 use super::{is_eof, read_json_payload, write_error, MigrationConfig};
 use crate::error::{HostError, HostResult};
 use crate::fault::{self, FaultyStream, MigrationFault, MigrationTestOptions};
@@ -184,7 +187,7 @@ impl Receiver<'_> {
     fn ok(&mut self, phase: &str) -> HostResult<()> {
         Response::ok()
             .write_to(&mut self.conn)
-            .map_err(|e| HostError::failed(phase, e))
+            .map_err(|e| HostError::failed(phase, Chain(&e)))
     }
 
     fn vm(&self, phase: &str) -> HostResult<&Vm> {
@@ -255,16 +258,41 @@ impl Receiver<'_> {
         let mut started = false;
         loop {
             self.wait_for_command()?;
-            let request = Request::read_from(&mut self.conn).map_err(|e| {
+            let incoming = verify_pass::read_request(&mut self.conn).map_err(|e| {
                 if is_eof(&e) {
                     HostError::failed(
                         "read command",
                         "the source closed the connection before Complete",
                     )
                 } else {
-                    HostError::failed("read command", e)
+                    HostError::failed("read command", Chain(&e))
                 }
             })?;
+            let request = match incoming {
+                Incoming::Ch(request) => request,
+                Incoming::VerifySetup { length } if started => {
+                    self.phase("verify setup");
+                    let memory = self.vm("verify setup")?.memory().clone();
+                    verify_pass::receive_setup(&mut self.conn, length, &memory)?;
+                    self.ok("verify setup")?;
+                    continue;
+                }
+                Incoming::Digests { length } if started => {
+                    self.phase("digests");
+                    let memory = self.vm("digests")?.memory().clone();
+                    let (checked, differ) =
+                        verify_pass::answer_digests(&mut self.conn, length, &memory)?;
+                    self.report.verified_bytes += checked;
+                    self.report.differing_bytes += differ;
+                    continue;
+                }
+                _ => {
+                    return Err(HostError::bad_request(
+                        "start",
+                        "first command is an extension command, not Start",
+                    ))
+                }
+            };
             if !started && request.command() != Command::Start {
                 return Err(HostError::bad_request(
                     "start",
@@ -276,7 +304,7 @@ impl Receiver<'_> {
                     self.phase("start");
                     request
                         .sender_protocol_version()
-                        .map_err(|e| HostError::bad_request("start", e))?;
+                        .map_err(|e| HostError::bad_request("start", Chain(&e)))?;
                     started = true;
                     let mut agreed =
                         verify_pass::sender_features(&request) & verify_pass::SUPPORTED_FEATURES;
@@ -293,20 +321,6 @@ impl Receiver<'_> {
                     self.conn
                         .write_all(&verify_pass::start_answer(agreed))
                         .map_err(|e| HostError::failed("start", e))?;
-                }
-                Command::VerifySetup => {
-                    self.phase("verify setup");
-                    let memory = self.vm("verify setup")?.memory().clone();
-                    verify_pass::receive_setup(&mut self.conn, &request, &memory)?;
-                    self.ok("verify setup")?;
-                }
-                Command::Digests => {
-                    self.phase("digests");
-                    let memory = self.vm("digests")?.memory().clone();
-                    let (checked, differ) =
-                        verify_pass::answer_digests(&mut self.conn, &request, &memory)?;
-                    self.report.verified_bytes += checked;
-                    self.report.differing_bytes += differ;
                 }
                 Command::Config => self.config(&request)?,
                 Command::Memory => self.memory(&request)?,
@@ -398,8 +412,9 @@ impl Receiver<'_> {
         {
             let set = vm.devices();
             for (d, info) in set.devices().iter().zip(&config.devices) {
-                d.check_incoming(info)
-                    .map_err(|e| HostError::conflict(format!("config: device {}", info.id), e))?;
+                d.check_incoming(info).map_err(|e| {
+                    HostError::conflict(format!("config: device {}", info.id), Chain(&e))
+                })?;
             }
         }
         self.received = vec![false; config.vm.devices.len()];
@@ -440,7 +455,7 @@ impl Receiver<'_> {
         // second is the final pass).
         self.inject(&format!("memory#{}", self.report.memory_passes));
         let table = MemoryRangeTable::read_from(&mut self.conn, request.length())
-            .map_err(|e| HostError::bad_request(phase, e))?;
+            .map_err(|e| HostError::bad_request(phase, Chain(&e)))?;
         let memory = self.vm(phase)?.memory().clone();
         for r in table.regions() {
             memory
@@ -459,7 +474,10 @@ impl Receiver<'_> {
     }
 
     fn device_state(&mut self, request: &Request) -> HostResult<()> {
-        let index = request.device_index().unwrap_or(u16::MAX) as usize;
+        let index = usize::from(request.device_index());
+        // CH's sender announces no length (the stream ends itself); a
+        // length, if one is given, must match the stream exactly.
+        let self_delimited = request.length() == DEVICE_STATE_SELF_DELIMITED;
         let id = self
             .vm("device-state")?
             .config()
@@ -489,15 +507,15 @@ impl Receiver<'_> {
         let report = {
             let set = vm.devices();
             let device = &set.devices()[index];
-            if request.is_self_delimited() {
-                device.receive_state(reader, &mut |_| {})
+            if self_delimited {
+                device.load_state_from(reader, &mut |_| {})
             } else {
-                device.receive_state(reader.take(request.length()), &mut |_| {})
+                device.load_state_from(reader.take(request.length()), &mut |_| {})
             }
         }
-        .map_err(|e| HostError::failed(&phase, e))?;
+        .map_err(|e| HostError::failed(&phase, Chain(&e)))?;
         let bytes = report.decoded.encoded_bytes;
-        if !request.is_self_delimited() && bytes != request.length() {
+        if !self_delimited && bytes != request.length() {
             return Err(HostError::bad_request(
                 &phase,
                 format!(

@@ -5,50 +5,101 @@
 //! pass sends digests of the DMA-reachable pages instead of the pages,
 //! and only the pages whose digests differ on the destination follow.
 //!
-//! Negotiated in Start like Cloud Hypervisor's `ProtocolFeatures` (our
-//! series, patch 0004): the source announces its features in
-//! `command_headers[2..6]` of Start, the destination answers with the
-//! subset it speaks in the padding of its Ok (zero from a destination
-//! that predates them). With `DIGEST_VERIFY` agreed, the source sends
-//! `VerifySetup` after Config and, in the final pass, `Digests` batches,
-//! each answered by an Ok whose payload lists the pages to send again.
-//! See [`xe_vf_glue::verify`] for the digests and the wire layouts.
+//! Negotiated in Start like the series' `ProtocolFeatures` (patch 0004):
+//! the source announces its features in `command_headers[2..6]` of
+//! Start, the destination answers with the subset it speaks in the
+//! padding of its Ok (zero from a destination that predates them). With
+//! [`FEATURE_DIGEST_VERIFY`] agreed, the source sends
+//! [`COMMAND_VERIFY_SETUP`] after Config and, in the final pass,
+//! [`COMMAND_DIGESTS`] batches, each answered by an Ok whose payload
+//! lists the pages to send again. See [`xe_vf_glue::verify`] for the
+//! digests and the payloads.
+//!
+//! These words are not in the series' `vm-migration` crate (which the
+//! stand-in restates item for item), so the host writes and reads them
+//! as raw headers: bits and values chosen clear of the series' own
+//! (features 1 and 2, commands 0x100 and 0x101), to be carried into the
+//! series as `ProtocolFeatures`, `Command` and `ConnectionRole` items.
 
 use std::io::{Read, Write};
 use std::time::Instant;
 
 use log::info;
 use serde::Serialize;
-use xe_vf_glue::migration::{MemoryRange, MemoryRangeTable};
-use xe_vf_glue::protocol::{Command, Request, Response, Status, HEADER_LEN};
+use xe_vf_glue::error_chain::Chain;
+use xe_vf_glue::migration::MigratableError;
+use xe_vf_glue::protocol::{
+    MemoryRange, MemoryRangeTable, ProtocolFeatures, Request, Response, Status,
+};
 use xe_vf_glue::verify::wire::{self, DigestBatch, PageRun, VerifySetup, SETUP_LEN};
 use xe_vf_glue::verify::{
     hash_ranges, measure_functions, rates, Decision, DigestKey, FunctionRate, PageDigester,
 };
+use xe_vf_glue::wire::HEADER_LEN;
 
 use super::MAX_ERROR_MESSAGE;
 use crate::error::{HostError, HostResult};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 
-/// Streamed device state (`DeviceState` requests), as in patch 0004.
-pub const FEATURE_DEVICE_STATE: u32 = 1 << 0;
-/// The verify pass (`VerifySetup`, `Digests`).
-pub const FEATURE_DIGEST_VERIFY: u32 = 1 << 1;
+/// The verify pass ([`COMMAND_VERIFY_SETUP`], [`COMMAND_DIGESTS`]).
+pub const FEATURE_DIGEST_VERIFY: u32 = 1 << 16;
 /// One connection per VF for its state, concurrent with the final memory
 /// pass (see [`super::device_lanes`]).
-pub const FEATURE_DEVICE_STATE_CONNECTIONS: u32 = 1 << 2;
-/// What this host speaks.
-pub const SUPPORTED_FEATURES: u32 =
-    FEATURE_DEVICE_STATE | FEATURE_DIGEST_VERIFY | FEATURE_DEVICE_STATE_CONNECTIONS;
+pub const FEATURE_DEVICE_STATE_CONNECTIONS: u32 = 1 << 17;
+/// What this host speaks: the series' streamed device state and ours.
+pub const SUPPORTED_FEATURES: u32 = ProtocolFeatures::DEVICE_STATE.bits()
+    | FEATURE_DIGEST_VERIFY
+    | FEATURE_DEVICE_STATE_CONNECTIONS;
+
+/// Command word: digest function and key (payload `VerifySetup`).
+pub const COMMAND_VERIFY_SETUP: u16 = 0x180;
+/// Command word: a batch of digests (payload `DigestBatch`); the Ok
+/// answering it carries the pages that differ.
+pub const COMMAND_DIGESTS: u16 = 0x181;
+/// Connection role: one VF's state (see [`super::device_lanes`]).
+pub const ROLE_DEVICE_STATE: u16 = 0x100;
+
+/// A request header of ours.
+pub fn raw_request(command: u16, headers: [u8; 6], length: u64) -> [u8; HEADER_LEN] {
+    let mut raw = [0u8; HEADER_LEN];
+    raw[..2].copy_from_slice(&command.to_le_bytes());
+    raw[2..8].copy_from_slice(&headers);
+    raw[8..].copy_from_slice(&length.to_le_bytes());
+    raw
+}
+
+/// A request as read: one of our extension commands, or CH's.
+pub enum Incoming {
+    VerifySetup { length: u64 },
+    Digests { length: u64 },
+    Ch(Request),
+}
+
+/// Reads the next request, ours or CH's.
+pub fn read_request<R: Read>(conn: &mut R) -> Result<Incoming, MigratableError> {
+    let mut raw = [0u8; HEADER_LEN];
+    conn.read_exact(&mut raw)
+        .map_err(MigratableError::MigrateSocket)?;
+    let word = u16::from_le_bytes([raw[0], raw[1]]);
+    let mut length = [0u8; 8];
+    length.copy_from_slice(&raw[8..]);
+    let length = u64::from_le_bytes(length);
+    Ok(match word {
+        COMMAND_VERIFY_SETUP => Incoming::VerifySetup { length },
+        COMMAND_DIGESTS => Incoming::Digests { length },
+        _ => Incoming::Ch(Request::read_from(&mut &raw[..])?),
+    })
+}
 
 /// Pages per `Digests` batch: 64 MiB of memory, 256 KiB of digests.
 const BATCH_PAGES: u64 = 16 * 1024;
 
-/// `Start` announcing `features`.
-pub fn start_request(features: u32) -> HostResult<Request> {
-    let mut raw = Request::start().to_bytes();
-    raw[4..8].copy_from_slice(&features.to_le_bytes());
-    Request::from_bytes(&raw).map_err(|e| HostError::failed("start", e))
+/// `Start` announcing `features` (the series' and ours).
+pub fn start_request(features: u32) -> [u8; HEADER_LEN] {
+    let mut headers = [0u8; 6];
+    headers[..2].copy_from_slice(&xe_vf_glue::protocol::CURRENT_PROTOCOL_VERSION.to_le_bytes());
+    headers[2..].copy_from_slice(&features.to_le_bytes());
+    raw_request(1, headers, 0)
 }
 
 /// The features a `Start` announces.
@@ -59,7 +110,8 @@ pub fn sender_features(request: &Request) -> u32 {
 
 /// The Ok to Start naming the features this destination agrees to.
 pub fn start_answer(features: u32) -> [u8; HEADER_LEN] {
-    let mut raw = Response::ok().to_bytes();
+    let mut raw = [0u8; HEADER_LEN];
+    raw[..2].copy_from_slice(&(Status::Ok as u16).to_le_bytes());
     raw[2..6].copy_from_slice(&features.to_le_bytes());
     raw
 }
@@ -77,7 +129,8 @@ pub fn read_start_answer<R: Read>(conn: &mut R) -> HostResult<u32> {
             },
         )
     })?;
-    let response = Response::from_bytes(&raw).map_err(|e| HostError::failed("start", e))?;
+    let response =
+        Response::read_from(&mut &raw[..]).map_err(|e| HostError::failed("start", Chain(&e)))?;
     if response.status() != Status::Ok {
         let len = response.length().min(MAX_ERROR_MESSAGE) as usize;
         let mut msg = vec![0u8; len];
@@ -150,8 +203,7 @@ impl VerifyPlan {
 /// Sends `VerifySetup` and waits for its Ok.
 pub fn send_setup<C: Read + Write>(conn: &mut C, plan: &VerifyPlan) -> HostResult<()> {
     let phase = "verify setup";
-    Request::new(Command::VerifySetup, SETUP_LEN as u64)
-        .write_to(conn)
+    conn.write_all(&raw_request(COMMAND_VERIFY_SETUP, [0; 6], SETUP_LEN as u64))
         .map_err(|e| HostError::failed(phase, e))?;
     conn.write_all(&plan.setup.encode())
         .map_err(|e| HostError::failed(phase, e))?;
@@ -223,13 +275,13 @@ pub fn exchange_digests<C: Read + Write>(
         &mut |batch: DigestBatch| -> Result<(), PassError> {
             outcome.checked_bytes += batch.page_count() * PAGE_SIZE;
             outcome.digest_bytes += batch.encoded_len();
-            Request::new(Command::Digests, batch.encoded_len())
-                .write_to(conn)
+            conn.write_all(&raw_request(COMMAND_DIGESTS, [0; 6], batch.encoded_len()))
                 .map_err(|e| HostError::failed(phase, e))?;
             batch
                 .write_to(conn)
                 .map_err(|e| HostError::failed(phase, e))?;
-            let response = Response::read_from(conn).map_err(|e| HostError::failed(phase, e))?;
+            let response =
+                Response::read_from(conn).map_err(|e| HostError::failed(phase, Chain(&e)))?;
             if response.status() != Status::Ok {
                 return Err(HostError::failed(
                     phase,
@@ -269,19 +321,12 @@ pub struct FinalPassChoice {
 }
 
 /// Destination: `VerifySetup` - hash every page that arrives from now on.
-pub fn receive_setup<C: Read>(
-    conn: &mut C,
-    request: &Request,
-    memory: &GuestMemory,
-) -> HostResult<()> {
+pub fn receive_setup<C: Read>(conn: &mut C, length: u64, memory: &GuestMemory) -> HostResult<()> {
     let phase = "verify setup";
-    if request.length() != SETUP_LEN as u64 {
+    if length != SETUP_LEN as u64 {
         return Err(HostError::bad_request(
             phase,
-            format!(
-                "payload of {} bytes, expected {SETUP_LEN}",
-                request.length()
-            ),
+            format!("payload of {length} bytes, expected {SETUP_LEN}"),
         ));
     }
     let mut raw = [0u8; SETUP_LEN];
@@ -303,12 +348,12 @@ pub fn receive_setup<C: Read>(
 /// differ. Returns the bytes checked and the bytes that differ.
 pub fn answer_digests<C: Read + Write>(
     conn: &mut C,
-    request: &Request,
+    length: u64,
     memory: &GuestMemory,
 ) -> HostResult<(u64, u64)> {
     let phase = "digests";
-    let batch = DigestBatch::read_from(conn, request.length())
-        .map_err(|e| HostError::bad_request(phase, e))?;
+    let batch =
+        DigestBatch::read_from(conn, length).map_err(|e| HostError::bad_request(phase, e))?;
     for r in &batch.runs {
         memory
             .check(&MemoryRange {
@@ -320,7 +365,7 @@ pub fn answer_digests<C: Read + Write>(
     let differ = memory.mismatches(&batch);
     Response::new(Status::Ok, wire::mismatches_len(&differ))
         .write_to(conn)
-        .map_err(|e| HostError::failed(phase, e))?;
+        .map_err(|e| HostError::failed(phase, Chain(&e)))?;
     wire::write_mismatches(conn, &differ).map_err(|e| HostError::failed(phase, e))?;
     let differ_bytes = differ.iter().map(|r| r.pages * PAGE_SIZE).sum();
     Ok((batch.page_count() * PAGE_SIZE, differ_bytes))
@@ -357,10 +402,15 @@ mod tests {
 
     #[test]
     fn features_ride_in_start_and_its_ok() {
-        let req = start_request(SUPPORTED_FEATURES).unwrap();
-        assert_eq!(req.command(), Command::Start);
+        let raw = start_request(SUPPORTED_FEATURES);
+        let Incoming::Ch(req) = read_request(&mut &raw[..]).unwrap() else {
+            panic!("Start is CH's");
+        };
+        assert_eq!(req.command(), xe_vf_glue::protocol::Command::Start);
         assert_eq!(req.sender_protocol_version().unwrap(), 0);
         assert_eq!(sender_features(&req), SUPPORTED_FEATURES);
+        // The series' crate sees its own bit and drops ours.
+        assert_eq!(req.sender_features(), ProtocolFeatures::DEVICE_STATE);
         assert_eq!(sender_features(&Request::start()), 0);
         let raw = start_answer(FEATURE_DIGEST_VERIFY);
         assert_eq!(
@@ -368,7 +418,14 @@ mod tests {
             FEATURE_DIGEST_VERIFY
         );
         // A destination that predates features answers a plain Ok.
-        let plain = Response::ok().to_bytes();
+        let mut plain = Vec::new();
+        Response::ok().write_to(&mut plain).unwrap();
         assert_eq!(read_start_answer(&mut &plain[..]).unwrap(), 0);
+        // Our commands are told apart from CH's.
+        let setup = raw_request(COMMAND_VERIFY_SETUP, [0; 6], 40);
+        assert!(matches!(
+            read_request(&mut &setup[..]).unwrap(),
+            Incoming::VerifySetup { length: 40 }
+        ));
     }
 }
