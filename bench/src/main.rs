@@ -103,6 +103,9 @@ enum Command {
         /// a second, shared among the VFs), per GiB of guest RAM.
         #[arg(long, default_value_t = 12)]
         dma_pages_per_gib: u32,
+        /// Share of guest RAM (percent) the VFs' DMA keeps writing into.
+        #[arg(long, default_value_t = 2.0)]
+        dma_set_percent: f64,
         /// Share of zero pages in each VF's VRAM.
         #[arg(long, default_value_t = 50)]
         vram_zero_percent: u8,
@@ -216,6 +219,7 @@ fn main() {
             methods,
             reps,
             dma_pages_per_gib,
+            dma_set_percent,
             vram_zero_percent,
             case_timeout,
             out_dir,
@@ -232,6 +236,7 @@ fn main() {
                 methods,
                 reps,
                 dma_pages_per_gib,
+                dma_set_percent,
                 vram_zero_percent,
                 out_dir,
                 case_timeout: std::time::Duration::from_secs(case_timeout),

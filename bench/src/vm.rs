@@ -10,8 +10,10 @@
 //! down by phase: final memory pass, device state, switch-over. Methods:
 //!
 //! - **qemu**: the final pass resends every page the VFs may have DMA'd
-//!   into, then each VF's state in turn (`final_pass: resend`);
-//! - **ours**: the verify pass where it pays (`final_pass: auto`);
+//!   into, then each VF's state in turn on the main connection
+//!   (`final_pass: resend`, `device_state_connections: false`);
+//! - **ours**: the verify pass where it pays (`final_pass: auto`), every
+//!   VF's state on its own connection while the final pass runs;
 //! - **limit**: what really changed since the last pre-copy pass (the
 //!   CPU-dirty bytes, the pages the verify pass found changed, the VF
 //!   state without its zero runs), divided by the link's rate measured
@@ -72,6 +74,9 @@ pub struct VmPlan {
     /// Pages the VFs' workloads DMA per iteration (each VF a share), per
     /// GiB of guest RAM.
     pub dma_pages_per_gib: u32,
+    /// Share of guest RAM (percent, all VFs together) the DMA writes
+    /// keep landing in: a GPU's buffers, rewritten over and over.
+    pub dma_set_percent: f64,
     pub vram_zero_percent: u8,
     pub out_dir: PathBuf,
     pub case_timeout: Duration,
@@ -209,12 +214,14 @@ fn run_one(
         src_cmd.args([
             "--device",
             &format!(
-                "emulated=on,vram={},id=gpu{i},dma_pages={},seed={}",
+                "emulated=on,vram={},id=gpu{i},dma_pages={},dma_set={},seed={}",
                 plan.vram,
                 // The VM's DMA rate is shared among its VFs.
                 (u64::from(plan.dma_pages_per_gib) * ram)
                     .div_ceil((vfs as u64) << 30)
                     .max(1),
+                ((ram as f64 * plan.dma_set_percent / 100.0) as u64 / vfs as u64).max(4096) / 4096
+                    * 4096,
                 0x5eed + i
             ),
         ]);
@@ -247,7 +254,10 @@ fn run_one(
     )?;
     src.put(
         "vm.arm-migration",
-        json!({ "final_pass": method.final_pass() }),
+        json!({
+            "final_pass": method.final_pass(),
+            "device_state_connections": method == VmMethod::Ours,
+        }),
     )?;
     let receiver = {
         let api = dst.api.clone();

@@ -77,6 +77,7 @@ const EMULATED_KEYS: &[&str] = &[
     "seed",
     "flags",
     "dma_pages",
+    "dma_set",
 ];
 /// Most pages one workload iteration may DMA into.
 const MAX_DMA_PAGES: u32 = 4096;
@@ -217,7 +218,7 @@ impl DeviceConfig {
         migration=on|off,xe_migration=on|off,dirty_tracking=auto|iommufd|all|device|off,\
         emulated=on|off,vram=<size>,devid=<id>,revid=<id>,tiles=<n>,gts=<n>,\
         ggtt=<size>,mmio=<size>,guc=<size>,chunk=<size>,workload=on|off,\
-        seed=<n>,flags=stop_copy|p2p|pre_copy,dma_pages=<n>\"";
+        seed=<n>,flags=stop_copy|p2p|pre_copy,dma_pages=<n>,dma_set=<size>\"";
 
     pub fn parse(input: &str) -> Result<Self, DeviceConfigError> {
         let pairs = split_pairs(input)?;
@@ -378,6 +379,9 @@ impl fmt::Display for DeviceConfig {
             out.pair("flags", &format_flags(e.migration_flags))?;
             if e.dma_pages != 0 {
                 out.pair("dma_pages", &e.dma_pages.to_string())?;
+            }
+            if e.dma_set != 0 {
+                out.pair("dma_set", &format_size(e.dma_set))?;
             }
         }
         Ok(())
@@ -712,6 +716,9 @@ fn parse_emulated<'a>(
                 &format!("at most {MAX_DMA_PAGES} pages per iteration"),
             ));
         }
+    }
+    if let Some(v) = get("dma_set") {
+        e.dma_set = size("dma_set", v)?;
     }
     check_emulated(&e, get)?;
     Ok(e)
@@ -1255,5 +1262,8 @@ mod dma_pages_tests {
         let plain = DeviceConfig::parse("emulated=on,vram=1M").unwrap();
         assert_eq!(plain.emulated.as_ref().unwrap().dma_pages, 0);
         assert!(!plain.to_string().contains("dma_pages"), "{plain}");
+        let set = DeviceConfig::parse("emulated=on,vram=1M,dma_pages=4,dma_set=2M").unwrap();
+        assert_eq!(set.emulated.as_ref().unwrap().dma_set, 2 << 20);
+        assert_eq!(DeviceConfig::parse(&set.to_string()).unwrap(), set);
     }
 }

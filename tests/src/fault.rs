@@ -220,6 +220,15 @@ pub struct MigrationTestOptions {
     /// from the measured hash and link rates), `verify` or `resend`.
     #[serde(default)]
     pub final_pass: FinalPassMode,
+    /// Source: send VF state over connections of its own when the
+    /// destination takes them (default), or in turn on the main
+    /// connection after the final memory pass (QEMU style).
+    #[serde(default = "yes")]
+    pub device_state_connections: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// See [`MigrationTestOptions::final_pass`].
@@ -242,6 +251,7 @@ impl Default for MigrationTestOptions {
             timeout_s: default_receive_timeout_s(),
             device_faults: BTreeMap::new(),
             final_pass: FinalPassMode::Auto,
+            device_state_connections: true,
         }
     }
 }

@@ -45,6 +45,9 @@ pub struct EmulatedConfig {
     /// the writes a dirty log of the CPU never sees. 0: one record per
     /// iteration into consecutive slots.
     pub dma_pages: u32,
+    /// Bytes of the DMA window those pages are drawn from (its working
+    /// set, spread evenly over the window); 0: the whole window.
+    pub dma_set: u64,
 }
 
 impl Default for EmulatedConfig {
@@ -63,6 +66,7 @@ impl Default for EmulatedConfig {
             workload: true,
             seed: 0x5eed,
             dma_pages: 0,
+            dma_set: 0,
         }
     }
 }

@@ -227,8 +227,13 @@ fn step(model: &DeviceModel, guest: &Mutex<Option<GuestDmaRegion>>) -> io::Resul
         } else {
             model.config.dma_pages
         };
+        let set = match model.config.dma_set / PAGE {
+            0 => pages,
+            n => n.min(pages),
+        };
         for _ in 0..scattered {
-            let page = rng.next_u64() % pages;
+            // One of `set` pages spread evenly over the window.
+            let page = (rng.next_u64() % set) * pages / set.max(1);
             let record = DmaRecord {
                 slot: (page * per_page) as u32,
                 generation,

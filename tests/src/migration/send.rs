@@ -22,7 +22,7 @@ use super::verify_pass::{self, VerifyOutcome, VerifyPlan};
 use super::{expect_ok, peer_refusal, CountingWriter, MigrationConfig};
 use crate::api_bodies::{SendMigrationData, TimeoutStrategy};
 use crate::error::{HostError, HostResult};
-use crate::fault::{self, FaultyStream, FinalPassMode, MigrationFault};
+use crate::fault::{self, FaultyStream, FinalPassMode, MigrationFault, MigrationTestOptions};
 use crate::memory::{COPY_CHUNK, PAGE_SIZE};
 use crate::vm::{Vm, VmFingerprint};
 use crate::vmm::{Counters, VmState, Vmm};
@@ -107,6 +107,8 @@ struct Sender<'a> {
     device_bytes: u64,
     passes: u32,
     final_pass: FinalPassMode,
+    /// Whether VF state may take connections of its own.
+    device_state_connections: bool,
     /// Set when the destination speaks the verify pass and it was set up.
     verify: Option<VerifyPlan>,
     /// Memory bytes per second of the last pre-copy pass.
@@ -147,15 +149,7 @@ pub fn start(vmm: &Arc<Vmm>, req: SendMigrationData) -> HostResult<()> {
         .name("migration-worker".into())
         .spawn(move || {
             let vmm = worker_vmm;
-            let result = send(
-                &vmm,
-                &vm,
-                &req,
-                &url,
-                initial,
-                options.fault,
-                options.final_pass,
-            );
+            let result = send(&vmm, &vm, &req, &url, initial, options);
             vmm.end_detached_op();
             vmm.set_phase("idle");
             let outcome = match result {
@@ -181,8 +175,7 @@ fn send(
     req: &SendMigrationData,
     url: &MigrationUrl,
     initial: VmState,
-    fault: Option<MigrationFault>,
-    final_pass: FinalPassMode,
+    options: MigrationTestOptions,
 ) -> HostResult<SendReport> {
     let timeout = req.timeout();
     let started = Instant::now();
@@ -215,11 +208,12 @@ fn send(
         agreed: 0,
         buf: vec![0u8; COPY_CHUNK],
         undo: Undo::default(),
-        fault,
+        fault: options.fault,
         memory_bytes: AtomicU64::new(0),
         device_bytes: 0,
         passes: 0,
-        final_pass,
+        final_pass: options.final_pass,
+        device_state_connections: options.device_state_connections,
         verify: None,
         link_rate: None,
         breakdown: DowntimeBreakdown::default(),
@@ -305,7 +299,8 @@ impl Sender<'_> {
             .as_ref()
             .is_some_and(|f| f.phase == "device-state");
         let vfs = self.vm.devices().devices().len();
-        if self.agreed & verify_pass::FEATURE_DEVICE_STATE_CONNECTIONS != 0
+        if self.device_state_connections
+            && self.agreed & verify_pass::FEATURE_DEVICE_STATE_CONNECTIONS != 0
             && vfs > 0
             && !stream_fault
         {
