@@ -2,6 +2,11 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! Source side of a live migration.
+//!
+//! The two-step switch-over (when both sides announce it) is in
+//! [`super::switchover`]; here the rule it gives the source: once
+//! `Switchover` may have reached the destination, the VM never resumes
+//! by itself.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,16 +15,18 @@ use std::time::{Duration, Instant};
 use log::{debug, error, info, warn};
 use serde::Serialize;
 use serde_json::json;
+use xe_vf_glue::device_set::XeVfSet;
 use xe_vf_glue::error_chain::{chain, Chain};
 use xe_vf_glue::migration::{Migratable, Snapshot, Snapshottable};
-use xe_vf_glue::protocol::{MemoryRangeTable, Request};
+use xe_vf_glue::protocol::{MemoryRangeTable, ProtocolFeatures, Request};
 use xe_vf_plugin::engine::TransferOptions;
 
 use super::conn::{connect, Conn, MigrationUrl};
 use super::device_lanes::{self, DeviceLanes};
 use super::lanes::SendLanes;
+use super::switchover::{self, Failure, Unconfirmed};
 use super::verify_pass::{self, VerifyOutcome, VerifyPlan};
-use super::{expect_ok, peer_refusal, CountingWriter, MigrationConfig};
+use super::{expect_ok, peer_refusal, streamed_order, CountingWriter, MigrationConfig};
 use crate::api_bodies::{SendMigrationData, TimeoutStrategy};
 use crate::error::{HostError, HostResult};
 use crate::fault::{self, FaultyStream, FinalPassMode, MigrationFault, MigrationTestOptions};
@@ -39,7 +46,8 @@ const CONNECT_RETRY: Duration = Duration::from_secs(10);
 /// What a completed migration reports.
 #[derive(Clone, Debug, Serialize)]
 pub struct SendReport {
-    /// From pausing the VM to the destination's Ok to Complete.
+    /// From pausing the VM to the destination's Ok to Switchover (to
+    /// Complete with a destination that has no two-step switch-over).
     pub downtime_ms: f64,
     pub total_ms: f64,
     pub memory_bytes: u64,
@@ -51,6 +59,9 @@ pub struct SendReport {
     pub connections: u32,
     /// Memory checksum and VF digests of the source as it stopped.
     pub at_stop: VmFingerprint,
+    /// Whether the switch-over had two steps (the destination announced
+    /// it); with one, a lost answer to Complete could run the VM twice.
+    pub two_step_switchover: bool,
     /// Where the downtime went.
     pub downtime: DowntimeBreakdown,
 }
@@ -86,6 +97,9 @@ struct Undo {
     paused: bool,
     /// Inside a DeviceState stream: the connection cannot carry Abandon.
     mid_stream: bool,
+    /// Switchover may have reached the destination and was not refused:
+    /// the VM may run there, so it must not resume here by itself.
+    destination_may_run: bool,
 }
 
 struct Sender<'a> {
@@ -103,6 +117,10 @@ struct Sender<'a> {
     buf: Vec<u8>,
     undo: Undo,
     fault: Option<MigrationFault>,
+    /// Optional protocol features announced in Start.
+    features: ProtocolFeatures,
+    /// Whether the switch-over has two steps (both announced it).
+    two_step: bool,
     memory_bytes: AtomicU64,
     device_bytes: u64,
     passes: u32,
@@ -118,9 +136,10 @@ struct Sender<'a> {
 
 /// `vm.send-migration`: checks the request, then migrates in a worker
 /// thread and returns at once, as CH does. The outcome shows in
-/// `vm.info`'s `migration` (and `vmm.migration`): `{"sent": report}` or
-/// `{"failed": …}`; on success the VM is Shutdown here, on failure it
-/// runs on (or stays paused if it was paused).
+/// `vm.info`'s `migration` (and `vmm.migration`): `{"sent": report}`,
+/// `{"failed": …}` or `{"unknown": …}`; on success the VM is Shutdown
+/// here, on failure it runs on (or stays paused if it was paused), with
+/// an unknown outcome it stays Paused for an operator to decide.
 pub fn start(vmm: &Arc<Vmm>, req: SendMigrationData) -> HostResult<()> {
     let url = req.check()?;
     let op = vmm.begin("send-migration")?;
@@ -156,7 +175,7 @@ pub fn start(vmm: &Arc<Vmm>, req: SendMigrationData) -> HostResult<()> {
                 Ok(report) => serde_json::to_value(&report)
                     .map(|r| json!({ "sent": r }))
                     .unwrap_or_else(|e| json!({ "failed": { "error": [e.to_string()] } })),
-                Err(e) => json!({ "failed": { "error": e.messages(), "phase": e.phase } }),
+                Err(f) => f.outcome(),
             };
             vmm.set_last_migration(attempt, outcome);
         });
@@ -176,7 +195,7 @@ fn send(
     url: &MigrationUrl,
     initial: VmState,
     options: MigrationTestOptions,
-) -> HostResult<SendReport> {
+) -> Result<SendReport, Failure> {
     let timeout = req.timeout();
     let started = Instant::now();
     let conn = connect(url, started + CONNECT_RETRY.min(timeout))
@@ -187,7 +206,7 @@ fn send(
         Err(e) => {
             error!("send-migration failed in {}: {}", e.phase, e.cause);
             Counters::add(&vmm.counters.migrations_failed, 1);
-            return Err(e);
+            return Err(e.into());
         }
     };
     // A VF data fd silent for as long as the peer may be is an error too.
@@ -208,7 +227,9 @@ fn send(
         agreed: 0,
         buf: vec![0u8; COPY_CHUNK],
         undo: Undo::default(),
-        fault: options.fault,
+        fault: options.fault.clone(),
+        features: options.protocol_features(),
+        two_step: false,
         memory_bytes: AtomicU64::new(0),
         device_bytes: 0,
         passes: 0,
@@ -242,6 +263,14 @@ fn send(
             );
             Ok(report)
         }
+        Err(e) if sender.undo.destination_may_run => {
+            error!(
+                "send-migration outcome unknown in {}: {}; the VM stays Paused here",
+                e.phase, e.cause
+            );
+            sender.stay_paused();
+            Err(Failure::unknown(e.context(switchover::SOURCE_UNKNOWN)))
+        }
         Err(mut e) => {
             error!("send-migration failed in {}: {}", e.phase, e.cause);
             if !sender.roll_back(initial) {
@@ -250,7 +279,7 @@ fn send(
                     .push_str("; the VM could not resume and is Paused (vm.resume retries)");
             }
             Counters::add(&vmm.counters.migrations_failed, 1);
-            Err(e)
+            Err(e.into())
         }
     }
 }
@@ -259,15 +288,25 @@ fn ms_since(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
+/// The VM's device ids, in config order.
+fn device_ids(set: &XeVfSet) -> Vec<String> {
+    set.devices().iter().map(Snapshottable::id).collect()
+}
+
 impl Sender<'_> {
     fn run(&mut self, started: Instant, initial: VmState) -> HostResult<SendReport> {
         self.phase("start");
-        std::io::Write::write_all(
-            &mut self.conn,
-            &verify_pass::start_request(verify_pass::SUPPORTED_FEATURES),
-        )
-        .map_err(|e| HostError::failed("start", e))?;
-        let agreed = verify_pass::read_start_answer(&mut self.conn)?;
+        // The series' features (as the test options allow) and ours.
+        let announced = self.features.bits() | verify_pass::EXTENSION_FEATURES;
+        std::io::Write::write_all(&mut self.conn, &verify_pass::start_request(announced))
+            .map_err(|e| HostError::failed("start", e))?;
+        let answered_bits = verify_pass::read_start_answer(&mut self.conn)?;
+        let answered = ProtocolFeatures::from_bits_truncate(answered_bits);
+        let agreed = answered & self.features;
+        debug!("protocol features: {agreed:?}, extensions {answered_bits:#x}");
+        self.refuse_without_device_state(agreed)?;
+        self.two_step = switchover::negotiated(self.features, answered);
+        let agreed = answered_bits & announced;
         self.agreed = agreed;
 
         // The destination checks compatibility here; nothing has been
@@ -331,6 +370,8 @@ impl Sender<'_> {
             // Memory is all there: the extra connections end (CH's cleanup).
             self.lanes.close();
             self.breakdown.final_memory_ms = ms_since(downtime_started);
+            self.inject("state");
+            self.send_state()?;
             let devices_started = Instant::now();
             self.send_device_states()?;
             self.breakdown.device_state_ms = ms_since(devices_started);
@@ -338,11 +379,11 @@ impl Sender<'_> {
         } else {
             let bytes = self.final_pass_with_device_lanes(&leftover, dma, downtime_started)?;
             self.lanes.close();
+            self.inject("state");
+            self.send_state()?;
             bytes
         };
         let switchover_started = Instant::now();
-        self.inject("state");
-        self.send_state()?;
 
         self.phase("complete");
         self.inject("complete");
@@ -354,7 +395,12 @@ impl Sender<'_> {
         complete
             .write_to(&mut self.conn)
             .map_err(|e| HostError::failed("complete", Chain(&e)))?;
+        // Two steps: the destination is ready, the VM paused there too.
         expect_ok(&mut self.conn, "complete")?;
+        if self.two_step {
+            self.inject("ready");
+            self.hand_over()?;
+        }
         let downtime = downtime_started.elapsed();
         self.breakdown.switchover_ms = ms_since(switchover_started);
 
@@ -382,6 +428,7 @@ impl Sender<'_> {
             final_pass_bytes,
             connections: self.req.connections.get(),
             at_stop,
+            two_step_switchover: self.two_step,
             downtime: std::mem::take(&mut self.breakdown),
         })
     }
@@ -469,6 +516,58 @@ impl Sender<'_> {
         }
         self.breakdown.verify = Some(outcome);
         Ok(cpu_bytes + resent)
+    }
+
+    /// A destination that does not take streamed device state cannot
+    /// receive a VF: refused before anything stops.
+    fn refuse_without_device_state(&self, agreed: ProtocolFeatures) -> HostResult<()> {
+        if agreed.contains(ProtocolFeatures::DEVICE_STATE) {
+            return Ok(());
+        }
+        let ids = device_ids(&self.vm.devices());
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let cause = if self.features.contains(ProtocolFeatures::DEVICE_STATE) {
+            "the destination does not take streamed device state (DEVICE_STATE): it cannot \
+             receive"
+        } else {
+            "streamed device state (DEVICE_STATE) is not announced: this host cannot send"
+        };
+        Err(HostError::failed(
+            "start",
+            format!("{cause} {}", ids.join(", ")),
+        ))
+    }
+
+    /// The second step: sends Switchover and reads the answer. From the
+    /// moment a byte of it may have left, the VM does not resume here by
+    /// itself, unless the destination says it does not run it.
+    fn hand_over(&mut self) -> HostResult<()> {
+        self.phase("switchover");
+        switchover::send(&mut self.conn)?;
+        self.undo.destination_may_run = true;
+        self.inject("switchover-sent");
+        switchover::confirmation(&mut self.conn).map_err(|e| match e {
+            Unconfirmed::Refused(e) => {
+                self.undo.destination_may_run = false;
+                e
+            }
+            Unconfirmed::NoAnswer(e) => e,
+        })
+    }
+
+    /// The outcome is unknown: the VM stays Paused, its VFs in STOP with
+    /// their state, for an operator to resume or delete.
+    fn stay_paused(&mut self) {
+        let mut set = self.vm.devices();
+        for d in set.devices_mut() {
+            if let Err(e) = d.stop_dirty_log() {
+                warn!("outcome unknown: {}", Chain(&e));
+            }
+        }
+        self.vmm.set_state(VmState::Paused);
+        self.conn.shutdown();
     }
 
     /// CH's precopy loop: all memory, then what got dirty, until the
@@ -708,10 +807,13 @@ impl Sender<'_> {
         }
     }
 
-    /// Each stopped VF's state, streamed straight into the socket.
+    /// Each stopped VF's state, streamed straight into the socket, in the
+    /// order of their ids (which numbers them on the wire).
     fn send_device_states(&mut self) -> HostResult<()> {
         let set = self.vm.devices();
-        for (index, d) in set.devices().iter().enumerate() {
+        let ids = device_ids(&set);
+        for (index, &at) in streamed_order(&ids).iter().enumerate() {
+            let d = &set.devices()[at];
             let phase = format!("device-state {}", Snapshottable::id(d));
             self.vmm.set_phase(format!("send: {phase}"));
             Request::device_state(index as u16)
@@ -782,7 +884,7 @@ impl Sender<'_> {
         }
         let mut state = initial;
         if self.undo.paused {
-            match self.vm.resume() {
+            match self.vmm.resume_vm(self.vm) {
                 Ok(()) => info!("source VM resumed after the failed migration"),
                 Err(e) => {
                     error!("source VM could not resume after the failed migration: {e}");

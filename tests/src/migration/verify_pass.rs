@@ -28,9 +28,7 @@ use log::info;
 use serde::Serialize;
 use xe_vf_glue::error_chain::Chain;
 use xe_vf_glue::migration::MigratableError;
-use xe_vf_glue::protocol::{
-    MemoryRange, MemoryRangeTable, ProtocolFeatures, Request, Response, Status,
-};
+use xe_vf_glue::protocol::{MemoryRange, MemoryRangeTable, Request, Response, Status};
 use xe_vf_glue::verify::wire::{self, DigestBatch, PageRun, VerifySetup, SETUP_LEN};
 use xe_vf_glue::verify::{
     hash_ranges, measure_functions, rates, Decision, DigestKey, FunctionRate, PageDigester,
@@ -46,10 +44,8 @@ pub const FEATURE_DIGEST_VERIFY: u32 = 1 << 16;
 /// One connection per VF for its state, concurrent with the final memory
 /// pass (see [`super::device_lanes`]).
 pub const FEATURE_DEVICE_STATE_CONNECTIONS: u32 = 1 << 17;
-/// What this host speaks: the series' streamed device state and ours.
-pub const SUPPORTED_FEATURES: u32 = ProtocolFeatures::DEVICE_STATE.bits()
-    | FEATURE_DIGEST_VERIFY
-    | FEATURE_DEVICE_STATE_CONNECTIONS;
+/// Ours, announced beside the series' (`super::SUPPORTED_FEATURES`).
+pub const EXTENSION_FEATURES: u32 = FEATURE_DIGEST_VERIFY | FEATURE_DEVICE_STATE_CONNECTIONS;
 
 /// Command word: digest function and key (payload `VerifySetup`).
 pub const COMMAND_VERIFY_SETUP: u16 = 0x180;
@@ -402,15 +398,16 @@ mod tests {
 
     #[test]
     fn features_ride_in_start_and_its_ok() {
-        let raw = start_request(SUPPORTED_FEATURES);
+        let announced = super::super::SUPPORTED_FEATURES.bits() | EXTENSION_FEATURES;
+        let raw = start_request(announced);
         let Incoming::Ch(req) = read_request(&mut &raw[..]).unwrap() else {
             panic!("Start is CH's");
         };
         assert_eq!(req.command(), xe_vf_glue::protocol::Command::Start);
         assert_eq!(req.sender_protocol_version().unwrap(), 0);
-        assert_eq!(sender_features(&req), SUPPORTED_FEATURES);
-        // The series' crate sees its own bit and drops ours.
-        assert_eq!(req.sender_features(), ProtocolFeatures::DEVICE_STATE);
+        assert_eq!(sender_features(&req), announced);
+        // The series' crate sees its own bits and drops ours.
+        assert_eq!(req.sender_features(), super::super::SUPPORTED_FEATURES);
         assert_eq!(sender_features(&Request::start()), 0);
         let raw = start_answer(FEATURE_DIGEST_VERIFY);
         assert_eq!(
