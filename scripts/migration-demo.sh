@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
 # Live migration of a VM with an emulated Xe VF between two test hosts
-# (the project's stand-in for Cloud Hypervisor), driven with curl over
-# the hosts' API sockets exactly as ch-remote would:
+# (the project's stand-in for Cloud Hypervisor), driven with the real
+# ch-remote exactly as a Cloud Hypervisor user drives CH:
 #   source: --memory + --device emulated=on,...   destination: empty
-#   PUT vm.receive-migration on the destination, PUT vm.send-migration on
-#   the source; prints downtime and bytes, checks that the destination
-#   received exactly the state the source stopped with, cleans up.
+#   ch-remote receive-migration on the destination (returns when done),
+#   ch-remote send-migration on the source (returns at once), then
+#   ch-remote info on the source until the outcome shows; prints downtime
+#   and bytes, checks that the destination received exactly the state the
+#   source stopped with, cleans up. curl only arms our `verify` test hook.
 #
 # Environment: XE_DEMO_MEMORY (default 256M), XE_DEMO_VRAM (256M),
 # XE_DEMO_RELEASE=1 to build and run the release binary, XE_DEMO_URL
-# (default unix:<tmpdir>/mig.sock; e.g. tcp:127.0.0.1:7700).
+# (default unix:<tmpdir>/mig.sock; e.g. tcp:127.0.0.1:7700),
+# XE_DEMO_CONNECTIONS (memory connections, tcp only; default 1),
+# XE_CH_REMOTE (default: the pinned upstream build, made if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 memory=${XE_DEMO_MEMORY:-256M}
 vram=${XE_DEMO_VRAM:-256M}
+connections=${XE_DEMO_CONNECTIONS:-1}
 profile=debug
 build_flags=()
 if [ "${XE_DEMO_RELEASE:-0}" = 1 ]; then
@@ -29,6 +34,11 @@ done
 echo "== building xe-vf-testhost ($profile)"
 cargo build "${build_flags[@]}" -q -p xe-vf-testhost
 bin="target/$profile/xe-vf-testhost"
+ch_remote=${XE_CH_REMOTE:-target/cloud-hypervisor/upstream/ch-remote}
+if [ ! -x "$ch_remote" ]; then
+    echo "== building the real ch-remote (scripts/build-cloud-hypervisor.sh --flavor upstream)"
+    scripts/build-cloud-hypervisor.sh --flavor upstream
+fi
 
 work=$(mktemp -d -t xe-vf-demo.XXXXXX)
 pids=()
@@ -45,18 +55,18 @@ src="$work/src.api"
 dst="$work/dst.api"
 url=${XE_DEMO_URL:-unix:$work/mig.sock}
 
-# api SOCKET METHOD ENDPOINT [JSON] -> body on stdout; fails on HTTP >= 400
-api() {
-    local args=(-sS --unix-socket "$1" -X "$2" "http://localhost/api/v1/$3" -w '\n%{http_code}')
+ch() { # SOCKET ARGS... -> ch-remote's output; its exit status
+    local socket=$1
+    shift
+    "$ch_remote" --api-socket "$socket" "$@"
+}
+
+hook() { # SOCKET METHOD ENDPOINT [JSON]: our test hooks (ch-remote has no verb)
+    local args=(-sS -f --unix-socket "$1" -X "$2" "http://localhost/api/v1/$3")
     if [ $# -ge 4 ]; then
         args+=(-H 'Content-Type: application/json' -d "$4")
     fi
-    local out code
-    out=$(curl "${args[@]}")
-    code=${out##*$'\n'}
-    out=${out%$'\n'*}
-    printf '%s\n' "$out"
-    [ "$code" -lt 400 ]
+    curl "${args[@]}"
 }
 
 wait_for() { # SECONDS DESCRIPTION COMMAND...
@@ -81,48 +91,56 @@ echo "== starting source (memory $memory, Xe VF with $vram VRAM, workloads on) a
 pids+=($!)
 "$bin" --api-socket "$dst" --log-file "$work/dst.log" &
 pids+=($!)
-wait_for 20 "source API" api "$src" GET vmm.ping
-wait_for 20 "destination API" api "$dst" GET vmm.ping
-api "$src" GET vm.info >/dev/null
+wait_for 20 "source API" ch "$src" ping
+wait_for 20 "destination API" ch "$dst" ping
+ch "$src" info >/dev/null
 sleep 0.5 # let the VF workload and the vCPU dirty some state
 
-echo "== destination: vm.receive-migration $url"
-api "$dst" PUT vm.receive-migration "{\"receiver_url\":\"$url\",\"verify\":true}" \
-    >"$work/received.json" 2>&1 &
+echo "== destination: ch-remote receive-migration receiver_url=$url"
+hook "$dst" PUT vm.arm-migration '{"verify":true}'
+ch "$dst" receive-migration "receiver_url=$url" >"$work/received.txt" 2>&1 &
 receiver=$!
-listening() { api "$dst" GET vm.info | grep -q '"receive: listening"'; }
+listening() { hook "$dst" GET vmm.migration | grep -q '"phase":"receive: '; }
 wait_for 20 "destination listening" listening
 
-echo "== source: vm.send-migration $url"
-if ! sent=$(api "$src" PUT vm.send-migration "{\"destination_url\":\"$url\",\"downtime_ms\":300}"); then
-    echo "migration failed: $sent" >&2
-    wait "$receiver" || true
-    cat "$work/received.json" >&2
+send_config="destination_url=$url,downtime_ms=300"
+[ "$connections" != 1 ] && send_config+=",connections=$connections"
+echo "== source: ch-remote send-migration $send_config (returns at once)"
+ch "$src" send-migration "$send_config"
+echo "== source: ch-remote info until the migration's outcome shows"
+outcome() { ch "$src" info | grep -q '"attempt":1'; }
+wait_for 600 "the migration's outcome" outcome
+src_info=$(ch "$src" info)
+if ! wait "$receiver"; then
+    echo "receive-migration failed: $(cat "$work/received.txt")" >&2
     exit 1
 fi
-wait "$receiver" || { echo "receive failed: $(cat "$work/received.json")" >&2; exit 1; }
-received=$(cat "$work/received.json")
+if grep -q '"failed":' <<<"$src_info"; then
+    echo "migration failed: $src_info" >&2
+    exit 1
+fi
+dst_info=$(ch "$dst" info)
 
-at_stop=$(sed -n 's/.*"at_stop":\(.*\),"device_bytes".*/\1/p' <<<"$sent")
-at_switchover=$(sed -n 's/.*"at_switchover":\(.*\),"device_bytes".*/\1/p' <<<"$received")
+at_stop=$(sed -n 's/.*"at_stop":\(.*\),"connections".*/\1/p' <<<"$src_info")
+at_switchover=$(sed -n 's/.*"at_switchover":\(.*\),"device_bytes".*/\1/p' <<<"$dst_info")
 verified=false
 if [ -n "$at_stop" ] && [ "$at_stop" = "$at_switchover" ]; then
     verified=true
 fi
 
-src_state=$(sed -n 's/.*"state":"\([A-Za-z]*\)".*/\1/p' <<<"$(api "$src" GET vm.info)")
-dst_state=$(sed -n 's/.*"state":"\([A-Za-z]*\)".*/\1/p' <<<"$(api "$dst" GET vm.info)")
+src_state=$(sed -n 's/.*"state":"\([A-Za-z]*\)".*/\1/p' <<<"$src_info")
+dst_state=$(sed -n 's/.*"state":"\([A-Za-z]*\)".*/\1/p' <<<"$dst_info")
 
 echo
-echo "downtime:        $(field "$sent" downtime_ms) ms (pause -> destination's Ok to Complete; includes destination verify)"
-echo "total:           $(field "$sent" total_ms) ms"
-echo "memory:          $(field "$sent" memory_bytes) bytes in $(field "$sent" memory_passes) passes (final pass $(field "$sent" final_pass_bytes) bytes)"
-echo "device state:    $(field "$sent" device_bytes) bytes (streamed DeviceState, not in JSON)"
+echo "downtime:        $(field "$src_info" downtime_ms) ms (pause -> destination's Ok to Complete; includes destination verify)"
+echo "total:           $(field "$src_info" total_ms) ms"
+echo "memory:          $(field "$src_info" memory_bytes) bytes in $(field "$src_info" memory_passes) passes over $connections connection(s) (final pass $(field "$src_info" final_pass_bytes) bytes)"
+echo "device state:    $(field "$src_info" device_bytes) bytes (streamed DeviceState, not in JSON)"
 echo "source VM:       $src_state    destination VM: $dst_state"
 echo "verified:        $verified (guest memory CRC and VF digests at the stop == destination before resume)"
 printf '{"verified":%s,"downtime_ms":%s,"memory_bytes":%s,"device_bytes":%s}\n' \
-    "$verified" "$(field "$sent" downtime_ms)" "$(field "$sent" memory_bytes)" "$(field "$sent" device_bytes)"
+    "$verified" "$(field "$src_info" downtime_ms)" "$(field "$src_info" memory_bytes)" "$(field "$src_info" device_bytes)"
 
-api "$src" PUT vmm.shutdown >/dev/null || true
-api "$dst" PUT vmm.shutdown >/dev/null || true
+ch "$src" shutdown-vmm || true
+ch "$dst" shutdown-vmm || true
 [ "$verified" = true ]

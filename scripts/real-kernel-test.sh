@@ -285,10 +285,14 @@ prepare_modules() {
 # ------------------------------------------------------- guest binary + initrd
 
 build_guest_binary() {
-    log "cargo build --release -p xe-vf-kernel-test"
+    log "cargo build --release -p xe-vf-kernel-test, --bin xe-vf-mig"
     (cd "$REPO" && "${CARGO:-cargo}" build -q --release -p xe-vf-kernel-test >&2)
     GUEST_BIN="$CARGO_OUT/release/xe-vf-kernel-test"
     [ -x "$GUEST_BIN" ] || die "$GUEST_BIN was not built"
+    # The guest test also runs `xe-vf-mig host list|check` on the mdevs.
+    (cd "$REPO" && "${CARGO:-cargo}" build -q --release -p xe-vf-plugin --bin xe-vf-mig >&2)
+    GUEST_TOOL="$CARGO_OUT/release/xe-vf-mig"
+    [ -x "$GUEST_TOOL" ] || die "$GUEST_TOOL was not built"
 }
 
 # Copies a file to the same absolute path inside the staging root.
@@ -309,9 +313,10 @@ build_initramfs() {
     cp "$MODULES_DIR"/*.ko "$STAGE/lib/modules/"
     cp "$MODULES_DIR/load" "$STAGE/etc/modules.load"
     cp "$GUEST_BIN" "$STAGE/usr/local/bin/xe-vf-kernel-test"
+    cp "$GUEST_TOOL" "$STAGE/usr/local/bin/xe-vf-mig"
     # Dynamic glibc: the libraries ldd lists plus the loader.
     local lib
-    for lib in $(ldd "$GUEST_BIN" | grep -oE '/[^ ]+\.so[^ ]*'); do
+    for lib in $(ldd "$GUEST_BIN" "$GUEST_TOOL" | grep -oE '/[^ ]+\.so[^ ]*' | sort -u); do
         stage_file "$lib"
     done
     (cd "$STAGE" && find . | LC_ALL=C sort | "$ROOT/bin/busybox" cpio -o -H newc 2>/dev/null) |

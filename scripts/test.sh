@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # The project's test command (README): every unit and integration test,
-# including the multi-process migration tests, the real-kernel (qemu +
-# mtty) run and a short fuzzing pass.
+# including the multi-process migration tests driven by the real
+# ch-remote, the real-kernel (qemu + mtty) run and a short fuzzing pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest
 fi
+# The real ch-remote and cloud-hypervisor (and CH's OpenAPI file) the
+# integration tests talk to, built from the pinned sources; cached in
+# ${XE_CACHE_DIR:-~/.cache/xe-vf-migration}, so a second run costs nothing.
+scripts/build-cloud-hypervisor.sh --flavor upstream
 cargo nextest run --workspace --no-fail-fast "$@"
 if [ -x scripts/fuzz.sh ] && [ "${XE_SKIP_FUZZ:-0}" != 1 ]; then
     scripts/fuzz.sh

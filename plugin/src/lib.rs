@@ -7,7 +7,8 @@
 //! the test host): device access behind [`device::MigrationDevice`], the
 //! uAPI state machine in [`fsm`], the Xe packet stream in [`xe_stream`],
 //! the VMM-side device-state format in [`state_format`], and the streaming
-//! save/restore paths in [`engine`].
+//! save/restore paths in [`engine`]; [`host`] finds, prepares and checks
+//! VFs on a real host.
 
 pub mod backend;
 pub mod device;
@@ -15,6 +16,7 @@ pub mod device_config;
 pub mod emulated;
 pub mod engine;
 pub mod fsm;
+pub mod host;
 pub mod proc_stats;
 pub mod state_format;
 pub mod uapi;

@@ -32,9 +32,17 @@ impl ApiResponse {
         (200..300).contains(&self.status)
     }
 
-    /// The `error` text of a failure body, or "".
+    /// A failure body's messages (CH's error chain) joined by ": ", or "".
     pub fn error(&self) -> String {
-        self.body["error"].as_str().unwrap_or_default().to_string()
+        self.body
+            .as_array()
+            .map(|m| {
+                m.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(": ")
+            })
+            .unwrap_or_default()
     }
 }
 
@@ -77,9 +85,25 @@ impl ApiClient {
         req.push_str("\r\n");
         req.push_str(&body);
         conn.write_all(req.as_bytes())?;
+        // Keep-alive: the server does not close; read by Content-Length.
         let mut raw = Vec::new();
-        conn.take(MAX_RESPONSE).read_to_end(&mut raw)?;
-        parse_response(&raw)
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(end) = response_end(&raw)? {
+                raw.truncate(end);
+                return parse_response(&raw);
+            }
+            if raw.len() as u64 > MAX_RESPONSE {
+                return Err(invalid("response too large"));
+            }
+            let n = conn.read(&mut chunk)?;
+            if n == 0 {
+                return Err(invalid(
+                    "connection closed before the response was complete",
+                ));
+            }
+            raw.extend_from_slice(&chunk[..n]);
+        }
     }
 
     pub fn get(&self, endpoint: &str) -> io::Result<ApiResponse> {
@@ -95,7 +119,28 @@ fn invalid(what: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.into())
 }
 
-/// Parses a `Connection: close` response (no chunked bodies).
+/// Where a complete response in `raw` ends, if it is complete.
+fn response_end(raw: &[u8]) -> io::Result<Option<usize>> {
+    let Some(head_end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Ok(None);
+    };
+    let head = std::str::from_utf8(&raw[..head_end]).map_err(|_| invalid("head not UTF-8"))?;
+    let mut length = 0usize;
+    for line in head.lines().skip(1) {
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value
+                    .trim()
+                    .parse()
+                    .map_err(|_| invalid(format!("bad Content-Length '{value}'")))?;
+            }
+        }
+    }
+    let end = head_end + 4 + length;
+    Ok((raw.len() >= end).then_some(end))
+}
+
+/// Parses one complete response (no chunked bodies).
 pub fn parse_response(raw: &[u8]) -> io::Result<ApiResponse> {
     let head_end = raw
         .windows(4)

@@ -1,21 +1,44 @@
 // Copyright 2026 The xe-vf-migration authors
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! One error type for the host: the phase that failed, its cause, and the
-//! HTTP status the API answers with.
+//! One error type for the host: the phase that failed, its cause, what it
+//! happened in (outermost first), and the HTTP status the API answers with.
+//!
+//! The API sends the error as Cloud Hypervisor does: a JSON array of
+//! messages from the top of the chain to the root cause, which `ch-remote`
+//! prints one numbered line each.
 
-use std::fmt::Display;
+use std::fmt::{self, Display};
+
+/// Root causes Cloud Hypervisor reports in the same words.
+pub const VM_NOT_CREATED: &str = "VM is not created";
+pub const VM_NOT_RUNNING: &str = "VM is not running";
 
 /// A failed operation, named by phase so an operator knows where to look.
-#[derive(Debug, thiserror::Error)]
-#[error("{phase}: {cause}")]
+#[derive(Debug)]
 pub struct HostError {
-    /// HTTP status for the API response.
+    /// HTTP status for the API response (CH's: 400 bad request, 404 no
+    /// VM, 500 everything else).
     pub status: u16,
-    /// What the host was doing (`config`, `memory pass 2`, `device-state gpu0`...).
+    /// What the host was doing (`config`, `memory pass 2`, `device-state
+    /// gpu0`...); empty for a root cause CH words itself (`VM is not running`).
     pub phase: String,
     pub cause: String,
+    /// Outer layers of the chain, outermost first.
+    pub context: Vec<String>,
 }
+
+impl Display for HostError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.phase.is_empty() {
+            write!(f, "{}", self.cause)
+        } else {
+            write!(f, "{}: {}", self.phase, self.cause)
+        }
+    }
+}
+
+impl std::error::Error for HostError {}
 
 impl HostError {
     pub fn new(status: u16, phase: impl Into<String>, cause: impl Display) -> Self {
@@ -23,6 +46,7 @@ impl HostError {
             status,
             phase: phase.into(),
             cause: cause.to_string(),
+            context: Vec::new(),
         }
     }
 
@@ -31,14 +55,38 @@ impl HostError {
         Self::new(400, phase, cause)
     }
 
-    /// The VM is not in a state that allows the request (409).
+    /// The VM is not in a state that allows the request (500, as CH
+    /// answers invalid state transitions).
     pub fn conflict(phase: impl Into<String>, cause: impl Display) -> Self {
-        Self::new(409, phase, cause)
+        Self::new(500, phase, cause)
     }
 
     /// The operation failed while running (500).
     pub fn failed(phase: impl Into<String>, cause: impl Display) -> Self {
         Self::new(500, phase, cause)
+    }
+
+    /// CH's `VmNotCreated` (404).
+    pub fn vm_not_created() -> Self {
+        Self::new(404, "", VM_NOT_CREATED)
+    }
+
+    /// CH's `VmNotRunning` (500).
+    pub fn vm_not_running() -> Self {
+        Self::new(500, "", VM_NOT_RUNNING)
+    }
+
+    /// Wraps the error in an outer layer (`context` of anyhow).
+    pub fn context(mut self, outer: impl Into<String>) -> Self {
+        self.context.insert(0, outer.into());
+        self
+    }
+
+    /// The chain as CH's `error_chain_messages` lists it, top first.
+    pub fn messages(&self) -> Vec<String> {
+        let mut m = self.context.clone();
+        m.push(self.to_string());
+        m
     }
 }
 

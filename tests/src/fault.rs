@@ -4,12 +4,14 @@
 //! Test-only fault injection hooks, off by default.
 //!
 //! Nothing here fires unless a request asks for it: `vm.inject-fault`
-//! hands a [`DeviceFault`] to an emulated VF, and the `fault` field of a
-//! send- or receive-migration body makes that side drop the connection,
-//! stall, or exit abruptly at a named phase. They exist so the fault
+//! hands a [`DeviceFault`] to an emulated VF, and `vm.arm-migration`
+//! arms [`MigrationTestOptions`] for the next migration: a `fault` makes
+//! that side drop the connection, stall, or exit abruptly at a named
+//! phase. They exist so the fault
 //! matrix (`tests/tests/fault_matrix.rs`) can break every phase with real
 //! processes; a VMM in production has no such knobs.
 
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::time::Duration;
 
@@ -174,5 +176,56 @@ impl DeviceFault {
             },
             DeviceFault::CorruptSave { offset } => Fault::CorruptSave { offset: *offset },
         })
+    }
+}
+
+fn default_receive_timeout_s() -> u64 {
+    60
+}
+
+/// Test hooks for the next migration, armed with `vm.arm-migration`
+/// (curl: CH's migration bodies, which `ch-remote` sends, have no room
+/// for them). Taken by the next send or receive, then back to defaults.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationTestOptions {
+    /// A fault this side injects at a phase. Source: `pause`,
+    /// `final-memory`, `device-state`, `state`, `complete`. Destination:
+    /// `memory`, `memory#N`, `device-state`, `state`, `complete`,
+    /// `resumed` (after the VM resumed, before the Ok to Complete).
+    #[serde(default)]
+    pub fault: Option<MigrationFault>,
+    /// Destination: device id -> spec used instead of the source's (to
+    /// test refusals or map to another VF on this host).
+    #[serde(default)]
+    pub device_overrides: BTreeMap<String, String>,
+    /// Destination: record memory checksum and VF digests right before
+    /// resuming (adds their time to the downtime).
+    #[serde(default)]
+    pub verify: bool,
+    /// Destination: stop reading at this phase (`device-state`) until the
+    /// timeout, as a hung destination would.
+    #[serde(default)]
+    pub stall_at: Option<String>,
+    /// Destination: how long to wait for the source and for each read
+    /// (CH's receiver waits as long as TCP keepalive lets it).
+    #[serde(default = "default_receive_timeout_s")]
+    pub timeout_s: u64,
+    /// Destination: faults handed to this side's emulated VFs (by device
+    /// id) as soon as they exist, e.g. a failing RESUMING -> STOP.
+    #[serde(default)]
+    pub device_faults: BTreeMap<String, Vec<DeviceFault>>,
+}
+
+impl Default for MigrationTestOptions {
+    fn default() -> Self {
+        MigrationTestOptions {
+            fault: None,
+            device_overrides: BTreeMap::new(),
+            verify: false,
+            stall_at: None,
+            timeout_s: default_receive_timeout_s(),
+            device_faults: BTreeMap::new(),
+        }
     }
 }

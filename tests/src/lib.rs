@@ -11,6 +11,7 @@
 //! for tests and benchmarks.
 
 pub mod api;
+pub mod api_bodies;
 pub mod client;
 pub mod error;
 pub mod fault;

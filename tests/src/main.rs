@@ -75,7 +75,7 @@ fn run(args: Args) -> Result<(), String> {
         };
         let config = VmConfig::from_specs(size, args.vcpu_workload == "on", &args.device)
             .map_err(|e| e.to_string())?;
-        vmm.boot(config).map_err(|e| e.to_string())?;
+        vmm.boot_config(config).map_err(|e| e.to_string())?;
     }
     let listener = server::bind(&args.api_socket)
         .map_err(|e| format!("--api-socket {}: {e}", args.api_socket.display()))?;

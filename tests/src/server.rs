@@ -2,7 +2,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! The API socket: a unix socket only its owner can use, one thread per
-//! connection (bounded), one request per connection.
+//! connection (bounded), keep-alive connections as CH's server keeps them.
 
 use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -13,16 +13,16 @@ use std::time::Duration;
 
 use log::{info, warn};
 
-use crate::api::{self, Reply};
-use crate::error::HostError;
+use crate::api;
 use crate::http;
 use crate::migration::conn::remove_stale_socket;
 use crate::vmm::Vmm;
 
 /// Connections served at once; more are answered 503 at once.
 const MAX_CONNECTIONS: usize = 32;
-/// Time a client has to send its request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection may stay silent, inside a request or between
+/// two (a keep-alive connection nobody uses any more is closed).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Binds `path` with mode 0600 (set through the umask, so there is no
 /// window in which others could connect).
@@ -50,9 +50,8 @@ pub fn serve(listener: UnixListener, path: PathBuf, vmm: Arc<Vmm>) -> io::Result
         };
         if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
             active.fetch_sub(1, Ordering::AcqRel);
-            let e = HostError::new(503, "api", "too many connections");
-            let r = Reply::error(&e);
-            let _ = http::write_response(&mut conn, 503, &r.body);
+            let body = serde_json::json!(["Too many connections"]).to_string();
+            let _ = http::write_response(&mut conn, 503, Some(body.as_bytes()));
             continue;
         }
         let vmm = vmm.clone();
@@ -61,7 +60,7 @@ pub fn serve(listener: UnixListener, path: PathBuf, vmm: Arc<Vmm>) -> io::Result
         let spawned = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
-                serve_one(conn, &vmm, &path);
+                serve_connection(conn, &vmm, &path);
                 active_conn.fetch_sub(1, Ordering::AcqRel);
             });
         if let Err(e) = spawned {
@@ -72,19 +71,43 @@ pub fn serve(listener: UnixListener, path: PathBuf, vmm: Arc<Vmm>) -> io::Result
     Ok(())
 }
 
-fn serve_one(mut conn: UnixStream, vmm: &Vmm, path: &Path) {
-    let _ = conn.set_read_timeout(Some(REQUEST_TIMEOUT));
-    let _ = conn.set_write_timeout(Some(REQUEST_TIMEOUT));
-    let reply = match http::read_request(&mut conn) {
-        Ok(req) => api::handle(vmm, &req.method, &req.path, &req.body),
-        Err(e) => Reply::error(&HostError::new(e.status, "http", e.reason)),
-    };
-    if let Err(e) = http::write_response(&mut conn, reply.status, &reply.body) {
-        warn!("API reply could not be written: {e}");
-    }
-    if reply.shutdown {
-        info!("vmm.shutdown: exiting");
-        let _ = std::fs::remove_file(path);
-        std::process::exit(0);
+/// Answers the requests of one keep-alive connection in order, until the
+/// client closes it or stays silent too long. What micro-http cannot
+/// parse is answered 400 and, with everything read but not answered,
+/// dropped; the connection stays open, as micro-http keeps it.
+fn serve_connection(conn: UnixStream, vmm: &Arc<Vmm>, path: &Path) {
+    let _ = conn.set_read_timeout(Some(IDLE_TIMEOUT));
+    let _ = conn.set_write_timeout(Some(IDLE_TIMEOUT));
+    let mut reader = http::RequestReader::new(conn);
+    loop {
+        let req = match reader.next_request() {
+            Ok(Some(Ok(req))) => req,
+            Ok(Some(Err(e))) => {
+                warn!("API request refused: {e}");
+                if http::write_parse_error(reader.get_mut(), &e).is_err() {
+                    return;
+                }
+                reader.discard_buffered();
+                continue;
+            }
+            Ok(None) => return,
+            Err(e) => {
+                if e.kind() != io::ErrorKind::WouldBlock {
+                    warn!("API connection: {e}");
+                }
+                return;
+            }
+        };
+        let reply = api::handle(vmm, &req.method, &req.path, req.body.as_deref());
+        if let Err(e) = http::write_response(reader.get_mut(), reply.status, reply.body.as_deref())
+        {
+            warn!("API reply could not be written: {e}");
+            return;
+        }
+        if reply.shutdown {
+            info!("vmm.shutdown: exiting");
+            let _ = std::fs::remove_file(path);
+            std::process::exit(0);
+        }
     }
 }

@@ -11,6 +11,7 @@
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 use xe_vf_glue::device_set::XeVfSet;
 use xe_vf_glue::migration::{MemoryRange, Pausable};
 use xe_vf_glue::XeVfDevice;
@@ -100,6 +101,100 @@ impl VmConfig {
             }
         }
         Ok(())
+    }
+
+    /// The config as CH's `VmConfig` shows it in `vm.info`: memory size,
+    /// one vCPU, no payload (there is no guest), and each VF as a
+    /// `DeviceConfig` (`path` for a real one) with our spec beside it in
+    /// `x_xe_vf` (the schema allows extra keys).
+    pub fn to_ch_config(&self) -> Value {
+        let devices: Vec<Value> = self
+            .devices
+            .iter()
+            .map(|d| {
+                let mut dev =
+                    json!({ "id": d.id, "iommu": false, "pci_segment": 0, "x_xe_vf": d.spec });
+                if let Ok(parsed) = DeviceConfig::parse(&d.spec) {
+                    if let Some(path) = parsed.path {
+                        dev["path"] = json!(path);
+                    }
+                }
+                dev
+            })
+            .collect();
+        json!({
+            "cpus": { "boot_vcpus": 1, "max_vcpus": 1 },
+            "memory": { "size": self.memory_size },
+            "payload": {},
+            "devices": devices,
+            "x_vcpu_workload": self.vcpu_workload,
+        })
+    }
+
+    /// Reads the subset of CH's `VmConfig` (`vm.create`) the host has:
+    /// `memory.size` (CH's default 512 MiB when absent), `devices` (a
+    /// VFIO `path` with its `id`, or an emulated VF's spec in `x_xe_vf`),
+    /// `x_vcpu_workload`. Anything else the host cannot model (disks,
+    /// net, a payload to boot...) is refused by name.
+    pub fn from_ch_config(value: &Value) -> HostResult<Self> {
+        let phase = "vm.create";
+        let obj = value
+            .as_object()
+            .ok_or_else(|| HostError::bad_request(phase, "the VM config is not a JSON object"))?;
+        let mut memory_size = 512 << 20;
+        let mut vcpu_workload = true;
+        let mut specs = Vec::new();
+        for (key, v) in obj {
+            match key.as_str() {
+                "memory" => {
+                    memory_size = v["size"].as_u64().ok_or_else(|| {
+                        HostError::bad_request(phase, "memory.size must be a number of bytes")
+                    })?;
+                    if let Some(other) = v.as_object().and_then(|m| m.keys().find(|k| *k != "size"))
+                    {
+                        return Err(HostError::bad_request(
+                            phase,
+                            format!("memory.{other}: not supported by the xe-vf test host"),
+                        ));
+                    }
+                }
+                "x_vcpu_workload" => {
+                    vcpu_workload = v.as_bool().ok_or_else(|| {
+                        HostError::bad_request(phase, "x_vcpu_workload must be a boolean")
+                    })?
+                }
+                // No guest runs: there is nothing to boot from.
+                "payload" | "cpus" => {}
+                "devices" => {
+                    for d in v.as_array().into_iter().flatten() {
+                        let spec = match (d["x_xe_vf"].as_str(), d["path"].as_str()) {
+                            (Some(spec), _) => spec.to_string(),
+                            (None, Some(path)) => match d["id"].as_str() {
+                                Some(id) => format!("path={path},id={id}"),
+                                None => format!("path={path}"),
+                            },
+                            (None, None) => {
+                                return Err(HostError::bad_request(
+                                    phase,
+                                    "devices: each needs a path (or an emulated VF in x_xe_vf)",
+                                ))
+                            }
+                        };
+                        specs.push(spec);
+                    }
+                }
+                other if v.is_null() || v == &json!([]) || v == &json!(false) => {
+                    let _ = other;
+                }
+                other => {
+                    return Err(HostError::bad_request(
+                        phase,
+                        format!("{other}: not supported by the xe-vf test host"),
+                    ))
+                }
+            }
+        }
+        Self::from_specs(memory_size, vcpu_workload, &specs)
     }
 
     /// The DMA slice of device `index` in the high half of memory.
@@ -288,6 +383,15 @@ impl Vm {
         self.emulated_device(id, "fill-device")?
             .fill_vram(seed, zero_percent)
             .map_err(|e| HostError::failed("fill-device", e))
+    }
+
+    /// Stops the VM for good (`vm.shutdown`, `vm.delete`): the vCPU
+    /// stops and the VFs go to STOP.
+    pub fn shut_down(&self) {
+        self.vcpu.set_running(false);
+        if let Err(e) = self.devices().pause() {
+            log::warn!("shutting down: {e}");
+        }
     }
 
     /// Memory checksum and device digests, as they are now.

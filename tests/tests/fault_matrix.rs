@@ -9,21 +9,25 @@
 //! hook so its state differs from a reset one: its digest must come back
 //! bit for bit) and `gpu1` (4 MiB VRAM, workload on: its generation must never go
 //! backwards), and a destination that starts empty. Migration timeouts
-//! are 2 s, so a stalled peer costs little. Faults come from the test
-//! host's hooks (`tests/src/fault.rs`): `vm.inject-fault` for the
-//! emulated VFs, `fault` in the send/receive bodies (drop the connection,
-//! stall, at a named phase), `device_faults` for the destination's VFs; a
-//! "killed" side is stalled at the phase, then SIGKILLed by the test.
+//! are 2 s, so a stalled peer costs little. Every operation goes through
+//! the real `ch-remote` (`send-migration` returns at once; its outcome is
+//! read from `ch-remote info` on the source, as a CH user polls it).
+//! Faults come from the test host's hooks (`tests/src/fault.rs`, curl:
+//! ch-remote has no verb for them): `vm.inject-fault` for the emulated
+//! VFs, `vm.arm-migration` with a `fault` for the next migration (drop
+//! the connection, stall, at a named phase) or `device_faults` for the
+//! destination's VFs; a "killed" side is stalled at the phase, then
+//! SIGKILLed by the test.
 //!
 //! After each cell ([`Cell::check_source`], [`Cell::check_destination`]):
 //! the surviving source is Running with both VFs RUNNING, `gpu0`'s digest
 //! unchanged and `gpu1` moving on from where it stopped; a surviving
-//! destination is Created with no VM (if the source died, nothing ran
-//! there); fds, threads and children of every surviving process are back
+//! destination has no VM (`ch-remote info`: "VM is not created"; if the
+//! source died, nothing ran there); fds, threads and children of every surviving process are back
 //! exactly to their count before the attempt (polled up to 10 s while
-//! threads end); the API answer of the operation
-//! names the phase in its JSON `error`, and the log has one line naming
-//! phase and cause.
+//! threads end); the operation's error (what `ch-remote` printed, or the
+//! outcome's error chain) names the phase, and the log has one line
+//! naming phase and cause.
 //!
 //! | phase \ fault | connection dropped | destination killed | source killed | destination VF rejects | VF arc fails (ERROR) | disk full | stalled peer |
 //! | --- | --- | --- | --- | --- | --- | --- | --- |
@@ -61,7 +65,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
-use xe_vf_testhost::client::ApiResponse;
 
 const EIO: i32 = 5;
 const ENODEV: i32 = 19;
@@ -171,14 +174,13 @@ fn assert_log_line(host: &Host, phase: &str, cause: &str) {
     }
 }
 
-/// Asserts the API answer is an error whose JSON names `phase`.
-fn assert_api_error(r: &ApiResponse, phase: &str) {
-    assert!(!r.is_success(), "expected an error, got {:?}", r.body);
-    let error = r.body["error"].as_str().unwrap_or_default();
+/// Asserts the answer is an error that names `phase`.
+fn assert_api_error(r: &Answer, phase: &str) {
+    assert!(!r.ok, "expected an error, got {:?}", r.value);
     assert!(
-        error.contains(phase) || r.body["phase"].as_str().unwrap_or("").contains(phase),
-        "error does not name '{phase}': {:?}",
-        r.body
+        r.error.contains(phase),
+        "error does not name '{phase}': {}",
+        r.error
     );
 }
 
@@ -220,16 +222,12 @@ fn start_ignoring_sigxfsz(dir: &Path, name: &str, args: &[&str]) -> Host {
             Ok(())
         });
     }
-    let host = Host {
-        name: name.to_string(),
-        child: Some(cmd.spawn().expect("spawn xe-vf-testhost")),
-        api: xe_vf_testhost::client::ApiClient::new(&socket),
+    Host::adopt(
+        name,
+        cmd.spawn().expect("spawn xe-vf-testhost"),
+        &socket,
         log,
-    };
-    poll(&format!("{name} API up"), || {
-        host.api.get("vmm.ping").ok().filter(|r| r.status == 200)
-    });
-    host
+    )
 }
 
 /// Sets `pid`'s RLIMIT_FSIZE (None: unlimited). Set only while the VM is
@@ -301,7 +299,7 @@ impl Cell {
             }
         };
         // gpu0 idles with state of its own (not what a reset leaves).
-        src.put_ok(
+        src.hook(
             "vm.fill-device",
             Some(&json!({ "device": "gpu0", "seed": 0x5eed, "zero_percent": 75 })),
         );
@@ -323,63 +321,57 @@ impl Cell {
     }
 
     fn inject(&self, device: &str, fault: Value) {
-        self.src.put_ok(
+        self.src.hook(
             "vm.inject-fault",
             Some(&json!({ "device": device, "fault": fault })),
         );
     }
 
-    fn send_body(&self, fault: Option<Value>) -> Value {
-        let mut b =
-            json!({ "destination_url": self.url, "downtime_ms": 300, "timeout_s": TIMEOUT_S });
-        if let Some(f) = fault {
-            b["fault"] = f;
-        }
-        b
+    /// The ch-remote send-migration config. With 2 s for the precopy
+    /// phase, `ignore` keeps a loaded machine from cancelling a slow first
+    /// pass: the cells are about faults, not convergence.
+    fn send_config(&self) -> String {
+        format!(
+            "destination_url={},downtime_ms=300,timeout_s={TIMEOUT_S},timeout_strategy=ignore",
+            self.url
+        )
     }
 
-    fn receive(&self, extra: Value) -> JoinHandle<ApiResponse> {
-        let mut body = json!({ "receiver_url": self.url, "timeout_s": TIMEOUT_S });
+    /// `ch-remote receive-migration` in the background, with `extra` test
+    /// hooks armed (and the 2 s timeout).
+    fn receive(&self, extra: Value) -> JoinHandle<ChOutput> {
+        let mut options = json!({ "timeout_s": TIMEOUT_S });
         if let Value::Object(m) = extra {
             for (k, v) in m {
-                body[k] = v;
+                options[k] = v;
             }
         }
-        self.dst.receive_in_background(body)
+        self.dst.arm(&options);
+        self.dst.receive_in_background(&receive_config(&self.url))
     }
 
-    fn send_in_background(&self, fault: Option<Value>) -> JoinHandle<ApiResponse> {
-        let api = self.src.api.clone();
-        let body = self.send_body(fault);
-        std::thread::spawn(move || {
-            api.put("vm.send-migration", Some(&body))
-                .unwrap_or_else(|e| ApiResponse {
-                    status: 0,
-                    body: json!({ "error": e.to_string() }),
-                })
-        })
+    /// `ch-remote send-migration` (returns at once) with `fault` armed;
+    /// the attempt to wait for.
+    fn start_send(&self, fault: Option<Value>) -> u64 {
+        if let Some(f) = fault {
+            self.src.arm(&json!({ "fault": f }));
+        }
+        self.src.start_send(&self.send_config())
     }
 
     /// One migration expected to fail; returns (send, receive) answers.
-    fn failed_migration(
-        &self,
-        send_fault: Option<Value>,
-        recv_extra: Value,
-    ) -> (ApiResponse, ApiResponse) {
+    fn failed_migration(&self, send_fault: Option<Value>, recv_extra: Value) -> (Answer, Answer) {
         let receiver = self.receive(recv_extra);
-        let sent = self
-            .src
-            .api
-            .put("vm.send-migration", Some(&self.send_body(send_fault)))
-            .unwrap();
-        let received = receiver.join().unwrap();
+        let attempt = self.start_send(send_fault);
+        let sent = self.src.wait_outcome(attempt);
+        let received = receiver.join().unwrap().answer();
         (sent, received)
     }
 
     /// The source runs on with its VFs as they were.
-    fn check_source(&self, send: &ApiResponse, phase: &str, cause: &str) {
+    fn check_source(&self, send: &Answer, phase: &str, cause: &str) {
         assert!(
-            !send.is_success(),
+            !send.ok,
             "the migration went through:\n{}\n{}",
             self.src.log_text(),
             self.dst.log_text()
@@ -404,12 +396,12 @@ impl Cell {
 
     /// A VF that went to ERROR lost its state (only a reset leaves
     /// ERROR): the source runs on with that VF reset, and says so.
-    fn check_source_vf_lost(&self, send: &ApiResponse, phase: &str) {
+    fn check_source_vf_lost(&self, send: &Answer, phase: &str) {
         assert_api_error(send, phase);
         assert!(
-            send.error().contains("reset (state lost)"),
+            send.error.contains("reset (state lost)"),
             "loss not reported: {}",
-            send.error()
+            send.error
         );
         let info = self.src.info();
         assert_eq!(info["state"], "Running", "{info}");
@@ -430,14 +422,13 @@ impl Cell {
     }
 
     /// The destination runs nothing and holds nothing.
-    fn check_destination(&self, recv: &ApiResponse, phase: &str, cause: &str) {
+    fn check_destination(&self, recv: &Answer, phase: &str, cause: &str) {
         assert_api_error(recv, phase);
-        let info = self.dst.info();
-        assert_eq!(info["state"], "Created", "{info}");
-        assert_eq!(info["devices"], json!([]), "{info}");
+        self.dst.assert_no_vm();
         assert_log_line(&self.dst, &format!("failed in {phase}"), cause);
         assert_no_leak(&self.dst, self.dst_usage);
-        assert_eq!(self.dst.counters()["migrations_received"], 0);
+        let status = self.dst.migration_status();
+        assert!(status["last"]["failed"].is_object(), "{status}");
     }
 
     /// After a failed attempt, a clean migration still works and carries
@@ -445,17 +436,14 @@ impl Cell {
     fn check_migrates_afterwards(&self, dst_name: &str) {
         let dst = Host::start(self.dir.path(), dst_name, &[]);
         let url = format!("unix:{}", self.dir.path().join("again.sock").display());
-        let receiver = dst.receive_in_background(json!({ "receiver_url": url, "verify": true }));
-        let sent = self
-            .src
-            .put_ok(
-                "vm.send-migration",
-                Some(&json!({ "destination_url": url, "timeout_s": 20 })),
-            )
-            .body;
+        dst.arm(&json!({ "verify": true }));
+        let receiver = dst.receive_in_background(&receive_config(&url));
+        let sent = self.src.send_migration(&send_config(&url));
         let received = receiver.join().unwrap();
-        assert!(received.is_success(), "{:?}", received.body);
-        assert_same_fingerprint(&sent["at_stop"], &received.body["at_switchover"]);
+        assert!(received.success(), "{}", received.stderr);
+        assert!(sent.ok, "{}", sent.error);
+        let sent = sent.value;
+        assert_same_fingerprint(&sent["at_stop"], &dst.received_report()["at_switchover"]);
         assert_eq!(
             sent["at_stop"]["devices"][0]["digest"],
             device(&self.before, 0)["digest"]
@@ -522,9 +510,9 @@ fn source_resume_fails_during_roll_back() {
     assert_api_error(&s, "device-state gpu0");
     c.check_destination(&r, "device-state gpu0", "");
     assert_log_line(&c.src, "could not resume", "gpu0");
-    assert!(s.error().contains("is Paused"), "{}", s.error());
+    assert!(s.error.contains("is Paused"), "{}", s.error);
     assert_eq!(c.src.info()["state"], "Paused");
-    c.src.put_ok("vm.resume", None);
+    c.src.ch_ok(&["resume"]);
     c.check_source(&s, "device-state gpu0", "enter STOP_COPY");
 }
 
@@ -546,14 +534,13 @@ fn stop_copy_leave_fails_into_error() {
     let c = Cell::new();
     c.inject("gpu0", arc("STOP_COPY", "STOP", EIO, true));
     let receiver = c.receive(json!({ "verify": true }));
-    let sent = c
-        .src
-        .put_ok("vm.send-migration", Some(&c.send_body(None)))
-        .body;
+    let sent = c.src.wait_outcome(c.start_send(None));
     let received = receiver.join().unwrap();
-    assert!(received.is_success(), "{:?}", received.body);
+    assert!(received.success(), "{}", received.stderr);
+    assert!(sent.ok, "{}", sent.error);
+    let sent = sent.value;
     assert_eq!(
-        received.body["at_switchover"]["devices"][0]["digest"]["vram"],
+        c.dst.received_report()["at_switchover"]["devices"][0]["digest"]["vram"],
         device(&c.before, 0)["digest"]["vram"],
         "the destination holds the state the source VF had"
     );
@@ -724,15 +711,15 @@ fn killed(
     send_fault: Option<Value>,
     recv_extra: Value,
     wait: (&str, &str),
-) -> ApiResponse {
+) -> Answer {
     let receiver = c.receive(recv_extra);
-    let sender = c.send_in_background(send_fault);
+    let attempt = c.start_send(send_fault);
     let (side, phase) = wait;
     let host = if side == "src" { &c.src } else { &c.dst };
     wait_stalled(host, phase);
     c.dst.kill();
     let _ = receiver.join();
-    sender.join().unwrap()
+    c.src.wait_outcome(attempt)
 }
 
 #[test]
@@ -787,12 +774,12 @@ fn destination_killed_before_complete() {
 // ---- source killed -----------------------------------------------------
 
 /// Stalls the source at `phase`, SIGKILLs it, returns the receive answer.
-fn source_killed(c: &mut Cell, send_fault: Value, phase: &str) -> ApiResponse {
+fn source_killed(c: &mut Cell, send_fault: Value, phase: &str) -> Answer {
     let receiver = c.receive(json!({}));
-    let _sender = c.send_in_background(Some(send_fault));
+    c.start_send(Some(send_fault));
     wait_stalled(&c.src, phase);
     c.src.kill();
-    receiver.join().unwrap()
+    receiver.join().unwrap().answer()
 }
 
 #[test]
@@ -963,25 +950,18 @@ fn assert_no_snapshot(dir: &Path) {
 }
 
 fn snapshot_cell(c: &Cell, target: &Path, phase: &str, cause: &str) {
-    c.src.put_ok("vm.pause", None);
+    c.src.ch_ok(&["pause"]);
     let url = format!("file://{}", target.display());
-    let r = c
-        .src
-        .api
-        .put("vm.snapshot", Some(&json!({ "destination_url": url })))
-        .unwrap();
+    let r = c.src.ch(&["snapshot", &url]).answer();
     assert_api_error(&r, phase);
     assert_log_line(&c.src, phase, cause);
     assert_no_snapshot(target);
     // Restoring it is refused, with the reason.
     let dst = &c.dst;
-    let rr = dst
-        .api
-        .put("vm.restore", Some(&json!({ "source_url": url })))
-        .unwrap();
-    assert!(!rr.is_success(), "{:?}", rr.body);
-    assert_eq!(dst.info()["state"], "Created");
-    c.src.put_ok("vm.resume", None);
+    let rr = dst.ch(&["restore", &format!("source_url={url}")]);
+    assert!(!rr.success(), "{}", rr.stdout);
+    dst.assert_no_vm();
+    c.src.ch_ok(&["resume"]);
     let info = c.src.info();
     assert_eq!(info["state"], "Running");
     for i in 0..2 {
@@ -991,13 +971,12 @@ fn snapshot_cell(c: &Cell, target: &Path, phase: &str, cause: &str) {
     wait_generation_beyond(&c.src, 1, generation(&info, 1));
     assert_no_leak(&c.src, c.src_usage);
     // A good snapshot still works after the failure.
-    c.src.put_ok("vm.pause", None);
+    c.src.ch_ok(&["pause"]);
     let good = c.dir.path().join("good");
     let good_url = format!("file://{}", good.display());
-    c.src
-        .put_ok("vm.snapshot", Some(&json!({ "destination_url": good_url })));
-    c.src.put_ok("vm.resume", None);
-    dst.put_ok("vm.restore", Some(&json!({ "source_url": good_url })));
+    c.src.ch_ok(&["snapshot", &good_url]);
+    c.src.ch_ok(&["resume"]);
+    dst.ch_ok(&["restore", &format!("source_url={good_url}")]);
     assert_eq!(
         device(&dst.info(), 0)["digest"],
         device(&c.before, 0)["digest"]
@@ -1041,19 +1020,15 @@ fn snapshot_file_size_limit() {
     // host may write files of 8 MiB at most, guest memory is 16 MiB.
     let c = Cell::build(Transport::Unix, true);
     let target = c.dir.path().join("snap");
-    c.src.put_ok("vm.pause", None);
+    c.src.ch_ok(&["pause"]);
     set_file_size_limit(pid(&c.src), Some(8 << 20));
     let url = format!("file://{}", target.display());
-    let r = c
-        .src
-        .api
-        .put("vm.snapshot", Some(&json!({ "destination_url": url })))
-        .unwrap();
+    let r = c.src.ch(&["snapshot", &url]).answer();
     assert_api_error(&r, "write memory-ranges");
     assert_log_line(&c.src, "write memory-ranges", "File too large");
     assert_no_snapshot(&target);
     set_file_size_limit(pid(&c.src), None);
-    c.src.put_ok("vm.resume", None);
+    c.src.ch_ok(&["resume"]);
     let info = c.src.info();
     assert_eq!(info["state"], "Running");
     assert_eq!(device(&info, 0)["digest"], device(&c.before, 0)["digest"]);
@@ -1073,33 +1048,24 @@ fn failed_snapshot_over_an_old_one_leaves_no_mix() {
     let c = Cell::new();
     let target = c.dir.path().join("snap");
     let url = format!("file://{}", target.display());
-    c.src.put_ok("vm.pause", None);
-    c.src
-        .put_ok("vm.snapshot", Some(&json!({ "destination_url": url })));
-    c.src.put_ok("vm.resume", None);
+    c.src.ch_ok(&["pause"]);
+    c.src.ch_ok(&["snapshot", &url]);
+    c.src.ch_ok(&["resume"]);
     // gpu0 moves on; then a second snapshot into the same directory
     // fails after gpu0's new data file was written.
-    c.src.put_ok(
+    c.src.hook(
         "vm.fill-device",
         Some(&json!({ "device": "gpu0", "seed": 2, "zero_percent": 75 })),
     );
     c.inject("gpu1", arc("STOP", "STOP_COPY", EIO, false));
-    c.src.put_ok("vm.pause", None);
-    let r = c
-        .src
-        .api
-        .put("vm.snapshot", Some(&json!({ "destination_url": url })))
-        .unwrap();
+    c.src.ch_ok(&["pause"]);
+    let r = c.src.ch(&["snapshot", &url]).answer();
     assert_api_error(&r, "save device gpu1");
-    c.src.put_ok("vm.resume", None);
+    c.src.ch_ok(&["resume"]);
     // The directory holds the old snapshot whole, or no snapshot: never
     // the new gpu0 beside the old state.json and gpu1.
-    let restored = c
-        .dst
-        .api
-        .put("vm.restore", Some(&json!({ "source_url": url })))
-        .unwrap();
-    if restored.is_success() {
+    let restored = c.dst.ch(&["restore", &format!("source_url={url}")]);
+    if restored.success() {
         assert_eq!(
             device(&c.dst.info(), 0)["digest"],
             device(&c.before, 0)["digest"],
@@ -1107,7 +1073,7 @@ fn failed_snapshot_over_an_old_one_leaves_no_mix() {
         );
     } else {
         assert_no_snapshot(&target);
-        assert_eq!(c.dst.info()["state"], "Created");
+        c.dst.assert_no_vm();
     }
 }
 
@@ -1173,7 +1139,7 @@ fn hostile_cell(config: Value, attack: impl FnOnce(&mut RawPeer), phase: &str, c
     let (status, msg) = peer.response();
     assert_eq!(status, 2, "hostile input accepted: {msg}");
     drop(peer);
-    let r = receiver.join().unwrap();
+    let r = receiver.join().unwrap().answer();
     c.check_destination(&r, phase, cause);
     // Guest memory (16 MiB), a 4 MiB VF, buffers: far below 64 MiB;
     // a length taken at its word would be GiBs or an abort.
@@ -1181,14 +1147,10 @@ fn hostile_cell(config: Value, attack: impl FnOnce(&mut RawPeer), phase: &str, c
     eprintln!("destination VmHWM {hwm} KiB");
     assert!(hwm < 64 << 10, "destination peaked at {hwm} KiB");
     // Still usable: a real migration goes through.
-    let receiver = c
-        .dst
-        .receive_in_background(json!({ "receiver_url": c.url }));
-    c.src.put_ok(
-        "vm.send-migration",
-        Some(&json!({ "destination_url": c.url, "timeout_s": 20 })),
-    );
-    assert!(receiver.join().unwrap().is_success());
+    let receiver = c.dst.receive_in_background(&receive_config(&c.url));
+    let sent = c.src.send_migration(&send_config(&c.url));
+    assert!(sent.ok, "{}", sent.error);
+    assert!(receiver.join().unwrap().success());
     assert_eq!(c.dst.info()["state"], "Running");
 }
 

@@ -3,13 +3,18 @@
 
 //! Live migration between two test-host processes.
 //!
+//! Driven with the real `ch-remote`, as a Cloud Hypervisor user would:
+//! `receive-migration` on the destination (returns once it is over),
+//! `send-migration` on the source (returns at once), then `info` on the
+//! source until its `migration.last` shows the outcome.
+//!
 //! How equality is checked with workloads running: the source records
 //! guest memory's CRC and every VF digest once it has stopped (VM paused,
-//! VFs in STOP; it never runs again after Complete) and returns them in
-//! the send-migration answer (`at_stop`). The destination, asked with
-//! `verify`, records the same right before it resumes (`at_switchover`),
-//! when memory and VF state are exactly what it received. Those two must
-//! be equal; after that the destination's workloads move on, which the
+//! VFs in STOP; it never runs again after Complete) in its report
+//! (`at_stop`). The destination, with `verify` armed (a test hook),
+//! records the same right before it resumes (`at_switchover`), when
+//! memory and VF state are exactly what it received. Those two must be
+//! equal; after that the destination's workloads move on, which the
 //! tests check too.
 
 mod common;
@@ -30,27 +35,35 @@ fn source(dir: &std::path::Path, devices: &[&str], extra: &[&str]) -> Host {
     Host::start(dir, "src", &args)
 }
 
+/// Migrates `src` to `dst` over `url` (ch-remote `send_config`), both
+/// ch-remote calls exiting 0; returns (sent, received) reports.
+fn migrate(src: &Host, dst: &Host, url: &str, send_config: &str) -> (Value, Value) {
+    dst.arm(&json!({ "verify": true }));
+    let receiver = dst.receive_in_background(&receive_config(url));
+    let sent = src.send_migration(send_config);
+    let received = receiver.join().unwrap();
+    assert!(
+        received.success(),
+        "receive failed: {}\n{}",
+        received.stderr,
+        dst.log_text()
+    );
+    assert!(sent.ok, "send failed: {}\n{}", sent.error, src.log_text());
+    (sent.value, dst.received_report())
+}
+
 /// Runs one migration to `url` and checks what both sides report.
 fn migrate_and_verify(src: &Host, dst: &Host, url: &str) -> Value {
     let before = src.info();
     for i in 0..before["devices"].as_array().unwrap().len() {
         wait_generation_beyond(src, i, 20);
     }
-    let receiver = dst.receive_in_background(json!({ "receiver_url": url, "verify": true }));
-    let sent = src.put_ok("vm.send-migration", Some(&send_body(url)));
-    let received = receiver.join().unwrap();
-    assert!(
-        received.is_success(),
-        "receive failed: {:?}\n{}",
-        received.body,
-        dst.log_text()
-    );
-    let sent = sent.body;
-    assert_same_fingerprint(&sent["at_stop"], &received.body["at_switchover"]);
+    let (sent, received) = migrate(src, dst, url, &send_config(url));
+    assert_same_fingerprint(&sent["at_stop"], &received["at_switchover"]);
     assert!(sent["memory_bytes"].as_u64().unwrap() >= 32 << 20);
     assert!(sent["device_bytes"].as_u64().unwrap() > 0);
-    assert_eq!(sent["device_bytes"], received.body["device_bytes"]);
-    assert_eq!(sent["memory_bytes"], received.body["memory_bytes"]);
+    assert_eq!(sent["device_bytes"], received["device_bytes"]);
+    assert_eq!(sent["memory_bytes"], received["memory_bytes"]);
     assert!(sent["downtime_ms"].as_f64().unwrap() > 0.0);
 
     // Source: shut down, VFs stopped.
@@ -60,8 +73,11 @@ fn migrate_and_verify(src: &Host, dst: &Host, url: &str) -> Value {
         assert_eq!(d["vf_state"], "STOP");
     }
     let counters = src.counters();
-    assert_eq!(counters["migrations_sent"], 1);
-    assert_eq!(counters["memory_bytes_sent"], sent["memory_bytes"]);
+    assert_eq!(counters["migration"]["sent"], 1);
+    assert_eq!(
+        counters["migration"]["memory_bytes_sent"],
+        sent["memory_bytes"]
+    );
 
     // Destination: running, VFs running, workloads continue.
     let dst_info = dst.info();
@@ -103,14 +119,44 @@ fn live_migration_over_tcp_loopback() {
     let src = source(dir.path(), &["emulated=on,vram=16M,id=gpu0"], &[]);
     let dst = Host::start(dir.path(), "dst", &[]);
     let dst_url = format!("tcp:127.0.0.1:{port}");
-    let receiver = dst.receive_in_background(json!({ "receiver_url": dst_url, "verify": true }));
-    let sent = src
-        .put_ok("vm.send-migration", Some(&send_body(&dst_url)))
-        .body;
-    let received = receiver.join().unwrap();
-    assert!(received.is_success(), "{:?}", received.body);
-    assert_same_fingerprint(&sent["at_stop"], &received.body["at_switchover"]);
+    let (sent, received) = migrate(&src, &dst, &dst_url, &send_config(&dst_url));
+    assert_same_fingerprint(&sent["at_stop"], &received["at_switchover"]);
+    assert_eq!(sent["connections"], 1);
+    assert_eq!(received["memory_connection_bytes"], 0);
     assert_eq!(dst.info()["state"], "Running");
+}
+
+/// `connections=4`: memory goes over four extra connections announcing
+/// the PrecopyMemory role, as CH sends it; the main one carries the rest.
+#[test]
+fn live_migration_over_four_tcp_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let src = source(dir.path(), &["emulated=on,vram=16M,id=gpu0"], &[]);
+    let dst = Host::start(dir.path(), "dst", &[]);
+    let url = format!("tcp:127.0.0.1:{port}");
+    let (sent, received) = migrate(
+        &src,
+        &dst,
+        &url,
+        &format!("{},connections=4", send_config(&url)),
+    );
+    assert_same_fingerprint(&sent["at_stop"], &received["at_switchover"]);
+    assert_eq!(sent["connections"], 4);
+    // Every memory byte came over the extra connections.
+    assert_eq!(received["memory_connection_bytes"], sent["memory_bytes"]);
+    assert_eq!(received["memory_bytes"], sent["memory_bytes"]);
+    assert!(sent["memory_bytes"].as_u64().unwrap() >= 32 << 20);
+    assert_eq!(dst.info()["state"], "Running");
+    assert!(
+        !dst.log_text().contains("dropping a connection"),
+        "{}",
+        dst.log_text()
+    );
 }
 
 /// Two network namespaces joined by a veth pair; deleted on drop.
@@ -235,13 +281,17 @@ fn live_migration_over_tcp_between_network_namespaces() {
         ],
     );
     let dst = Host::start_with(dir.path(), "dst", &dst_wrap, &[]);
-    let receiver =
-        dst.receive_in_background(json!({ "receiver_url": "tcp:0.0.0.0:7711", "verify": true }));
+    dst.arm(&json!({ "verify": true }));
+    let receiver = dst.receive_in_background(&receive_config("tcp:0.0.0.0:7711"));
     let url = format!("tcp:{dst_ip}:7711");
-    let sent = src.put_ok("vm.send-migration", Some(&send_body(&url))).body;
+    let sent = src.send_migration(&send_config(&url));
     let received = receiver.join().unwrap();
-    assert!(received.is_success(), "{:?}", received.body);
-    assert_same_fingerprint(&sent["at_stop"], &received.body["at_switchover"]);
+    assert!(received.success(), "{}", received.stderr);
+    assert!(sent.ok, "{}", sent.error);
+    assert_same_fingerprint(
+        &sent.value["at_stop"],
+        &dst.received_report()["at_switchover"],
+    );
     assert_eq!(dst.info()["state"], "Running");
     assert_eq!(src.info()["state"], "Shutdown");
     drop((src, dst));
@@ -285,29 +335,29 @@ fn incompatible_destination_is_refused_before_the_source_stops() {
         let gen_before = wait_generation_beyond(&src, 0, 0);
         let dst = Host::start(dir.path(), &format!("dst{n}"), &[]);
         let url = format!("unix:{}", dir.path().join(format!("mig{n}.sock")).display());
-        let receiver = dst.receive_in_background(json!({
-            "receiver_url": url,
-            "device_overrides": { "gpu0": spec },
-        }));
-        let r = src
-            .api
-            .put("vm.send-migration", Some(&send_body(&url)))
-            .unwrap();
-        assert_eq!(r.status, 500, "{spec}: {:?}", r.body);
-        let err = r.error();
-        assert!(err.starts_with("config: "), "{spec}: {err}");
+        dst.arm(&json!({ "device_overrides": { "gpu0": spec } }));
+        let receiver = dst.receive_in_background(&receive_config(&url));
+        let r = src.send_migration(&send_config(&url));
+        assert!(!r.ok, "{spec}: went through");
+        assert!(r.error.starts_with("config: "), "{spec}: {}", r.error);
         assert!(
-            err.contains(needle) && err.contains("gpu0"),
-            "{spec}: {err}"
+            r.error.contains(needle) && r.error.contains("gpu0"),
+            "{spec}: {}",
+            r.error
         );
         let received = receiver.join().unwrap();
-        assert_eq!(received.status, 409, "{:?}", received.body);
+        assert!(!received.success());
+        assert!(
+            received.stderr.contains("InternalServerError") && received.stderr.contains(needle),
+            "{}",
+            received.stderr
+        );
 
         // The source never stopped: no memory moved, VM and VF running,
         // the workload still counting.
         let counters = src.counters();
-        assert_eq!(counters["memory_bytes_sent"], 0);
-        assert_eq!(counters["migrations_failed"], n as u64 + 1);
+        assert_eq!(counters["migration"]["memory_bytes_sent"], 0);
+        assert_eq!(counters["migration"]["failed"], n as u64 + 1);
         let info = src.info();
         assert_eq!(info["state"], "Running");
         assert_eq!(device(&info, 0)["vf_state"], "RUNNING");
@@ -315,7 +365,7 @@ fn incompatible_destination_is_refused_before_the_source_stops() {
         assert!(now >= gen_before);
         wait_generation_beyond(&src, 0, now);
         // The destination discarded what it had built.
-        assert_eq!(dst.info()["state"], "Created");
+        dst.assert_no_vm();
     }
 }
 
@@ -336,25 +386,25 @@ fn killed_destination_leaves_the_source_running_with_its_vf_state() {
     let before = src.info();
     let gen1_before = wait_generation_beyond(&src, 1, 20);
     let url = format!("unix:{}", dir.path().join("mig.sock").display());
-    let _receiver = dst.receive_in_background(json!({
-        "receiver_url": url,
-        "stall_at": "device-state",
-        "timeout_s": 30,
-    }));
-    let api = src.api.clone();
-    let body = send_body(&url);
-    let sender = std::thread::spawn(move || api.put("vm.send-migration", Some(&body)).unwrap());
+    dst.arm(&json!({ "stall_at": "device-state", "timeout_s": 30 }));
+    let _receiver = dst.receive_in_background(&receive_config(&url));
+    let attempt = src.start_send(&send_config(&url));
     // Memory has moved and the source is in its downtime, streaming VF
     // state, when the destination dies.
     poll("destination stalled in device-state", || {
-        (dst.info()["migration"]["phase"] == "receive: stalled").then_some(())
+        (dst.migration_status()["phase"] == "receive: stalled").then_some(())
     });
-    assert!(src.counters()["memory_bytes_sent"].as_u64().unwrap() >= 32 << 20);
+    assert!(
+        src.counters()["migration"]["memory_bytes_sent"]
+            .as_u64()
+            .unwrap()
+            >= 32 << 20
+    );
     dst.kill();
 
-    let r = sender.join().unwrap();
-    assert_eq!(r.status, 500, "{:?}", r.body);
-    assert!(r.error().starts_with("device-state gpu0"), "{}", r.error());
+    let r = src.wait_outcome(attempt);
+    assert!(!r.ok);
+    assert!(r.error.starts_with("device-state gpu0"), "{}", r.error);
 
     let info = src.info();
     assert_eq!(info["state"], "Running");
@@ -363,19 +413,14 @@ fn killed_destination_leaves_the_source_running_with_its_vf_state() {
     assert_eq!(device(&info, 0)["digest"], device(&before, 0)["digest"]);
     assert!(generation(&info, 1) >= gen1_before, "gpu1 was reset");
     wait_generation_beyond(&src, 1, generation(&info, 1));
-    assert_eq!(src.counters()["migrations_failed"], 1);
+    assert_eq!(src.counters()["migration"]["failed"], 1);
     assert!(src.log_text().contains("source VM resumed"));
 
     // The source can still migrate afterwards.
     let dst2 = Host::start(dir.path(), "dst2", &[]);
     let url2 = format!("unix:{}", dir.path().join("mig2.sock").display());
-    let receiver = dst2.receive_in_background(json!({ "receiver_url": url2, "verify": true }));
-    let sent = src
-        .put_ok("vm.send-migration", Some(&send_body(&url2)))
-        .body;
-    let received = receiver.join().unwrap();
-    assert!(received.is_success(), "{:?}", received.body);
-    assert_same_fingerprint(&sent["at_stop"], &received.body["at_switchover"]);
+    let (sent, received) = migrate(&src, &dst2, &url2, &send_config(&url2));
+    assert_same_fingerprint(&sent["at_stop"], &received["at_switchover"]);
     assert_eq!(
         sent["at_stop"]["devices"][0]["digest"],
         device(&before, 0)["digest"]

@@ -1,7 +1,8 @@
 // Copyright 2026 The xe-vf-migration authors
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Snapshot in one process, restore in another; the API's error answers.
+//! Snapshot in one process, restore in another, with the real
+//! `ch-remote`; the API's error answers as CH gives them.
 
 mod common;
 
@@ -27,22 +28,19 @@ fn snapshot_restore_round_trip_across_processes() {
     wait_generation_beyond(&src, 0, 50);
 
     // A running VM cannot be snapshotted (CH's rule).
-    let r = src
-        .api
-        .put("vm.snapshot", Some(&json!({ "destination_url": url })))
-        .unwrap();
-    assert_eq!(r.status, 409, "{:?}", r.body);
+    let r = src.ch(&["snapshot", &url]);
+    assert!(!r.success());
     assert!(
-        r.error().contains("snapshot") && r.error().contains("Running"),
+        r.stderr.contains("The VM could not be snapshotted") && r.stderr.contains("Running"),
         "{}",
-        r.error()
+        r.stderr
     );
 
-    src.put_ok("vm.pause", None);
+    src.ch_ok(&["pause"]);
     let paused = src.info();
     assert_eq!(paused["state"], "Paused");
     assert_eq!(device(&paused, 0)["vf_state"], "STOP");
-    src.put_ok("vm.snapshot", Some(&json!({ "destination_url": url })));
+    src.ch_ok(&["snapshot", &url]);
 
     let mut names: Vec<String> = std::fs::read_dir(&snap)
         .unwrap()
@@ -66,15 +64,15 @@ fn snapshot_restore_round_trip_across_processes() {
     drop(src);
 
     let dst = Host::start(dir.path(), "dst", &[]);
-    assert_eq!(dst.info()["state"], "Created");
-    dst.put_ok("vm.restore", Some(&json!({ "source_url": url })));
+    dst.assert_no_vm();
+    dst.ch_ok(&["restore", &format!("source_url={url}")]);
     let restored = dst.info();
     assert_eq!(restored["state"], "Paused", "restore leaves the VM paused");
     assert_eq!(device(&restored, 0)["vf_state"], "STOP");
     assert_eq!(restored["memory"]["crc32c"], paused["memory"]["crc32c"]);
     assert_eq!(device(&restored, 0)["digest"], device(&paused, 0)["digest"]);
 
-    dst.put_ok("vm.resume", None);
+    dst.ch_ok(&["resume"]);
     let running = dst.info();
     assert_eq!(running["state"], "Running");
     assert_eq!(device(&running, 0)["vf_state"], "RUNNING");
@@ -97,8 +95,8 @@ fn restore_refuses_a_damaged_snapshot_and_stays_empty() {
             "emulated=on,vram=8M,id=gpu0",
         ],
     );
-    src.put_ok("vm.pause", None);
-    src.put_ok("vm.snapshot", Some(&json!({ "destination_url": url })));
+    src.ch_ok(&["pause"]);
+    src.ch_ok(&["snapshot", &url]);
     drop(src);
     let data = snap.join("xe-vf-gpu0.bin");
     let len = std::fs::metadata(&data).unwrap().len();
@@ -110,54 +108,61 @@ fn restore_refuses_a_damaged_snapshot_and_stays_empty() {
         .unwrap();
 
     let dst = Host::start(dir.path(), "dst", &[]);
-    let r = dst
-        .api
-        .put("vm.restore", Some(&json!({ "source_url": url })))
-        .unwrap();
-    assert_eq!(r.status, 500, "{:?}", r.body);
-    assert!(r.error().contains("restore device gpu0"), "{}", r.error());
-    assert!(r.error().contains("truncated"), "{}", r.error());
-    let info = dst.info();
-    assert_eq!(info["state"], "Created");
-    assert!(info["devices"].as_array().unwrap().is_empty());
+    let r = dst.ch(&["restore", &format!("source_url={url}")]);
+    assert!(!r.success());
+    assert!(r.stderr.contains("InternalServerError"), "{}", r.stderr);
+    assert!(r.stderr.contains("restore device gpu0"), "{}", r.stderr);
+    assert!(r.stderr.contains("truncated"), "{}", r.stderr);
+    dst.assert_no_vm();
 }
 
 #[test]
-fn api_answers_errors_as_json_naming_the_phase() {
+fn api_answers_errors_as_ch_does_naming_the_phase() {
     let dir = tempfile::tempdir().unwrap();
     let host = Host::start(dir.path(), "h", &[]);
-    let mode = std::fs::metadata(host.api.socket()).unwrap();
+    let mode = std::fs::metadata(host.socket()).unwrap();
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(mode.permissions().mode() & 0o777, 0o600);
 
-    let r = host.api.put("vm.nonsense", None).unwrap();
-    assert_eq!(r.status, 404);
-    assert!(r.error().contains("vm.nonsense"));
-    let r = host.api.request("PUT", "/api/v1/vm.info", None).unwrap();
-    assert_eq!(r.status, 405);
-    let r = host.api.put("vm.pause", None).unwrap();
-    assert_eq!(r.status, 409);
-    assert!(r.error().starts_with("pause: "), "{}", r.error());
-    let r = host
-        .api
-        .put("vm.send-migration", Some(&json!({ "destination_url": 5 })))
-        .unwrap();
-    assert_eq!(r.status, 400);
-    assert!(r.error().starts_with("request body"), "{}", r.error());
+    // ch-remote prints the server's chain, one numbered line each.
+    let r = host.ch(&["pause"]);
+    assert!(!r.success());
+    assert!(
+        r.stderr
+            .contains("Server responded with InternalServerError")
+            && r.stderr.contains("Error from API")
+            && r.stderr.contains("The VM could not be paused")
+            && r.stderr.contains("VM is not running"),
+        "{}",
+        r.stderr
+    );
+    let r = host.ch(&["restore", "source_url=file:///nonexistent/x"]);
+    assert!(!r.success());
+    assert!(r.stderr.contains("config.json"), "{}", r.stderr);
+    host.assert_no_vm();
+
+    // Our hooks answer in the same shape (curl).
     let r = host
         .api
         .put(
-            "vm.restore",
-            Some(&json!({ "source_url": "file:///nonexistent/x" })),
+            "vm.fill-device",
+            Some(&json!({ "device": "gpu0", "seed": 1 })),
         )
         .unwrap();
-    assert_eq!(r.status, 400);
-    assert!(r.error().contains("config.json"), "{}", r.error());
+    assert_eq!(r.status, 404, "{:?}", r.body);
+    assert_eq!(r.body[2], "VM is not created");
+    let r = host
+        .api
+        .put("vm.arm-migration", Some(&json!({ "stall": true })))
+        .unwrap();
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert_eq!(r.body[0], "Failed to deserialize JSON");
+    assert!(r.error().contains("unknown field `stall`"), "{}", r.error());
 
     // curl, as an operator would use it.
     let out = std::process::Command::new("curl")
         .args(["-s", "--unix-socket"])
-        .arg(host.api.socket())
+        .arg(host.socket())
         .args([
             "-X",
             "PUT",
@@ -169,8 +174,8 @@ fn api_answers_errors_as_json_naming_the_phase() {
     match out {
         Ok(out) => {
             let text = String::from_utf8_lossy(&out.stdout);
-            assert!(text.ends_with("409"), "{text}");
-            assert!(text.contains("\"error\""), "{text}");
+            assert!(text.ends_with("500"), "{text}");
+            assert!(text.contains("VM is not running"), "{text}");
         }
         Err(e) => eprintln!("curl not available, skipping the curl check: {e}"),
     }

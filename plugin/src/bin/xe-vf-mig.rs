@@ -1,7 +1,8 @@
 // Copyright 2026 The xe-vf-migration authors
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! `xe-vf-mig`: save, restore, inspect and demo Xe VF migration state.
+//! `xe-vf-mig`: save, restore, inspect and demo Xe VF migration state, and
+//! find, prepare and check VFs on a real host.
 
 use std::fs::{self, File};
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -20,6 +21,7 @@ use xe_vf_plugin::backend::Backend;
 use xe_vf_plugin::device_config::DeviceConfig;
 use xe_vf_plugin::emulated::{EmulatedConfig, EmulatedXeVf};
 use xe_vf_plugin::engine::{self, TransferOptions};
+use xe_vf_plugin::host::{check, device_line, list, prepare, Host};
 use xe_vf_plugin::state_format::{StateDecoder, MAGIC};
 use xe_vf_plugin::{fsm, proc_stats, xe_stream, DeviceState, MigrationDevice};
 
@@ -27,7 +29,7 @@ use xe_vf_plugin::{fsm, proc_stats, xe_stream, DeviceState, MigrationDevice};
 #[command(
     name = "xe-vf-mig",
     version,
-    about = "Xe SR-IOV VF migration: save, restore, inspect, demo"
+    about = "Xe SR-IOV VF migration: save, restore, inspect, demo; find, prepare and check VFs"
 )]
 struct Cli {
     /// Hide progress bars.
@@ -89,6 +91,73 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Find, prepare and check Xe VFs on this host.
+    Host {
+        /// Read this directory as if it were / (tests, captured trees);
+        /// devices are then never opened.
+        #[arg(long, value_name = "DIR", global = true)]
+        root: Option<PathBuf>,
+        #[command(subcommand)]
+        command: HostCommand,
+    },
+}
+
+/// Devices are given as a PCI address (0000:03:00.1 or 03:00.1), an mdev
+/// uuid, or their /sys/bus/pci/devices/ or /sys/bus/mdev/devices/ path.
+#[derive(Subcommand)]
+enum HostCommand {
+    /// List PFs driven by xe and their VFs, or the devices named.
+    List {
+        devices: Vec<String>,
+        #[arg(long)]
+        json: bool,
+        /// Do not open devices (no migration flags).
+        #[arg(long)]
+        no_probe: bool,
+    },
+    /// Enable VFs on an xe PF and bind VFs to xe-vfio-pci (idempotent).
+    Prepare {
+        /// The PF.
+        pf: String,
+        /// Number of VFs the PF should have.
+        #[arg(long, value_name = "N")]
+        num_vfs: Option<u32>,
+        /// VFs to bind to xe-vfio-pci: all, VF numbers (1, vf2) or addresses,
+        /// comma separated.
+        #[arg(long, value_delimiter = ',', value_name = "VF")]
+        bind: Vec<String>,
+        /// Print every sysfs write instead of making it.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Check every precondition of snapshot and live migration of a VF.
+    /// Exit status: 0 ready, 2 a check failed, 3 something could not be
+    /// verified.
+    Check {
+        device: String,
+        #[arg(long)]
+        json: bool,
+        /// Check access to the VFIO nodes for this user (name or uid, from
+        /// /etc/passwd) instead of the caller.
+        #[arg(long)]
+        user: Option<String>,
+        /// Do not open the device.
+        #[arg(long)]
+        no_probe: bool,
+    },
+    /// Print the --device argument for Cloud Hypervisor.
+    DeviceLine {
+        device: String,
+        /// Cloud Hypervisor's id= for the device.
+        #[arg(long)]
+        id: Option<String>,
+        /// Print the fd= form for a VFIO cdev the caller opens as this fd.
+        #[arg(long, value_name = "N")]
+        fd: Option<i32>,
+        /// Do not open the device (adds dirty_tracking=all).
+        #[arg(long)]
+        no_probe: bool,
+    },
 }
 
 fn main() {
@@ -123,10 +192,129 @@ fn main() {
             packets,
             json,
         } => inspect(file, packets, json),
+        Command::Host { root, command } => match host_command(root, command) {
+            Ok(0) => Ok(()),
+            Ok(code) => std::process::exit(code),
+            Err(e) => Err(e),
+        },
     };
     if let Err(e) = result {
         eprintln!("xe-vf-mig: error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// The host: the running system, or a tree given with --root.
+fn host_for(root: &Option<PathBuf>, probe: bool) -> Host {
+    match root {
+        Some(dir) => Host::tree(dir),
+        None => Host::system(probe),
+    }
+}
+
+/// Runs a host subcommand; returns the exit status.
+fn host_command(root: Option<PathBuf>, command: HostCommand) -> Result<i32> {
+    match command {
+        HostCommand::List {
+            devices,
+            json,
+            no_probe,
+        } => {
+            let host = host_for(&root, !no_probe);
+            if devices.is_empty() {
+                let inventory = list::inventory(&host);
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&inventory)?);
+                } else {
+                    print!("{}", list::inventory_table(&inventory));
+                }
+                return Ok(0);
+            }
+            let mut facts = Vec::new();
+            for arg in &devices {
+                facts.push(host.facts(&host.device(arg)?));
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&facts)?);
+            } else {
+                print!("{}", list::table(&facts.iter().collect::<Vec<_>>()));
+            }
+            Ok(0)
+        }
+        HostCommand::Prepare {
+            pf,
+            num_vfs,
+            bind,
+            dry_run,
+        } => {
+            let host = host_for(&root, false);
+            let bind = bind
+                .iter()
+                .map(|b| {
+                    prepare::VfSelector::parse(b).map_err(|e| anyhow::anyhow!("--bind {b}: {e}"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let request = prepare::PrepareRequest { pf, num_vfs, bind };
+            let plan = prepare::plan(&host, &request)?;
+            for note in &plan.notes {
+                println!("# {note}");
+            }
+            if plan.steps.is_empty() {
+                println!("# nothing to do");
+                return Ok(0);
+            }
+            if dry_run {
+                for step in &plan.steps {
+                    println!("{}", step.write);
+                }
+                return Ok(0);
+            }
+            prepare::apply(&host, &plan, &mut |w| println!("{w}"))?;
+            let problems = prepare::verify(&host, &plan);
+            if !problems.is_empty() {
+                bail!("{}", problems.join("; "));
+            }
+            Ok(0)
+        }
+        HostCommand::Check {
+            device,
+            json,
+            user,
+            no_probe,
+        } => {
+            let host = host_for(&root, !no_probe);
+            let cred = match user {
+                Some(u) => {
+                    check::Credentials::lookup(&host.root, &u).map_err(anyhow::Error::msg)?
+                }
+                None => check::Credentials::current(),
+            };
+            let report = check::check(&host, &device, &cred)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", check::render(&report));
+            }
+            Ok(report.exit_code)
+        }
+        HostCommand::DeviceLine {
+            device,
+            id,
+            fd,
+            no_probe,
+        } => {
+            let host = host_for(&root, !no_probe);
+            let line = device_line::device_line(
+                &host,
+                &device,
+                &device_line::DeviceLineOptions { id, fd },
+            )?;
+            for note in &line.notes {
+                eprintln!("# {note}");
+            }
+            println!("{}", line.argument);
+            Ok(0)
+        }
     }
 }
 

@@ -10,11 +10,13 @@
 //!
 //! Layout: `feature` builds and parses the ioctl buffers, `kernel` holds
 //! the two syscalls behind a trait (faked in unit tests), `sysfs` checks the
-//! device and reads its identity.
+//! device and reads its identity, `cdev` binds a VFIO cdev to an iommufd to
+//! ask the IOMMU about dirty tracking.
 
+pub mod cdev;
 mod feature;
 mod kernel;
-mod sysfs;
+pub(crate) mod sysfs;
 #[cfg(test)]
 mod tests;
 
@@ -187,6 +189,23 @@ impl VfioMigrationDevice {
         move |source| DeviceError::Ioctl { op, source }
     }
 
+    /// The flags `VFIO_DEVICE_FEATURE_MIGRATION` reports, as they are;
+    /// `None` when the device has no migration support at all (`ENOTTY`
+    /// from a driver without migration ops, `EINVAL` from a kernel that
+    /// does not know the feature). [`MigrationDevice::migration_flags`]
+    /// is this plus the STOP_COPY requirement.
+    pub fn query_migration(&self) -> Result<Option<MigrationFlags>> {
+        let mut req = FeatureRequest::get_migration();
+        match self.feature(&mut req) {
+            Ok(()) => Ok(Some(req.migration_flags())),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY) | Some(libc::EINVAL)) => {
+                debug!("{}: GET MIGRATION: {e}", self.name);
+                Ok(None)
+            }
+            Err(e) => Err(Self::ioctl_error("VFIO_DEVICE_FEATURE_MIGRATION GET")(e)),
+        }
+    }
+
     /// Whether the device logs its own DMA (`DMA_LOGGING_START` probe).
     /// Xe VFs do not; the glue then treats all guest memory as dirty.
     pub fn supports_dma_logging(&self) -> Result<bool> {
@@ -260,16 +279,7 @@ impl MigrationDevice for VfioMigrationDevice {
     /// kernel), and a device without `STOP_COPY` (which v2 makes
     /// mandatory), are [`DeviceError::NotMigratable`].
     fn migration_flags(&self) -> Result<MigrationFlags> {
-        let mut req = FeatureRequest::get_migration();
-        match self.feature(&mut req) {
-            Ok(()) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY) | Some(libc::EINVAL)) => {
-                debug!("{}: GET MIGRATION: {e}", self.name);
-                return Err(DeviceError::NotMigratable);
-            }
-            Err(e) => return Err(Self::ioctl_error("VFIO_DEVICE_FEATURE_MIGRATION GET")(e)),
-        }
-        let flags = req.migration_flags();
+        let flags = self.query_migration()?.ok_or(DeviceError::NotMigratable)?;
         if !flags.contains(MigrationFlags::STOP_COPY) {
             warn!("{}: migration flags {flags} lack STOP_COPY", self.name);
             return Err(DeviceError::NotMigratable);

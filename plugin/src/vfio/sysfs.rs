@@ -35,10 +35,29 @@ fn not_found(path: &Path, reason: impl Into<String>) -> DeviceError {
     }
 }
 
-/// Name of the driver bound to the device, for error hints.
-fn driver_name(sysfs_path: &Path) -> Option<String> {
+/// Name of the driver bound to the device (the `driver` link's target),
+/// `None` when no driver is bound.
+pub(crate) fn driver_name(sysfs_path: &Path) -> Option<String> {
     let link = sysfs_path.join("driver").read_link().ok()?;
     Some(link.file_name()?.to_string_lossy().into_owned())
+}
+
+/// The device's IOMMU group number, from its `iommu_group` link; the
+/// error says why there is none.
+pub(crate) fn iommu_group(sysfs_path: &Path) -> std::result::Result<u32, String> {
+    let target = sysfs_path.join("iommu_group").read_link().map_err(|e| {
+        format!("no iommu_group link ({e}): the IOMMU is off or the device is not bound to a VFIO driver")
+    })?;
+    target
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.parse::<u32>().ok())
+        .ok_or_else(|| {
+            format!(
+                "iommu_group link points to {}, not a group number",
+                target.display()
+            )
+        })
 }
 
 /// Checks, in order, that the sysfs device exists, sits in an IOMMU group,
@@ -60,26 +79,7 @@ pub(crate) fn check_group_device(sysfs_path: &Path, dev_vfio: &Path) -> Result<G
         .and_then(|n| n.to_str())
         .map(str::to_owned)
         .ok_or_else(|| not_found(sysfs_path, "the path does not end in a device name"))?;
-    let link = sysfs_path.join("iommu_group");
-    let target = link.read_link().map_err(|e| {
-        not_found(
-            sysfs_path,
-            format!("no iommu_group link ({e}): the IOMMU is off or the device is not bound to a VFIO driver"),
-        )
-    })?;
-    let group = target
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.parse::<u32>().ok())
-        .ok_or_else(|| {
-            not_found(
-                sysfs_path,
-                format!(
-                    "iommu_group link points to {}, not a group number",
-                    target.display()
-                ),
-            )
-        })?;
+    let group = iommu_group(sysfs_path).map_err(|reason| not_found(sysfs_path, reason))?;
     let container = dev_vfio.join("vfio");
     if !container.exists() {
         return Err(not_found(
@@ -105,7 +105,7 @@ pub(crate) fn check_group_device(sysfs_path: &Path, dev_vfio: &Path) -> Result<G
 }
 
 /// Reads a short hex attribute such as `vendor` (`0x8086\n`).
-fn read_hex_attr(path: &Path) -> Option<u64> {
+pub(crate) fn read_hex_attr(path: &Path) -> Option<u64> {
     let mut text = String::new();
     File::open(path)
         .ok()?

@@ -120,7 +120,9 @@ fn real_kernel_mtty_migration() {
 }
 
 /// Every check the guest binary runs, in order.
-const EXPECTED_CHECKS: [&str; 10] = [
+const EXPECTED_CHECKS: [&str; 13] = [
+    "host_list",
+    "host_check",
     "open_and_flags",
     "mig_data_size_vs_stop_copy",
     "save_a_running_to_stop_copy",
@@ -131,6 +133,7 @@ const EXPECTED_CHECKS: [&str; 10] = [
     "state_format_save_restore",
     "pre_copy",
     "engine_save_restore",
+    "host_check_in_use",
 ];
 
 /// One line per check: verdict, time, and its details.

@@ -6,7 +6,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -68,6 +68,24 @@ impl From<TcpStream> for Conn {
         Conn {
             stream: Stream::Tcp(s),
             stalled: false,
+        }
+    }
+}
+
+impl AsRawFd for Conn {
+    fn as_raw_fd(&self) -> RawFd {
+        match &self.stream {
+            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tcp(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl AsRawFd for Listener {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Listener::Unix(l, _) => l.as_raw_fd(),
+            Listener::Tcp(l) => l.as_raw_fd(),
         }
     }
 }
@@ -250,12 +268,8 @@ impl Listener {
 
     /// Accepts one connection within `timeout`.
     pub fn accept(&self, timeout: Duration) -> io::Result<Conn> {
-        let fd = match self {
-            Listener::Unix(l, _) => l.as_raw_fd(),
-            Listener::Tcp(l) => l.as_raw_fd(),
-        };
         let mut pfd = libc::pollfd {
-            fd,
+            fd: self.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };

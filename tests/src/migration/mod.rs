@@ -12,6 +12,7 @@
 //! Complete. Any failure before Complete's Ok resumes the source.
 
 pub mod conn;
+pub mod lanes;
 pub mod receive;
 pub mod send;
 

@@ -8,76 +8,46 @@
 //! it is dropped (a VF whose load failed was already reset by the
 //! engine), so a partly restored VF never runs.
 
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{error, info};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+use serde_json::json;
 use xe_vf_glue::migration::{MemoryRangeTable, Snapshot};
 use xe_vf_glue::protocol::{Command, Request, Response};
 use xe_vf_plugin::device_config::DeviceConfig;
 use xe_vf_plugin::engine::TransferOptions;
 
 use super::conn::{Conn, Listener, MigrationUrl};
+use super::lanes::ReceiveLanes;
 use super::{is_eof, read_json_payload, write_error, MigrationConfig};
 use crate::error::{HostError, HostResult};
-use crate::fault::{self, DeviceFault, FaultyStream, MigrationFault};
+use crate::fault::{self, FaultyStream, MigrationFault, MigrationTestOptions};
 use crate::memory::COPY_CHUNK;
 use crate::vm::{Vm, VmFingerprint};
 use crate::vmm::{Counters, VmState, Vmm};
-
-fn default_timeout_s() -> u64 {
-    60
-}
-
-/// `vm.receive-migration` body: CH's `receiver_url` plus test knobs.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ReceiveRequest {
-    pub receiver_url: String,
-    /// Device id -> spec used instead of the source's (to test refusals
-    /// or map to another VF on this host).
-    #[serde(default)]
-    pub device_overrides: BTreeMap<String, String>,
-    /// Record memory checksum and VF digests right before resuming
-    /// (adds their time to the downtime).
-    #[serde(default)]
-    pub verify: bool,
-    /// Test knob: stop reading at this phase (`device-state`) until the
-    /// timeout, as a hung destination would.
-    #[serde(default)]
-    pub stall_at: Option<String>,
-    /// How long to wait for the source and for each read.
-    #[serde(default = "default_timeout_s")]
-    pub timeout_s: u64,
-    /// Test hook (off by default): a fault this side injects at a phase
-    /// (`memory`, `memory#N`, `device-state`, `state`, `complete`, `resumed`: after
-    /// the VM resumed, before the Ok to Complete).
-    #[serde(default)]
-    pub fault: Option<MigrationFault>,
-    /// Test hook (off by default): faults handed to this side's emulated
-    /// VFs (by device id) as soon as they exist, e.g. a failing
-    /// RESUMING -> STOP.
-    #[serde(default)]
-    pub device_faults: BTreeMap<String, Vec<DeviceFault>>,
-}
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ReceiveReport {
     pub total_ms: f64,
     pub memory_bytes: u64,
     pub device_bytes: u64,
+    /// `Memory` requests on the main connection.
     pub memory_passes: u32,
+    /// Extra memory connections the source opened (`connections`).
+    pub memory_connection_bytes: u64,
     /// With `verify`: the VM as it was right before it resumed.
     pub at_switchover: Option<VmFingerprint>,
 }
 
 struct Receiver<'a> {
     vmm: &'a Vmm,
-    req: &'a ReceiveRequest,
+    req: &'a MigrationTestOptions,
     conn: Conn,
+    listener: Arc<Listener>,
+    lanes: Option<ReceiveLanes>,
     vm: Option<Vm>,
     fault: Option<MigrationFault>,
     received: Vec<bool>,
@@ -85,37 +55,58 @@ struct Receiver<'a> {
     report: ReceiveReport,
 }
 
-/// Waits for one migration and runs the VM it brings.
-pub fn receive(vmm: &Vmm, req: &ReceiveRequest) -> HostResult<ReceiveReport> {
-    if vmm.vm().is_some() {
+/// `vm.receive-migration`: waits for one migration and runs the VM it
+/// brings (Running after Complete, Paused after CompletePaused); returns
+/// once it is over, as CH does. The report is in `vm.info`'s `migration`.
+pub fn receive(vmm: &Vmm, url: &MigrationUrl, req: &MigrationTestOptions) -> HostResult<()> {
+    let _op = vmm.begin("receive-migration")?;
+    if vmm.has_vm() {
         return Err(HostError::conflict(
             "receive-migration",
-            "this host already has a VM",
+            "Can't receive a migration when a VM is already created",
         ));
     }
-    let url = MigrationUrl::parse(&req.receiver_url)
-        .map_err(|e| HostError::bad_request("receiver_url", e))?;
+    let attempt = vmm.next_migration_attempt();
+    let result = receive_one(vmm, url, req);
+    vmm.set_phase("idle");
+    match result {
+        Ok(report) => {
+            let value = serde_json::to_value(&report).unwrap_or_default();
+            vmm.set_last_migration(attempt, json!({ "received": value }));
+            Ok(())
+        }
+        Err(e) => {
+            vmm.set_last_migration(
+                attempt,
+                json!({ "failed": { "error": e.messages(), "phase": e.phase } }),
+            );
+            Err(e)
+        }
+    }
+}
+
+fn receive_one(
+    vmm: &Vmm,
+    url: &MigrationUrl,
+    req: &MigrationTestOptions,
+) -> HostResult<ReceiveReport> {
     let timeout = Duration::from_secs(req.timeout_s.clamp(1, 3600));
-    let listener =
-        Listener::bind(&url).map_err(|e| HostError::failed("listen", format!("{url:?}: {e}")))?;
+    let listener = Arc::new(
+        Listener::bind(url).map_err(|e| HostError::failed("listen", format!("{url:?}: {e}")))?,
+    );
+    info!("Receiving migration: receiver_url={url:?}");
     vmm.set_phase("receive: listening");
     let conn = listener
         .accept(timeout)
         .and_then(|c| c.set_timeouts(timeout).map(|()| c))
-        .map_err(|e| HostError::failed("accept", e));
-    drop(listener);
-    let conn = match conn {
-        Ok(c) => c,
-        Err(e) => {
-            vmm.set_phase("idle");
-            return Err(e);
-        }
-    };
+        .map_err(|e| HostError::failed("accept", e))?;
     let started = Instant::now();
     let mut receiver = Receiver {
         vmm,
         req,
         conn,
+        listener,
+        lanes: None,
         vm: None,
         fault: req.fault.clone(),
         received: Vec::new(),
@@ -125,11 +116,15 @@ pub fn receive(vmm: &Vmm, req: &ReceiveRequest) -> HostResult<ReceiveReport> {
             memory_bytes: 0,
             device_bytes: 0,
             memory_passes: 0,
+            memory_connection_bytes: 0,
             at_switchover: None,
         },
     };
     let result = receiver.run();
-    vmm.set_phase("idle");
+    // Extra connections end with the migration, whatever its outcome.
+    if let Some(mut lanes) = receiver.lanes.take() {
+        let _ = lanes.finish();
+    }
     match result {
         Ok(vm) => {
             for d in vm.0.devices().devices_mut() {
@@ -307,6 +302,12 @@ impl Receiver<'_> {
             }
         }
         self.received = vec![false; config.vm.devices.len()];
+        let timeout = Duration::from_secs(self.req.timeout_s.clamp(1, 3600));
+        self.lanes = Some(ReceiveLanes::start(
+            self.listener.clone(),
+            vm.memory().clone(),
+            timeout,
+        )?);
         self.vm = Some(vm);
         self.ok("config")
     }
@@ -394,6 +395,13 @@ impl Receiver<'_> {
 
     fn state(&mut self, request: &Request) -> HostResult<()> {
         self.phase("state");
+        // All memory is in: the extra connections have closed (CH's cleanup).
+        if let Some(mut lanes) = self.lanes.take() {
+            let bytes = lanes.finish()?;
+            self.report.memory_connection_bytes = bytes;
+            self.report.memory_bytes += bytes;
+            Counters::add(&self.vmm.counters.memory_bytes_received, bytes);
+        }
         self.inject("state");
         let tree: Snapshot = read_json_payload(&mut self.conn, request.length(), "state")?;
         let vm = self.vm("state")?;

@@ -3,54 +3,32 @@
 
 //! Source side of a live migration.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{error, info, warn};
-use serde::{Deserialize, Serialize};
+use log::{debug, error, info, warn};
+use serde::Serialize;
+use serde_json::json;
 use xe_vf_glue::migration::{MemoryRangeTable, Migratable, Snapshot, Snapshottable};
 use xe_vf_glue::protocol::{Request, DEVICE_STATE_SELF_DELIMITED};
 use xe_vf_plugin::engine::TransferOptions;
 
 use super::conn::{connect, Conn, MigrationUrl};
+use super::lanes::SendLanes;
 use super::{expect_ok, peer_refusal, CountingWriter, MigrationConfig};
+use crate::api_bodies::{SendMigrationData, TimeoutStrategy};
 use crate::error::{HostError, HostResult};
 use crate::fault::{self, FaultyStream, MigrationFault};
 use crate::memory::{COPY_CHUNK, PAGE_SIZE};
 use crate::vm::{Vm, VmFingerprint};
 use crate::vmm::{Counters, VmState, Vmm};
 
-/// Dirty passes after the first full one, at most.
-const MAX_DIRTY_PASSES: u32 = 8;
-/// Memory bytes per `Memory` command.
+/// Memory bytes per `Memory` command on the main connection.
 const MEMORY_CHUNK: u64 = 64 << 20;
-/// Longest wait for the destination to listen.
+/// Longest wait for the destination to listen (CH does not wait; the
+/// host does, as tests start both sides at once).
 const CONNECT_RETRY: Duration = Duration::from_secs(10);
-
-fn default_downtime_ms() -> u64 {
-    300
-}
-
-fn default_timeout_s() -> u64 {
-    60
-}
-
-/// `vm.send-migration` body (CH's fields).
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SendRequest {
-    pub destination_url: String,
-    #[serde(default)]
-    pub local: bool,
-    #[serde(default = "default_downtime_ms")]
-    pub downtime_ms: u64,
-    #[serde(default = "default_timeout_s")]
-    pub timeout_s: u64,
-    /// Test hook (off by default): a fault this side injects at a phase
-    /// (`pause`, `final-memory`, `device-state`, `state`, `complete`).
-    #[serde(default)]
-    pub fault: Option<MigrationFault>,
-}
 
 /// What a completed migration reports.
 #[derive(Clone, Debug, Serialize)]
@@ -63,6 +41,8 @@ pub struct SendReport {
     /// Memory passes, the first full one and the final one included.
     pub memory_passes: u32,
     pub final_pass_bytes: u64,
+    /// Connections memory went over (`connections`).
+    pub connections: u32,
     /// Memory checksum and VF digests of the source as it stopped.
     pub at_stop: VmFingerprint,
 }
@@ -79,33 +59,92 @@ struct Undo {
 struct Sender<'a> {
     vmm: &'a Vmm,
     vm: &'a Arc<Vm>,
+    req: &'a SendMigrationData,
+    url: &'a MigrationUrl,
     conn: Conn,
+    lanes: SendLanes,
     buf: Vec<u8>,
     undo: Undo,
     fault: Option<MigrationFault>,
-    memory_bytes: u64,
+    memory_bytes: AtomicU64,
     device_bytes: u64,
     passes: u32,
 }
 
-/// Migrates the running VM to `req.destination_url`; on success the VM
-/// is Shutdown here, on failure it runs on here.
-pub fn send(vmm: &Vmm, req: &SendRequest) -> HostResult<SendReport> {
-    let vm = vmm.vm_in("send-migration", VmState::Running)?;
-    if req.local {
-        return Err(HostError::bad_request(
-            "send-migration",
-            "local (fd-passing) migration is not supported by the test host",
+/// `vm.send-migration`: checks the request, then migrates in a worker
+/// thread and returns at once, as CH does. The outcome shows in
+/// `vm.info`'s `migration` (and `vmm.migration`): `{"sent": report}` or
+/// `{"failed": …}`; on success the VM is Shutdown here, on failure it
+/// runs on (or stays paused if it was paused).
+pub fn start(vmm: &Arc<Vmm>, req: SendMigrationData) -> HostResult<()> {
+    let url = req.check()?;
+    let op = vmm.begin("send-migration")?;
+    let vm = vmm.vm().ok_or_else(HostError::vm_not_running)?;
+    let initial = vmm.state();
+    if !matches!(initial, VmState::Running | VmState::Paused) {
+        return Err(HostError::failed(
+            "",
+            format!("VM is not running or paused: {initial:?}"),
         ));
     }
-    let url = MigrationUrl::parse(&req.destination_url)
-        .map_err(|e| HostError::bad_request("destination_url", e))?;
-    let timeout = Duration::from_secs(req.timeout_s.clamp(1, 3600));
+    let options = vmm.take_test_options();
+    let attempt = vmm.next_migration_attempt();
+    info!(
+        "Sending migration: destination_url={},downtime={}ms,timeout={}s,timeout_strategy={:?},connections={}",
+        req.destination_url,
+        req.downtime_ms,
+        req.timeout_s,
+        req.timeout_strategy,
+        req.connections
+    );
+    vmm.set_phase("send: connect");
+    let worker_vmm = vmm.clone();
+    op.detach();
+    let spawned = std::thread::Builder::new()
+        .name("migration-worker".into())
+        .spawn(move || {
+            let vmm = worker_vmm;
+            let result = send(&vmm, &vm, &req, &url, initial, options.fault);
+            vmm.end_detached_op();
+            vmm.set_phase("idle");
+            let outcome = match result {
+                Ok(report) => serde_json::to_value(&report)
+                    .map(|r| json!({ "sent": r }))
+                    .unwrap_or_else(|e| json!({ "failed": { "error": [e.to_string()] } })),
+                Err(e) => json!({ "failed": { "error": e.messages(), "phase": e.phase } }),
+            };
+            vmm.set_last_migration(attempt, outcome);
+        });
+    if let Err(e) = spawned {
+        vmm.end_detached_op();
+        vmm.set_phase("idle");
+        return Err(HostError::failed("migration worker", e));
+    }
+    Ok(())
+}
+
+/// Migrates `vm` (in `initial` state) to `url`.
+fn send(
+    vmm: &Vmm,
+    vm: &Arc<Vm>,
+    req: &SendMigrationData,
+    url: &MigrationUrl,
+    initial: VmState,
+    fault: Option<MigrationFault>,
+) -> HostResult<SendReport> {
+    let timeout = req.timeout();
     let started = Instant::now();
-    vmm.set_phase("connect");
-    let conn = connect(&url, started + CONNECT_RETRY.min(timeout))
+    let conn = connect(url, started + CONNECT_RETRY.min(timeout))
         .and_then(|c| c.set_timeouts(timeout).map(|()| c))
-        .map_err(|e| HostError::failed("connect", format!("{}: {e}", req.destination_url)))?;
+        .map_err(|e| HostError::failed("connect", format!("{}: {e}", req.destination_url)));
+    let conn = match conn {
+        Ok(c) => c,
+        Err(e) => {
+            error!("send-migration failed in {}: {}", e.phase, e.cause);
+            Counters::add(&vmm.counters.migrations_failed, 1);
+            return Err(e);
+        }
+    };
     // A VF data fd silent for as long as the peer may be is an error too.
     for d in vm.devices().devices_mut() {
         d.set_transfer_options(TransferOptions {
@@ -115,17 +154,20 @@ pub fn send(vmm: &Vmm, req: &SendRequest) -> HostResult<SendReport> {
     }
     let mut sender = Sender {
         vmm,
-        vm: &vm,
+        vm,
+        req,
+        url,
         conn,
+        lanes: SendLanes::default(),
         buf: vec![0u8; COPY_CHUNK],
         undo: Undo::default(),
-        fault: req.fault.clone(),
-        memory_bytes: 0,
+        fault,
+        memory_bytes: AtomicU64::new(0),
         device_bytes: 0,
         passes: 0,
     };
-    let result = sender.run(req.downtime_ms, started);
-    vmm.set_phase("idle");
+    let result = sender.run(started, initial);
+    sender.lanes.close();
     // Back to the defaults for what follows (snapshots, a next attempt).
     for d in vm.devices().devices_mut() {
         d.set_transfer_options(TransferOptions::default());
@@ -133,8 +175,12 @@ pub fn send(vmm: &Vmm, req: &SendRequest) -> HostResult<SendReport> {
     match result {
         Ok(report) => {
             info!(
-                "migration complete: downtime {:.1} ms, {} memory bytes in {} passes, {} device bytes",
-                report.downtime_ms, report.memory_bytes, report.memory_passes, report.device_bytes
+                "migration complete: downtime {:.1} ms, {} memory bytes in {} passes over {} connection(s), {} device bytes",
+                report.downtime_ms,
+                report.memory_bytes,
+                report.memory_passes,
+                report.connections,
+                report.device_bytes
             );
             Counters::add(&vmm.counters.migrations_sent, 1);
             vmm.counters.last_downtime_us.store(
@@ -145,7 +191,7 @@ pub fn send(vmm: &Vmm, req: &SendRequest) -> HostResult<SendReport> {
         }
         Err(mut e) => {
             error!("send-migration failed in {}: {}", e.phase, e.cause);
-            if !sender.roll_back() {
+            if !sender.roll_back(initial) {
                 // The caller must not take the VM for running.
                 e.cause
                     .push_str("; the VM could not resume and is Paused (vm.resume retries)");
@@ -157,7 +203,7 @@ pub fn send(vmm: &Vmm, req: &SendRequest) -> HostResult<SendReport> {
 }
 
 impl Sender<'_> {
-    fn run(&mut self, downtime_ms: u64, started: Instant) -> HostResult<SendReport> {
+    fn run(&mut self, started: Instant, initial: VmState) -> HostResult<SendReport> {
         self.phase("start");
         Request::start()
             .write_to(&mut self.conn)
@@ -183,30 +229,19 @@ impl Sender<'_> {
             }
         }
         self.vm.memory().clear_dirty();
+        self.phase("connections");
+        self.lanes = SendLanes::open(self.url, self.req.connections.get(), self.req.timeout())?;
 
-        let pass_started = Instant::now();
-        self.send_memory(self.vm.memory().whole(), false)?;
-        let elapsed_ms = pass_started.elapsed().as_secs_f64() * 1e3;
-        let bytes_per_ms = self.vm.memory().size() as f64 / elapsed_ms.max(0.001);
-        let threshold = (bytes_per_ms * downtime_ms as f64) as u64;
-        let mut leftover = vec![0u64; 0];
-        for _ in 0..MAX_DIRTY_PASSES {
-            let mut bitmap = self.vm.memory().take_dirty_bitmap();
-            self.merge_device_dirty(&mut bitmap)?;
-            let table = MemoryRangeTable::from_dirty_bitmap(bitmap.iter().copied(), 0, PAGE_SIZE);
-            if table.effective_size() <= threshold {
-                leftover = bitmap;
-                break;
-            }
-            self.send_memory(table, false)?;
-        }
+        let leftover = self.precopy()?;
 
         // Downtime starts: vCPU stops, every VF to RUNNING_P2P then STOP.
         self.phase("pause");
         let downtime_started = Instant::now();
-        self.vm.pause()?;
-        self.undo.paused = true;
-        self.vmm.set_state(VmState::Paused);
+        if initial == VmState::Running {
+            self.vm.pause()?;
+            self.undo.paused = true;
+            self.vmm.set_state(VmState::Paused);
+        }
         self.inject("pause");
 
         let mut bitmap = self.vm.memory().take_dirty_bitmap();
@@ -217,6 +252,8 @@ impl Sender<'_> {
         let final_table = MemoryRangeTable::from_dirty_bitmap(bitmap, 0, PAGE_SIZE);
         let final_pass_bytes = final_table.effective_size();
         self.send_memory(final_table, true)?;
+        // Memory is all there: the extra connections end (CH's cleanup).
+        self.lanes.close();
 
         self.send_device_states()?;
         self.inject("state");
@@ -224,7 +261,12 @@ impl Sender<'_> {
 
         self.phase("complete");
         self.inject("complete");
-        Request::complete()
+        let complete = if initial == VmState::Running {
+            Request::complete()
+        } else {
+            Request::complete_paused()
+        };
+        complete
             .write_to(&mut self.conn)
             .map_err(|e| HostError::failed("complete", e))?;
         expect_ok(&mut self.conn, "complete")?;
@@ -242,17 +284,81 @@ impl Sender<'_> {
                 }
             }
         }
+        self.vm.shut_down();
         self.vmm.set_state(VmState::Shutdown);
         let at_stop = self.vm.fingerprint()?;
         Ok(SendReport {
             downtime_ms: downtime.as_secs_f64() * 1e3,
             total_ms: started.elapsed().as_secs_f64() * 1e3,
-            memory_bytes: self.memory_bytes,
+            memory_bytes: self.memory_bytes.load(Ordering::Relaxed),
             device_bytes: self.device_bytes,
             memory_passes: self.passes,
             final_pass_bytes,
+            connections: self.req.connections.get(),
             at_stop,
         })
+    }
+
+    /// CH's precopy loop: all memory, then what got dirty, until the
+    /// estimated downtime of the next pass (its bytes at the last pass's
+    /// rate) is within `downtime_ms` or nothing is dirty. Past `timeout_s`
+    /// `Cancel` fails the migration, `Ignore` stops iterating. Returns the
+    /// dirty pages not sent yet, for the final pass.
+    fn precopy(&mut self) -> HostResult<Vec<u64>> {
+        let precopy_started = Instant::now();
+        let downtime_ms = self.req.downtime().as_secs_f64() * 1e3;
+        // Bytes per millisecond of the last pass.
+        let mut rate: Option<f64> = None;
+        let mut iteration = 0u32;
+        loop {
+            let (table, bitmap) = if iteration == 0 {
+                (self.vm.memory().whole(), Vec::new())
+            } else {
+                let mut bitmap = self.vm.memory().take_dirty_bitmap();
+                self.merge_device_dirty(&mut bitmap)?;
+                let table =
+                    MemoryRangeTable::from_dirty_bitmap(bitmap.iter().copied(), 0, PAGE_SIZE);
+                (table, bitmap)
+            };
+            let bytes = table.effective_size();
+            if bytes == 0 {
+                debug!("precopy: no more memory to transfer");
+                return Ok(bitmap);
+            }
+            if let Some(rate) = rate {
+                let estimate_ms = bytes as f64 / rate;
+                if estimate_ms <= downtime_ms {
+                    debug!("precopy: converged, {estimate_ms:.1} ms <= {downtime_ms} ms");
+                    return Ok(bitmap);
+                }
+            }
+            if precopy_started.elapsed() >= self.req.timeout() {
+                match self.req.timeout_strategy {
+                    TimeoutStrategy::Cancel => {
+                        return Err(HostError::failed(
+                            format!("memory pass {}", self.passes),
+                            format!(
+                                "Precopy: Timeout reached: {}s: migration didn't converge in time",
+                                self.req.timeout_s
+                            ),
+                        ))
+                    }
+                    TimeoutStrategy::Ignore => {
+                        info!(
+                            "precopy: pausing despite the downtime goal ({downtime_ms} ms): \
+                             timeout of {}s reached",
+                            self.req.timeout_s
+                        );
+                        return Ok(bitmap);
+                    }
+                }
+            }
+            let pass_started = Instant::now();
+            self.send_memory(table, false)?;
+            let elapsed_ms = pass_started.elapsed().as_secs_f64() * 1e3;
+            rate = Some(bytes as f64 / elapsed_ms.max(0.001));
+            iteration += 1;
+        }
     }
 
     fn phase(&self, phase: &str) {
@@ -322,12 +428,31 @@ impl Sender<'_> {
         };
         self.phase(&phase);
         Counters::add(&self.vmm.counters.memory_passes, 1);
+        let before = self.memory_bytes.load(Ordering::Relaxed);
+        let sent = if self.lanes.is_empty() {
+            self.send_memory_on_main(table, final_pass, &phase)
+        } else {
+            self.lanes
+                .send(self.vm.memory(), table, &phase, &self.memory_bytes)
+        };
+        let moved = self.memory_bytes.load(Ordering::Relaxed) - before;
+        Counters::add(&self.vmm.counters.memory_bytes_sent, moved);
+        sent
+    }
+
+    /// One connection: `Memory` requests of [`MEMORY_CHUNK`] on the main one.
+    fn send_memory_on_main(
+        &mut self,
+        table: MemoryRangeTable,
+        final_pass: bool,
+        phase: &str,
+    ) -> HostResult<()> {
         for chunk in table.partition(MEMORY_CHUNK) {
             if let Err(e) = Request::memory(chunk.length())
                 .write_to(&mut self.conn)
                 .and_then(|()| chunk.write_to(&mut self.conn))
             {
-                return Err(self.write_failed(&phase, e));
+                return Err(self.write_failed(phase, e));
             }
             if final_pass {
                 self.inject("final-memory");
@@ -338,12 +463,11 @@ impl Sender<'_> {
                     .memory()
                     .send_range(r, &mut self.conn, &mut self.buf)
                 {
-                    return Err(self.write_failed(&phase, e));
+                    return Err(self.write_failed(phase, e));
                 }
-                self.memory_bytes += r.length;
-                Counters::add(&self.vmm.counters.memory_bytes_sent, r.length);
+                self.memory_bytes.fetch_add(r.length, Ordering::Relaxed);
             }
-            expect_ok(&mut self.conn, &phase)?;
+            expect_ok(&mut self.conn, phase)?;
         }
         Ok(())
     }
@@ -405,8 +529,8 @@ impl Sender<'_> {
     }
 
     /// Abandon if the connection can still carry it, then run on here.
-    /// Returns whether the VM runs again.
-    fn roll_back(&mut self) -> bool {
+    /// Returns whether the VM is back in its `initial` state.
+    fn roll_back(&mut self, initial: VmState) -> bool {
         // The VM runs again first: telling the destination may block for
         // a timeout on a stalled peer, and the VM must not wait for that
         // (the destination cannot run anything without Complete).
@@ -418,7 +542,7 @@ impl Sender<'_> {
                 }
             }
         }
-        let mut state = VmState::Running;
+        let mut state = initial;
         if self.undo.paused {
             match self.vm.resume() {
                 Ok(()) => info!("source VM resumed after the failed migration"),
@@ -447,6 +571,6 @@ impl Sender<'_> {
                 self.conn.shutdown();
             }
         }
-        state == VmState::Running
+        state == initial
     }
 }

@@ -1,25 +1,161 @@
 // Copyright 2026 The xe-vf-migration authors
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Shared harness: test-host processes killed on drop, polling helpers.
+//! Shared harness: test-host processes killed on drop, driven with the
+//! real `ch-remote` as a Cloud Hypervisor user drives CH; our test-only
+//! hooks (no `ch-remote` verb) go through the small HTTP client, as curl
+//! would send them.
 
 #![allow(dead_code)]
+
+pub mod openapi;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use xe_vf_testhost::client::{ApiClient, ApiResponse};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_xe-vf-testhost");
 pub const WAIT: Duration = Duration::from_secs(30);
+/// Longest a migration may take in these tests.
+pub const MIGRATION_WAIT: Duration = Duration::from_secs(120);
+
+const BUILD_HINT: &str = "build it with `scripts/build-cloud-hypervisor.sh --flavor upstream` \
+     (scripts/test.sh does), or point XE_CH_REMOTE at a ch-remote binary";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// Where the pinned upstream build puts its results.
+pub fn upstream_dir() -> PathBuf {
+    repo().join("target/cloud-hypervisor/upstream")
+}
+
+/// The real `ch-remote`: `$XE_CH_REMOTE`, else the pinned upstream
+/// build. Missing is a failure naming the script, never a skip.
+pub fn ch_remote() -> PathBuf {
+    let path = match std::env::var_os("XE_CH_REMOTE") {
+        Some(p) => PathBuf::from(p),
+        None => upstream_dir().join("ch-remote"),
+    };
+    assert!(
+        path.is_file(),
+        "the real ch-remote is needed at {}: {BUILD_HINT}",
+        path.display()
+    );
+    path
+}
+
+/// A file of the pinned upstream build (`cloud-hypervisor`,
+/// `cloud-hypervisor.yaml`); missing is a failure naming the script.
+pub fn upstream_file(name: &str) -> PathBuf {
+    let path = upstream_dir().join(name);
+    assert!(
+        path.is_file(),
+        "{} is needed: build it with `scripts/build-cloud-hypervisor.sh --flavor upstream`",
+        path.display()
+    );
+    path
+}
+
+/// What one `ch-remote` run did.
+#[derive(Clone, Debug)]
+pub struct ChOutput {
+    pub args: Vec<String>,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl ChOutput {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    /// stdout as JSON (what `info`, `counters`, `ping` print).
+    pub fn json(&self) -> Value {
+        serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| {
+            panic!(
+                "ch-remote {:?}: stdout is not JSON ({e}): {self:?}",
+                self.args
+            )
+        })
+    }
+
+    pub fn answer(&self) -> Answer {
+        Answer {
+            ok: self.success(),
+            error: self.stderr.clone(),
+            value: Value::Null,
+        }
+    }
+}
+
+/// Runs `ch-remote --api-socket SOCKET ARGS`.
+pub fn run_ch_remote(socket: &Path, args: &[&str]) -> ChOutput {
+    let out = Command::new(ch_remote())
+        .arg("--api-socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ch-remote");
+    ChOutput {
+        args: args.iter().map(|a| a.to_string()).collect(),
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// An operation's answer: a `ch-remote` run (error: what it printed) or a
+/// migration's outcome in `info` (error: the chain, joined).
+#[derive(Clone, Debug)]
+pub struct Answer {
+    pub ok: bool,
+    pub error: String,
+    /// The report of a migration that went through.
+    pub value: Value,
+}
+
+impl Answer {
+    /// From `info`'s `migration.last` (`{"sent": …}` or `{"failed": …}`).
+    pub fn from_outcome(last: &Value) -> Answer {
+        match last.get("failed") {
+            Some(f) => Answer {
+                ok: false,
+                error: f["error"]
+                    .as_array()
+                    .map(|m| {
+                        m.iter()
+                            .filter_map(Value::as_str)
+                            .collect::<Vec<_>>()
+                            .join(": ")
+                    })
+                    .unwrap_or_default(),
+                value: f.clone(),
+            },
+            None => Answer {
+                ok: true,
+                error: String::new(),
+                value: last["sent"].clone(),
+            },
+        }
+    }
+}
 
 /// One `xe-vf-testhost` process; killed (SIGKILL) and reaped on drop.
 pub struct Host {
     pub name: String,
     pub child: Option<Child>,
+    /// For our hooks only.
     pub api: ApiClient,
     pub log: PathBuf,
 }
@@ -48,10 +184,15 @@ impl Host {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         let child = cmd.spawn().expect("spawn xe-vf-testhost");
+        Self::adopt(name, child, &socket, log)
+    }
+
+    /// Wraps a started host process and waits for its API.
+    pub fn adopt(name: &str, child: Child, socket: &Path, log: PathBuf) -> Host {
         let host = Host {
             name: name.to_string(),
             child: Some(child),
-            api: ApiClient::new(&socket),
+            api: ApiClient::new(socket),
             log,
         };
         host.wait_ready();
@@ -62,24 +203,59 @@ impl Host {
         Self::start_with(dir, name, &[], args)
     }
 
+    pub fn socket(&self) -> &Path {
+        self.api.socket()
+    }
+
     fn wait_ready(&self) {
         poll(&format!("{} API up", self.name), || {
-            self.api.get("vmm.ping").ok().filter(|r| r.status == 200)
+            (self.socket().exists() && self.ch(&["ping"]).success()).then_some(())
         });
     }
 
+    /// `ch-remote ARGS` against this host.
+    pub fn ch(&self, args: &[&str]) -> ChOutput {
+        run_ch_remote(self.socket(), args)
+    }
+
+    /// `ch-remote ARGS` that must exit 0.
+    pub fn ch_ok(&self, args: &[&str]) -> ChOutput {
+        let out = self.ch(args);
+        assert!(
+            out.success(),
+            "{}: ch-remote {args:?} failed ({:?}):\n{}{}\n{}",
+            self.name,
+            out.code,
+            out.stdout,
+            out.stderr,
+            self.log_text()
+        );
+        out
+    }
+
+    /// `ch-remote info`, which must succeed.
     pub fn info(&self) -> Value {
-        let r = self.api.get("vm.info").expect("vm.info");
-        assert_eq!(r.status, 200, "{}: vm.info: {:?}", self.name, r.body);
-        r.body
+        self.ch_ok(&["info"]).json()
+    }
+
+    /// Asserts the host has no VM (`ch-remote info` fails as CH's does).
+    pub fn assert_no_vm(&self) {
+        let out = self.ch(&["info"]);
+        assert!(!out.success(), "{}: has a VM: {}", self.name, out.stdout);
+        assert!(
+            out.stderr.contains("NotFound") && out.stderr.contains("VM is not created"),
+            "{}: {}",
+            self.name,
+            out.stderr
+        );
     }
 
     pub fn counters(&self) -> Value {
-        self.api.get("vm.counters").expect("vm.counters").body
+        self.ch_ok(&["counters"]).json()
     }
 
-    /// PUT that must succeed.
-    pub fn put_ok(&self, endpoint: &str, body: Option<&Value>) -> ApiResponse {
+    /// A test hook (curl's job: ch-remote has no verb); must succeed.
+    pub fn hook(&self, endpoint: &str, body: Option<&Value>) -> ApiResponse {
         let r = self.api.put(endpoint, body).expect(endpoint);
         assert!(
             r.is_success(),
@@ -90,6 +266,18 @@ impl Host {
             self.log_text()
         );
         r
+    }
+
+    /// Arms test hooks for this host's next migration.
+    pub fn arm(&self, options: &Value) {
+        self.hook("vm.arm-migration", Some(options));
+    }
+
+    /// `GET vmm.migration` (our hook): works with or without a VM.
+    pub fn migration_status(&self) -> Value {
+        let r = self.api.get("vmm.migration").expect("vmm.migration");
+        assert_eq!(r.status, 200, "{}: {:?}", self.name, r.body);
+        r.body
     }
 
     pub fn log_text(&self) -> String {
@@ -104,23 +292,62 @@ impl Host {
         }
     }
 
-    /// `vm.receive-migration` in a thread (CH answers it only once the
-    /// migration is over); returns once the host listens.
-    pub fn receive_in_background(&self, body: Value) -> JoinHandle<ApiResponse> {
-        let api = self.api.clone();
-        let handle = std::thread::spawn(move || {
-            // A killed destination answers nothing: status 0.
-            api.put("vm.receive-migration", Some(&body))
-                .unwrap_or_else(|e| ApiResponse {
-                    status: 0,
-                    body: json!({ "error": e.to_string() }),
-                })
-        });
+    /// `ch-remote receive-migration CONFIG` in a thread (it returns once
+    /// the migration is over); returns once the host listens.
+    pub fn receive_in_background(&self, config: &str) -> JoinHandle<ChOutput> {
+        let socket = self.socket().to_path_buf();
+        let config = config.to_string();
+        let before = self.migration_status()["attempts"].as_u64().unwrap_or(0);
+        let handle =
+            std::thread::spawn(move || run_ch_remote(&socket, &["receive-migration", &config]));
         poll(&format!("{} listening", self.name), || {
-            let info = self.info();
-            (info["migration"]["phase"] == "receive: listening").then_some(())
+            let s = self.migration_status();
+            let started = s["attempts"].as_u64().unwrap_or(0) > before;
+            let over = s["last"]["attempt"].as_u64() == Some(before + 1);
+            ((started && s["phase"] != "idle") || over).then_some(())
         });
         handle
+    }
+
+    /// `ch-remote send-migration CONFIG`, which returns at once as CH's
+    /// does; returns the number of the attempt it started.
+    pub fn start_send(&self, config: &str) -> u64 {
+        let before = self.migration_status()["attempts"].as_u64().unwrap_or(0);
+        self.ch_ok(&["send-migration", config]);
+        before + 1
+    }
+
+    /// Polls `ch-remote info` until migration `attempt` has an outcome.
+    pub fn wait_outcome(&self, attempt: u64) -> Answer {
+        let deadline = Instant::now() + MIGRATION_WAIT;
+        loop {
+            let info = self.info();
+            let last = &info["migration"]["last"];
+            if last["attempt"].as_u64() == Some(attempt) {
+                return Answer::from_outcome(last);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: migration {attempt} has no outcome: {info}\n{}",
+                self.name,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends a migration and waits for its outcome.
+    pub fn send_migration(&self, config: &str) -> Answer {
+        let attempt = self.start_send(config);
+        self.wait_outcome(attempt)
+    }
+
+    /// The report of the migration this (destination) host received.
+    pub fn received_report(&self) -> Value {
+        let info = self.info();
+        let r = info["migration"]["last"]["received"].clone();
+        assert!(r.is_object(), "{}: no received report: {info}", self.name);
+        r
     }
 }
 
@@ -138,7 +365,7 @@ pub fn poll<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
             return v;
         }
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -164,9 +391,14 @@ pub fn wait_generation_beyond(host: &Host, i: usize, after: u64) -> u64 {
     )
 }
 
-/// A send-migration body.
-pub fn send_body(url: &str) -> Value {
-    json!({ "destination_url": url, "downtime_ms": 300, "timeout_s": 20 })
+/// A `send-migration` config as ch-remote takes it.
+pub fn send_config(url: &str) -> String {
+    format!("destination_url={url},downtime_ms=300,timeout_s=20")
+}
+
+/// A `receive-migration` config as ch-remote takes it.
+pub fn receive_config(url: &str) -> String {
+    format!("receiver_url={url}")
 }
 
 /// Asserts two fingerprints (`{memory_crc32c, devices: [{digest}]}`) agree.

@@ -9,12 +9,17 @@
 //! decoder). No migration ioctl is issued here directly: what passes here
 //! is our code against a real kernel, not a second copy of it.
 //!
+//! The `host_*` checks run the shipped `xe-vf-mig host list|check`
+//! binary instead (before the devices are opened, and once more while
+//! they are held).
+//!
 //! A check records its details as it goes, so a failure still reports how
 //! far it got; one failing check does not stop the others. Each check
 //! starts by bringing both devices back to RUNNING (by walking, or by reset
 //! if a previous check left one in ERROR).
 
 mod failures;
+mod host_tool;
 mod recording;
 mod save_restore;
 mod stream;
@@ -239,6 +244,11 @@ pub fn run_checks(paths: &[PathBuf; 2]) -> ChecksSummary {
     let mut checks = Vec::new();
     let mut bench = None;
     let mut devices = Vec::new();
+    // Before anything holds the devices, so `host` may open them.
+    checks.push(run_check("host_list", true, |d| host_tool::list(paths, d)));
+    checks.push(run_check("host_check", true, |d| {
+        host_tool::check(paths, d)
+    }));
     checks.push(run_check("open_and_flags", true, |d| {
         let (opened, facts) = open_devices(paths, d)?;
         bench = Some(opened);
@@ -260,6 +270,12 @@ pub fn run_checks(paths: &[PathBuf; 2]) -> ChecksSummary {
             check(bench, d)
         }));
     }
+    checks.push(run_check("host_check_in_use", true, |d| {
+        let bench = bench
+            .as_mut()
+            .context("not run: the devices could not be opened")?;
+        host_tool::in_use(bench, paths, d)
+    }));
     let all_mandatory_passed = checks.iter().all(|c| c.passed || !c.mandatory);
     ChecksSummary {
         devices,
