@@ -25,6 +25,9 @@
 #
 # Usage: scripts/nested/run.sh [--patched off|auto|require] [--timeout SECONDS]
 # Environment: XE_NESTED_PATCHED, XE_NESTED_TIMEOUT (default 1800),
+#   XE_NESTED_CH_UPSTREAM / XE_NESTED_CH_PATCHED (a directory holding
+#   cloud-hypervisor and ch-remote to use instead of building them),
+#   XE_NESTED_CPU (qemu -cpu, default EPYC,+svm,+npt),
 #   XE_CACHE_DIR (see prepare.sh), CARGO_TARGET_DIR.
 
 set -euo pipefail
@@ -35,6 +38,7 @@ CARGO_OUT="${CARGO_TARGET_DIR:-$REPO/target}"
 WORK="$REPO/target/nested"
 PATCHED="${XE_NESTED_PATCHED:-auto}"
 TIMEOUT="${XE_NESTED_TIMEOUT:-1800}"
+CPU="${XE_NESTED_CPU:-EPYC,+svm,+npt}"
 TAG="XE-NESTED:"
 
 log() { echo "[nested] $*" >&2; }
@@ -70,19 +74,35 @@ phase_done() {
 # ------------------------------------------------------- cloud-hypervisor
 
 declare -A CH_DIR=()
+
+# The flavour's binaries: a directory the user names, else the build
+# script's (cached) output.
+ch_binaries() {
+    local flavor=$1 given=$2
+    if [ -n "$given" ]; then
+        if [ ! -x "$given/cloud-hypervisor" ] || [ ! -x "$given/ch-remote" ]; then
+            die "$given holds no cloud-hypervisor and ch-remote"
+        fi
+        log "$flavor: using $given"
+        CH_DIR[$flavor]=$given
+        return 0
+    fi
+    CH_DIR[$flavor]=$("$REPO/scripts/build-cloud-hypervisor.sh" --flavor "$flavor" --print-dir) ||
+        die "building the $flavor cloud-hypervisor failed"
+}
+
 build_ch() {
     FLAVORS=(upstream)
-    CH_DIR[upstream]=$("$REPO/scripts/build-cloud-hypervisor.sh" --flavor upstream --print-dir) ||
-        die "building the upstream cloud-hypervisor failed"
+    ch_binaries upstream "${XE_NESTED_CH_UPSTREAM:-}"
     local series=0
     compgen -G "$REPO/vmm-glue/cloud-hypervisor/patches/*.patch" >/dev/null && series=1
+    [ -n "${XE_NESTED_CH_PATCHED:-}" ] && series=1
     case "$PATCHED:$series" in
     off:*) log "patched flavour switched off (--patched off)" ;;
     auto:0) log "patched flavour skipped: no series in vmm-glue/cloud-hypervisor/patches yet" ;;
     require:0) die "--patched require, but vmm-glue/cloud-hypervisor/patches holds no series" ;;
     *)
-        CH_DIR[patched]=$("$REPO/scripts/build-cloud-hypervisor.sh" --flavor patched --print-dir) ||
-            die "building the patched cloud-hypervisor failed"
+        ch_binaries patched "${XE_NESTED_CH_PATCHED:-}"
         FLAVORS+=(patched)
         ;;
     esac
@@ -146,13 +166,13 @@ boot_l1() {
         IFS=,
         echo "${FLAVORS[*]}"
     )
-    log "booting L1 (qemu TCG, AMD SVM+NPT) for flavour(s) $flavors, timeout ${TIMEOUT}s, serial log $SERIAL_LOG"
+    log "booting L1 (qemu TCG, -cpu $CPU) for flavour(s) $flavors, timeout ${TIMEOUT}s, serial log $SERIAL_LOG"
     QEMU_RC=0
     # -smp 1: multi-threaded TCG with 2 vCPUs was slower for this load.
     # tsc=unstable: built-in KVM records the TSC rate before the kernel
     # refines it; without it some restores fail in KVM_SET_TSC_KHZ.
     timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 \
-        -accel tcg -cpu EPYC,+svm,+npt -m 2048 -smp 1 \
+        -accel tcg -cpu "$CPU" -m 2048 -smp 1 \
         -nodefaults -display none -no-reboot -serial "file:$SERIAL_LOG" \
         -kernel "$NESTED_KERNEL_DIR/bzImage" -initrd "$L1_INITRD" \
         -append "console=ttyS0 panic=-1 tsc=unstable xe_nested.flavors=$flavors" \

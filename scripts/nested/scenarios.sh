@@ -1,6 +1,6 @@
 #!/bin/busybox sh
 # shellcheck shell=dash
-# shellcheck disable=SC2317 # predicates run through wait_until look unreachable
+# shellcheck disable=SC2317 # predicates run through wait_until/wait_alive look unreachable
 # Copyright 2026 The xe-vf-migration authors
 # SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 #
@@ -102,6 +102,37 @@ wait_until() {
     return 0
 }
 
+# wait_alive NAME SECONDS COMMAND...: wait_until, but gives up at once
+# (status 2) when NAME's VMM exits first, so a VMM that died is reported
+# as such instead of after the whole wait.
+wait_alive() {
+    w_name=$1
+    w_limit=$(($2 * 2))
+    shift 2
+    w_n=0
+    until "$@"; do
+        if ! alive "$w_name"; then
+            "$@" && return 0 # it may have finished just before exiting
+            return 2
+        fi
+        w_n=$((w_n + 1))
+        [ "$w_n" -ge "$w_limit" ] && return 1
+        sleep 0.5
+    done
+    return 0
+}
+
+# Why a VMM is gone: its last error line.
+exit_reason() {
+    if alive "$1"; then
+        echo "still running"
+    else
+        r=$(grep -a ' ERROR:' "$RUN/$1/ch.log" 2>/dev/null | tail -n 1 | sed 's/.* ERROR:[^ ]* -- //' | tr -d '\r' | cut -c1-250)
+        [ -n "$r" ] || r=$(tail -n 1 "$RUN/$1/ch.log" 2>/dev/null | tr -d '\r' | cut -c1-250)
+        echo "cloud-hypervisor exited: ${r:-no error logged}"
+    fi
+}
+
 # ------------------------------------------------------------------- mdevs
 
 mdev_path() { echo "/sys/bus/mdev/devices/$1"; }
@@ -155,7 +186,7 @@ start_vmm() {
     (cd "$d" && exec "$CH" -vv --api-socket "$d/api.sock" --event-monitor "path=$d/events.json" \
         "$@" >"$d/ch.log" 2>&1) &
     echo $! >"$d/pid"
-    wait_until "$API_WAIT" test -S "$d/api.sock"
+    wait_alive "$name" "$API_WAIT" test -S "$d/api.sock"
 }
 
 # stop_vmm NAME...: asks, then kills.
@@ -202,7 +233,7 @@ device_mismatch() {
 # after PREVIOUS_LAST (a line cut by the pause may hide one tick), has
 # ticked at least 3 times since, and found its device as it left it.
 continues() {
-    wait_until 120 has_ticks "$1" 3 || return 1
+    wait_alive "$1" 120 has_ticks "$1" 3 || return 1
     first=$(first_tick "$1")
     [ "$first" -gt "$2" ] && [ "$first" -le $(($2 + 2)) ] && [ -z "$(device_mismatch "$1")" ]
 }
@@ -252,7 +283,7 @@ downtime_ms() { completion_line "$1" | sed -n 's/.* with a downtime of \([0-9]*\
 send() {
     wc -l <"$RUN/$1/ch.log" >"$RUN/$1/mark"
     api "$1" send-migration "destination_url=$2" >"$RUN/$1/send.log" 2>&1 || return 1
-    wait_until "$MIGRATION_WAIT" has_outcome "$1"
+    wait_alive "$1" "$MIGRATION_WAIT" has_outcome "$1"
 }
 
 # Checks of a migration that must succeed: migrated SOURCE DEST LAST_TICK
@@ -272,8 +303,8 @@ migrated() {
         diag "$2"
         return 1
     fi
-    if wait_until 30 state_is "$2" Running; then pass destination-running; else
-        fail destination-running "destination state '$(vm_state "$2")'"
+    if wait_alive "$2" 30 state_is "$2" Running; then pass destination-running; else
+        fail destination-running "destination state '$(vm_state "$2")'; $(exit_reason "$2")"
         diag "$2"
         return 1
     fi
@@ -293,13 +324,13 @@ migrated() {
 # Checks of a migration that must fail with the source intact:
 # survived SOURCE UUID
 survived() {
-    if wait_until 30 state_is "$1" Running; then pass source-running; else
-        fail source-running "source state '$(vm_state "$1")' after the failed migration"
+    if wait_alive "$1" 30 state_is "$1" Running; then pass source-running; else
+        fail source-running "source state '$(vm_state "$1")' after the failed migration; $(exit_reason "$1")"
         diag "$1"
         return 1
     fi
     now=$(last_tick "$1")
-    if wait_until 60 tick_above "$1" $((now + 1)) && [ -z "$(device_mismatch "$1")" ]; then
+    if wait_alive "$1" 60 tick_above "$1" $((now + 1)) && [ -z "$(device_mismatch "$1")" ]; then
         pass source-ticks-on "tick $now -> $(last_tick "$1"), device state as the guest left it"
     else
         fail source-ticks-on "after tick $now: $(tick_lines "$1" | tail -n 2 | tr '\n' ' ') $(device_mismatch "$1")"
@@ -342,14 +373,14 @@ scenario_snapshot_restore() {
     }
     started=$(uptime_s)
     boot_vmm src1 "$UA" || {
-        fail vmm-start "cloud-hypervisor did not open its API socket"
+        fail vmm-start "no API socket; $(exit_reason src1)"
         diag src1
         return 1
     }
-    if wait_until "$BOOT_WAIT" has_ticks src1 2; then
+    if wait_alive src1 "$BOOT_WAIT" has_ticks src1 2; then
         pass boot "L2 ticking $(since "$started") s after start"
     else
-        fail boot "no L2 tick within $BOOT_WAIT s"
+        fail boot "no L2 tick after $(since "$started") s; $(exit_reason src1)"
         diag src1
         return 1
     fi
@@ -412,10 +443,10 @@ scenario_snapshot_restore() {
         diag rst1
         return 1
     }
-    if wait_until "$API_WAIT" state_is rst1 Paused; then
+    if wait_alive rst1 "$API_WAIT" state_is rst1 Paused; then
         pass restore "restored in $(since "$started") s, state Paused"
     else
-        fail restore "state '$(vm_state rst1)'"
+        fail restore "state '$(vm_state rst1)'; $(exit_reason rst1)"
         diag rst1
         return 1
     fi
@@ -462,7 +493,7 @@ scenario_live_migration() {
         return 1
     }
     send "$SOURCE" "unix:$RUN/mig2.sock" || {
-        fail completed "no outcome within $MIGRATION_WAIT s"
+        fail completed "no verdict from the source; $(exit_reason "$SOURCE")"
         diag "$SOURCE" dst2
         return 1
     }
@@ -495,7 +526,7 @@ scenario_destination_killed() {
         return 1
     }
     send "$SOURCE" "unix:$RUN/relay4.sock" || {
-        fail source-reports-failure "no outcome within $MIGRATION_WAIT s"
+        fail source-reports-failure "no verdict from the source; $(exit_reason "$SOURCE")"
         diag "$SOURCE" dst4
         return 1
     }
@@ -534,7 +565,7 @@ scenario_destination_killed() {
         return 1
     }
     send "$SOURCE" "unix:$RUN/relay4b.sock" || {
-        fail completed "second migration: no outcome within $MIGRATION_WAIT s"
+        fail completed "second migration: no verdict from the source; $(exit_reason "$SOURCE")"
         diag "$SOURCE" dst4b
         return 1
     }
@@ -578,7 +609,7 @@ scenario_incompatible_destination() {
     }
     events_before=$(grep -c '"event": "pausing"' "$RUN/$SOURCE/events.json")
     send "$SOURCE" "unix:$RUN/mig5.sock" || {
-        fail refused "no outcome within $MIGRATION_WAIT s"
+        fail refused "no verdict from the source; $(exit_reason "$SOURCE")"
         diag "$SOURCE" dst5
         return 1
     }
@@ -614,14 +645,14 @@ scenario_no_dma_logging() {
     [ "$FLAVOR" = patched ] && opts=",dirty_tracking=all"
     started=$(uptime_s)
     boot_vmm src3 "$UN1" "$opts" || {
-        fail vmm-start "cloud-hypervisor did not open its API socket"
+        fail vmm-start "no API socket; $(exit_reason src3)"
         diag src3
         return 1
     }
-    if wait_until "$BOOT_WAIT" has_ticks src3 2; then
+    if wait_alive src3 "$BOOT_WAIT" has_ticks src3 2; then
         pass boot "L2 ticking $(since "$started") s after start"
     else
-        fail boot "no L2 tick within $BOOT_WAIT s"
+        fail boot "no L2 tick after $(since "$started") s; $(exit_reason src3)"
         diag src3
         return 1
     fi
@@ -631,7 +662,7 @@ scenario_no_dma_logging() {
         return 1
     }
     send src3 "unix:$RUN/mig3.sock" || {
-        fail outcome "no outcome within $MIGRATION_WAIT s"
+        fail outcome "no verdict from the source; $(exit_reason src3)"
         diag src3 dst3
         return 1
     }
