@@ -21,8 +21,9 @@ mount -t devtmpfs devtmpfs /dev
 mkdir -p /tmp /run
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
-# Kernel messages stay in dmesg; the console carries the test's lines.
-dmesg -n 1
+# The kernel's console is ttyS1 (its own log on the host); the test's
+# lines go to ttyS0.
+exec >/dev/ttyS0 2>&1
 
 finish() {
     echo "$TAG RESULT $1"
@@ -54,6 +55,9 @@ for node in /dev/iommu /dev/vfio/vfio /sys/class/mdev_bus/mtty /sys/class/mdev_b
     [ -e "$node" ] || die modules "$node missing"
 done
 echo "$TAG CHECK l1/modules pass mdev mtty mtty_nolog, /dev/iommu, /dev/vfio/vfio"
+
+# A heartbeat, so the host tells a stopped L1 from a long step.
+(while sleep 15; do echo "$TAG ALIVE $(cut -d' ' -f1 /proc/uptime)"; done) &
 
 flavors=$(sed -n 's/.*xe_nested.flavors=\([a-z,]*\).*/\1/p' /proc/cmdline)
 [ -n "$flavors" ] || die flavors "no xe_nested.flavors= on the kernel command line"

@@ -27,7 +27,8 @@
 # Environment: XE_NESTED_PATCHED, XE_NESTED_TIMEOUT (default 1800),
 #   XE_NESTED_CH_UPSTREAM / XE_NESTED_CH_PATCHED (a directory holding
 #   cloud-hypervisor and ch-remote to use instead of building them),
-#   XE_NESTED_CPU (qemu -cpu, default EPYC,+svm,+npt),
+#   XE_NESTED_CPU (qemu -cpu, default EPYC,+svm,+npt), XE_NESTED_STALL
+#   (seconds without a line from L1 before it is stopped, default 120),
 #   XE_CACHE_DIR (see prepare.sh), CARGO_TARGET_DIR.
 
 set -euo pipefail
@@ -39,6 +40,7 @@ WORK="$REPO/target/nested"
 PATCHED="${XE_NESTED_PATCHED:-auto}"
 TIMEOUT="${XE_NESTED_TIMEOUT:-1800}"
 CPU="${XE_NESTED_CPU:-EPYC,+svm,+npt}"
+STALL="${XE_NESTED_STALL:-120}"
 TAG="XE-NESTED:"
 
 log() { echo "[nested] $*" >&2; }
@@ -158,30 +160,70 @@ build_l1_initramfs() {
 
 # ------------------------------------------------------------------ boot
 
+# What qemu says about the vCPU of a stalled L1 (registers, halted or not,
+# local APIC), kept in stall.txt.
+monitor_dump() {
+    local cmd
+    timeout 10 cat "$MONITOR.out" &
+    local reader=$!
+    for cmd in "info status" "info cpus" "info registers" "info lapic" "info pic"; do
+        echo "$cmd" >"$MONITOR.in"
+        sleep 1
+    done
+    wait "$reader"
+}
+
 boot_l1() {
     SERIAL_LOG="$WORK/serial.log"
-    rm -f "$SERIAL_LOG"
+    KERNEL_LOG="$WORK/kernel.log"
+    MONITOR="$WORK/monitor"
+    rm -f "$SERIAL_LOG" "$KERNEL_LOG" "$MONITOR.in" "$MONITOR.out"
+    # qemu's human monitor on two FIFOs, to ask it about a stalled L1.
+    mkfifo "$MONITOR.in" "$MONITOR.out"
     local flavors
     flavors=$(
         IFS=,
         echo "${FLAVORS[*]}"
     )
-    log "booting L1 (qemu TCG, -cpu $CPU) for flavour(s) $flavors, timeout ${TIMEOUT}s, serial log $SERIAL_LOG"
+    log "booting L1 (qemu TCG, -cpu $CPU) for flavour(s) $flavors, timeout ${TIMEOUT}s, serial log $SERIAL_LOG, kernel log $KERNEL_LOG"
     QEMU_RC=0
+    STALLED=0
     # -smp 1: multi-threaded TCG with 2 vCPUs was slower for this load.
     # tsc=unstable: built-in KVM records the TSC rate before the kernel
     # refines it; without it some restores fail in KVM_SET_TSC_KHZ.
+    # ttyS0 carries the test's lines, ttyS1 the kernel's console.
     timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 \
         -accel tcg -cpu "$CPU" -m 2048 -smp 1 \
-        -nodefaults -display none -no-reboot -serial "file:$SERIAL_LOG" \
+        -nodefaults -display none -no-reboot \
+        -serial "file:$SERIAL_LOG" -serial "file:$KERNEL_LOG" -monitor "pipe:$MONITOR" \
         -kernel "$NESTED_KERNEL_DIR/bzImage" -initrd "$L1_INITRD" \
-        -append "console=ttyS0 panic=-1 tsc=unstable xe_nested.flavors=$flavors" \
-        </dev/null >"$WORK/qemu.log" 2>&1 || QEMU_RC=$?
+        -append "console=ttyS1 panic=-1 tsc=unstable xe_nested.flavors=$flavors" \
+        </dev/null >"$WORK/qemu.log" 2>&1 &
+    local pid=$! size last=-1 quiet=0
+    # L1 prints a heartbeat every 15 s: silence means it stopped.
+    while kill -0 "$pid" 2>/dev/null; do
+        sleep 5
+        size=$(stat -c %s "$SERIAL_LOG" 2>/dev/null || echo 0)
+        if [ "$size" = "$last" ]; then
+            quiet=$((quiet + 5))
+        else
+            quiet=0
+            last=$size
+        fi
+        if [ "$quiet" -ge "$STALL" ]; then
+            log "L1 printed nothing for ${STALL}s: stopping it"
+            STALLED=1
+            monitor_dump >"$WORK/stall.txt" 2>&1
+            kill "$pid" 2>/dev/null # timeout passes the signal on to qemu
+            break
+        fi
+    done
+    wait "$pid" || QEMU_RC=$?
 }
 
 report() {
     local lines results fails
-    lines=$(grep -a "^$TAG " "$SERIAL_LOG" 2>/dev/null | tr -d '\r' || true)
+    lines=$(grep -a "^$TAG " "$SERIAL_LOG" 2>/dev/null | grep -v "^$TAG ALIVE " | tr -d '\r' || true)
     [ -n "$lines" ] && echo "$lines"
     (
         IFS=,
@@ -193,7 +235,9 @@ report() {
         log "PASS (flavours: ${FLAVORS[*]})"
         return 0
     fi
-    if [ "$QEMU_RC" = 124 ] || [ "$QEMU_RC" = 137 ]; then
+    if [ "$STALLED" = 1 ]; then
+        log "FAIL: L1 stalled: no output (not even its heartbeat) for ${STALL}s"
+    elif [ "$QEMU_RC" = 124 ] || [ "$QEMU_RC" = 137 ]; then
         log "FAIL: L1 did not finish within ${TIMEOUT}s and was killed"
     elif [ "$results" = 0 ]; then
         log "FAIL: L1 printed no RESULT line (qemu exit status $QEMU_RC)"
@@ -202,6 +246,12 @@ report() {
     fi
     log "last lines of $SERIAL_LOG:"
     tail -n 80 "$SERIAL_LOG" 2>/dev/null | tr -d '\r' >&2 || true
+    if [ "$STALLED" = 1 ]; then
+        log "qemu's view of the stalled L1 (also in $WORK/stall.txt):"
+        grep -aE 'VM status|CPU #|RIP=|LVTT|Timer|ISR|IRR' "$WORK/stall.txt" | head -n 20 >&2 || true
+    fi
+    log "last lines of $KERNEL_LOG:"
+    tail -n 40 "$KERNEL_LOG" 2>/dev/null | tr -d '\r' >&2 || true
     [ -s "$WORK/qemu.log" ] && { log "qemu said:"; cat "$WORK/qemu.log" >&2; }
     [ "$results" = 0 ] && echo "$TAG RESULT fail"
     return 1
