@@ -27,12 +27,27 @@
 # is cached costs nothing.
 #
 # Results: <out>/<flavour>/{cloud-hypervisor,ch-remote,cloud-hypervisor.yaml,
-# BUILD-INFO}, <out>
-# defaulting to <repo>/target/cloud-hypervisor.
+# BUILD-INFO}, <out> defaulting to <repo>/target/cloud-hypervisor; the
+# patched flavour also installs the sources of its vm-migration crate in
+# <out>/patched/vm-migration-src/, which the mirror's drift test
+# (vmm-glue/vm-migration/tests/drift/) compares our stand-in with.
+#
+# With --test, the patched tree's tests then run: Cloud Hypervisor's own
+# tests of the crates the series touches (vm-migration, pci, vmm's unit
+# tests with the --device parsing and the series' own tests, the
+# cloud-hypervisor binary's CLI tests), and xe-vf-glue's tests compiled
+# against the patched tree's real vm-migration crate instead of our
+# stand-in (a scratch workspace holding copies of plugin/ and vmm-glue/).
+#
+# To work on the series: --dev-tree DIR lays out DIR/cloud-hypervisor as a
+# git repository at the pinned commit with one commit per patch (and this
+# repository linked as DIR/xe-vf-migration); edit, commit, rebase there,
+# then --export-series DIR writes the commits back as the patch series.
 #
 # Usage: scripts/build-cloud-hypervisor.sh [--flavor upstream|patched|all]
 #            [--source auto|vendor|git|DIR] [--profile release|PROFILE]
-#            [--out DIR] [--print-dir]
+#            [--out DIR] [--print-dir] [--test]
+#        scripts/build-cloud-hypervisor.sh --dev-tree DIR | --export-series DIR
 # Environment: XE_CACHE_DIR, XE_CH_VENDOR_DIR (default <repo>/../shared/vendor),
 #   CARGO_BUILD_JOBS.
 
@@ -45,13 +60,16 @@ SERIES_DIR="$REPO/vmm-glue/cloud-hypervisor"
 . "$SERIES_DIR/sources.env"
 
 # Bumped when this script changes how a build is made (part of every key).
-RECIPE=2
+RECIPE=4
 
 FLAVOR=all
 SOURCE=auto
 PROFILE=release
 OUT="$REPO/target/cloud-hypervisor"
 PRINT_DIR=0
+RUN_TESTS=0
+DEV_TREE=
+EXPORT_FROM=
 VENDOR_DIR="${XE_CH_VENDOR_DIR:-$REPO/../shared/vendor}"
 CACHE="${XE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/xe-vf-migration}/cloud-hypervisor"
 
@@ -72,6 +90,9 @@ while [ $# -gt 0 ]; do
     --profile) PROFILE=${2:?--profile needs a value}; shift 2 ;;
     --out) OUT=${2:?--out needs a value}; shift 2 ;;
     --print-dir) PRINT_DIR=1; shift ;;
+    --test) RUN_TESTS=1; shift ;;
+    --dev-tree) DEV_TREE=${2:?--dev-tree needs a directory}; shift 2 ;;
+    --export-series) EXPORT_FROM=${2:?--export-series needs a directory}; shift 2 ;;
     -h | --help) usage 0 ;;
     *) echo "unknown argument '$1'" >&2; usage ;;
     esac
@@ -182,10 +203,12 @@ pristine_commit() {
 
 # ------------------------------------------------------------------ keys
 
-# Hash of the files of this repository the patched VMM compiles.
+# Hash of the files of this repository the patched VMM compiles. Not our
+# stand-in vm-migration: CH's workspace replaces it by its own crate.
 our_crates_hash() {
     (cd "$REPO" && find Cargo.toml Cargo.lock plugin/Cargo.toml plugin/src vmm-glue \
-        -type f -not -path '*/target/*' | LC_ALL=C sort | xargs sha256sum) | sha
+        -type f -not -path '*/target/*' -not -path 'vmm-glue/vm-migration/*' |
+        LC_ALL=C sort | xargs sha256sum) | sha
 }
 
 toolchain_id() { rustc -vV | sha; }
@@ -207,6 +230,12 @@ prepare_tree() {
                 die "$(basename "$p") does not apply to $CH_COMMIT"
         done
     fi
+    prepare_cargo_config "$tree"
+}
+
+# micro_http from the pinned sources, Cargo.lock untouched.
+prepare_cargo_config() {
+    local tree=$1
     mkdir -p "$tree/.cargo"
     cat >"$tree/.cargo/config.toml" <<EOF
 # Written by build-cloud-hypervisor.sh: micro_http from the pinned sources.
@@ -220,25 +249,57 @@ directory = "$MICRO_HTTP_DIR"
 EOF
 }
 
+# The flavour's source tree. The patched one links this repository, so
+# each repository (clone, worktree) gets a tree of its own: cargo then
+# never mistakes another checkout's older files for unchanged ones.
+tree_dir() {
+    case "$1" in
+    patched) echo "$CACHE/tree/patched-$(echo "$REPO" | sha | cut -c1-8)" ;;
+    *) echo "$CACHE/tree/$1" ;;
+    esac
+}
+
+# Lays out the flavour's tree for the current inputs; prints its path.
+ensure_tree() {
+    local flavor=$1 dir
+    dir=$(tree_dir "$flavor")
+    local gitdir="$dir.git" tree="$dir/cloud-hypervisor" pristine
+    [ -d "$gitdir" ] || git init -q --bare "$gitdir"
+    mkdir -p "$tree"
+    pristine=$(pristine_commit "$gitdir")
+    # Laid out again only when its inputs changed, so cargo sees no
+    # needlessly touched files.
+    local stamp="$pristine $MICRO_HTTP_DIR"
+    [ "$flavor" = patched ] && stamp="$stamp $(cat "${PATCHES[@]}" | sha)"
+    if [ "$(cat "$dir/.prepared" 2>/dev/null)" != "$stamp" ]; then
+        rm -f "$dir/.prepared"
+        prepare_tree "$flavor" "$pristine" "$gitdir" "$tree" >&2
+        echo "$stamp" >"$dir/.prepared"
+    fi
+    echo "$tree"
+}
+
+# Runs cargo in a flavour's tree, with the shared target directory.
+tree_cargo() {
+    local tree=$1
+    shift
+    (cd "$tree" && GIT_CEILING_DIRECTORIES="$(dirname "$tree")" \
+        CARGO_TARGET_DIR="$CACHE/target" cargo "$@")
+}
+
 build_flavor() {
     local flavor=$1 key=$2 bin="$CACHE/bin/$1-$2"
     if [ -x "$bin/cloud-hypervisor" ] && [ -x "$bin/ch-remote" ]; then
         log "$flavor: cached ($bin)"
     else
-        local gitdir="$CACHE/tree/$flavor.git" tree="$CACHE/tree/$flavor/cloud-hypervisor"
-        local started pristine
+        local started tree
         started=$(now)
-        [ -d "$gitdir" ] || git init -q --bare "$gitdir"
-        mkdir -p "$tree"
-        pristine=$(pristine_commit "$gitdir")
-        prepare_tree "$flavor" "$pristine" "$gitdir" "$tree"
+        tree=$(ensure_tree "$flavor")
         local extra=()
         [ "$flavor" = patched ] && extra=(--config "env.CH_EXTRA_VERSION=\"xe-vf\"")
         log "$flavor: cargo build --locked --profile $PROFILE (cloud-hypervisor, ch-remote)"
-        (cd "$tree" && GIT_CEILING_DIRECTORIES="$CACHE/tree/$flavor" \
-            CARGO_TARGET_DIR="$CACHE/target" \
-            cargo build --locked --profile "$PROFILE" "${extra[@]}" \
-            --bin cloud-hypervisor --bin ch-remote) ||
+        tree_cargo "$tree" build --locked --profile "$PROFILE" "${extra[@]}" \
+            --bin cloud-hypervisor --bin ch-remote ||
             die "$flavor: cargo build failed"
         local built="$CACHE/target/$PROFILE"
         [ "$PROFILE" = dev ] && built="$CACHE/target/debug"
@@ -246,6 +307,10 @@ build_flavor() {
         cp "$built/cloud-hypervisor" "$built/ch-remote" "$bin.tmp/"
         # The API's OpenAPI description, for tests that check bodies against it.
         cp "$tree/vmm/src/api/openapi/cloud-hypervisor.yaml" "$bin.tmp/"
+        # The contract crate as the series leaves it, for the mirror's drift test.
+        if [ "$flavor" = patched ]; then
+            cp -r "$tree/vm-migration/src" "$bin.tmp/vm-migration-src"
+        fi
         {
             echo "flavor=$flavor"
             echo "key=$key"
@@ -264,13 +329,91 @@ build_flavor() {
         log "$flavor: built in $(($(now) - started)) s"
     fi
     rm -rf "$OUT/$flavor.tmp" && mkdir -p "$OUT/$flavor.tmp"
-    cp "$bin"/* "$OUT/$flavor.tmp/"
+    cp -r "$bin"/* "$OUT/$flavor.tmp/"
     rm -rf "${OUT:?}/$flavor" && mv "$OUT/$flavor.tmp" "$OUT/$flavor"
     [ "$PRINT_DIR" = 1 ] && echo "$OUT/$flavor"
     return 0
 }
 
+# The patched tree's tests, and xe-vf-glue's through the real traits.
+run_tests() {
+    local started tree
+    started=$(now)
+    tree=$(ensure_tree patched)
+    log "patched: Cloud Hypervisor's tests of the crates the series touches"
+    tree_cargo "$tree" test --locked -p vm-migration -p pci ||
+        die "patched: vm-migration or pci tests failed"
+    tree_cargo "$tree" test --locked -p vmm --features kvm --lib ||
+        die "patched: vmm unit tests failed"
+    tree_cargo "$tree" test --locked -p cloud-hypervisor --bin cloud-hypervisor ||
+        die "patched: cloud-hypervisor CLI tests failed"
+
+    log "patched: xe-vf-glue's tests against the patched tree's vm-migration"
+    local ws
+    ws="$(dirname "$tree")/glue-real"
+    rm -rf "$ws" && mkdir -p "$ws"
+    tar -C "$REPO" --exclude=./plugin/fuzz --exclude=./vmm-glue/cloud-hypervisor \
+        --exclude=./vmm-glue/vm-migration -cf - ./plugin ./vmm-glue | tar -x -C "$ws"
+    cp "$REPO/Cargo.lock" "$ws/"
+    {
+        echo '# Written by build-cloud-hypervisor.sh: xe-vf-glue against CH'"'"'s vm-migration.'
+        echo '[workspace]'
+        echo 'resolver = "2"'
+        echo 'members = ["plugin", "vmm-glue"]'
+        echo
+        sed -n '/^\[workspace.package\]/,/^\[patch.crates-io\]/p' "$REPO/Cargo.toml" | sed '$d'
+        echo '[patch.crates-io]'
+        echo "vm-migration = { path = \"$tree/vm-migration\" }"
+    } >"$ws/Cargo.toml"
+    (cd "$ws" && CARGO_TARGET_DIR="$CACHE/target-glue" cargo test -p xe-vf-glue) ||
+        die "xe-vf-glue's tests against the real vm-migration failed"
+    log "patched: tests passed in $(($(now) - started)) s"
+}
+
+# A development checkout of the patched tree: pinned sources as the first
+# commit, one commit per patch.
+make_dev_tree() {
+    local dir=$1 tree="$1/cloud-hypervisor"
+    [ -e "$tree" ] && die "--dev-tree: $tree exists already"
+    mkdir -p "$tree"
+    git -C "$tree" init -q
+    local pristine
+    pristine=$(pristine_commit "$tree/.git")
+    local as_builder=(-c user.name=build -c user.email=build@localhost)
+    git -C "$tree" reset -q --hard "$pristine"
+    git -C "$tree" "${as_builder[@]}" commit -q --amend --allow-empty \
+        -m "Cloud Hypervisor ${CH_COMMIT:0:12} (pinned sources)"
+    git -C "$tree" tag series-base
+    ln -sfn "$REPO" "$dir/xe-vf-migration"
+    echo "/.cargo" >>"$tree/.git/info/exclude"
+    if [ "${#PATCHES[@]}" -gt 0 ]; then
+        git -C "$tree" "${as_builder[@]}" am -q --keep-cr "${PATCHES[@]}" ||
+            die "the series does not apply"
+    fi
+    prepare_cargo_config "$tree"
+    log "dev tree ready: $tree (series on top of tag series-base)"
+}
+
+# Writes the dev tree's commits after series-base back as the series.
+export_series() {
+    local tree="$1/cloud-hypervisor"
+    git -C "$tree" rev-parse -q --verify series-base >/dev/null ||
+        die "--export-series: $tree has no series-base tag (make it with --dev-tree)"
+    rm -f "$SERIES_DIR"/patches/*.patch
+    git -C "$tree" format-patch -q --zero-commit --no-signature \
+        -o "$SERIES_DIR/patches" series-base..HEAD
+    log "exported $(find "$SERIES_DIR/patches" -name '*.patch' | wc -l) patches"
+}
+
 MICRO_HTTP_DIR=$(micro_http_source)
+if [ -n "$DEV_TREE" ]; then
+    make_dev_tree "$DEV_TREE"
+    exit 0
+fi
+if [ -n "$EXPORT_FROM" ]; then
+    export_series "$EXPORT_FROM"
+    exit 0
+fi
 case "$SOURCE" in
 vendor | git) SOURCE_ID=$CH_COMMIT ;;
 *) SOURCE_ID=$(tar -C "$SOURCE" --exclude=./.git --exclude=./target --sort=name \
@@ -286,3 +429,7 @@ for flavor in "${FLAVORS[@]}"; do
     fi
     build_flavor "$flavor" "${key:0:16}"
 done
+if [ "$RUN_TESTS" = 1 ]; then
+    [ "${#PATCHES[@]}" -gt 0 ] || die "--test: no patches to test"
+    run_tests
+fi

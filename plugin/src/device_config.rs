@@ -61,7 +61,7 @@ const CH_KEYS: &[&str] = &[
     "x_nv_gpudirect_clique",
     "x_exclude_mmap_bars",
 ];
-const OUR_KEYS: &[&str] = &["migration", "dirty_tracking", "emulated"];
+const OUR_KEYS: &[&str] = &["migration", "xe_migration", "dirty_tracking", "emulated"];
 /// Keys that only mean something with `emulated=on`.
 const EMULATED_KEYS: &[&str] = &[
     "vram", "devid", "revid", "tiles", "gts", "ggtt", "mmio", "guc", "chunk", "workload", "seed",
@@ -201,7 +201,7 @@ impl DeviceConfig {
         \"path=<device_path>,fd=<vfio_cdev_fd>,iommu=on|off,id=<device_id>,\
         pci_segment=<segment_id>,pci_device_id=<pci_slot>,\
         x_nv_gpudirect_clique=<clique_id>,x_exclude_mmap_bars=[<bar>,...],\
-        migration=on|off,dirty_tracking=auto|iommufd|all|device|off,\
+        migration=on|off,xe_migration=on|off,dirty_tracking=auto|iommufd|all|device|off,\
         emulated=on|off,vram=<size>,devid=<id>,revid=<id>,tiles=<n>,gts=<n>,\
         ggtt=<size>,mmio=<size>,guc=<size>,chunk=<size>,workload=on|off,\
         seed=<n>,flags=stop_copy|p2p|pre_copy\"";
@@ -267,8 +267,20 @@ impl DeviceConfig {
         if let Some(v) = get("x_exclude_mmap_bars") {
             cfg.x_exclude_mmap_bars = parse_bar_list(v)?;
         }
-        if let Some(v) = get("migration") {
-            cfg.migration = parse_toggle("migration", v)?;
+        // `xe_migration=` is the patched Cloud Hypervisor's spelling (what
+        // `xe-vf-mig host device-line` prints); both may be given if they agree.
+        let migration = get("migration")
+            .map(|v| parse_toggle("migration", v))
+            .transpose()?;
+        let xe_migration = get("xe_migration")
+            .map(|v| parse_toggle("xe_migration", v))
+            .transpose()?;
+        match (migration, xe_migration) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(conflict("xe_migration", "migration", "they disagree"))
+            }
+            (Some(on), _) | (None, Some(on)) => cfg.migration = on,
+            (None, None) => {}
         }
         if let Some(v) = get("dirty_tracking") {
             cfg.dirty_tracking = v
@@ -750,6 +762,27 @@ mod tests {
 
     fn err(s: &str) -> DeviceConfigError {
         DeviceConfig::parse(s).expect_err(s)
+    }
+
+    #[test]
+    fn xe_migration_is_the_patched_chs_spelling_of_migration() {
+        // What `xe-vf-mig host device-line` prints for Cloud Hypervisor.
+        let line =
+            "path=/sys/bus/pci/devices/0000:03:00.1,id=gpu0,xe_migration=on,dirty_tracking=all";
+        let cfg = parse(line);
+        assert!(cfg.migration);
+        assert_eq!(cfg.dirty_tracking, DirtyTracking::All);
+        assert!(!parse("path=/d,xe_migration=off").migration);
+        assert!(!parse("path=/d,migration=off,xe_migration=off").migration);
+        assert!(matches!(
+            err("path=/d,migration=on,xe_migration=off"),
+            DeviceConfigError::Conflict { ref key, ref other, .. }
+                if key == "xe_migration" && other == "migration"
+        ));
+        assert!(matches!(
+            err("path=/d,xe_migration=maybe"),
+            DeviceConfigError::InvalidValue { ref key, .. } if key == "xe_migration"
+        ));
     }
 
     fn assert_round_trip(cfg: &DeviceConfig) {

@@ -41,11 +41,14 @@ impl Display for HostError {
 impl std::error::Error for HostError {}
 
 impl HostError {
+    /// `cause` prints with `{:#}`, so an `anyhow::Error` shows its whole
+    /// chain. (A `MigratableError` names only its phase: pass it through
+    /// `xe_vf_glue::error_chain::Chain`.)
     pub fn new(status: u16, phase: impl Into<String>, cause: impl Display) -> Self {
         HostError {
             status,
             phase: phase.into(),
-            cause: cause.to_string(),
+            cause: format!("{cause:#}"),
             context: Vec::new(),
         }
     }

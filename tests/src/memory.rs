@@ -11,7 +11,8 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use xe_vf_glue::migration::{MemoryRange, MemoryRangeTable};
+use xe_vf_glue::protocol::{MemoryRange, MemoryRangeTable};
+use xe_vf_glue::wire::range_end;
 use xe_vf_plugin::emulated::create_memfd;
 
 pub const PAGE_SIZE: u64 = 4096;
@@ -101,7 +102,7 @@ impl GuestMemory {
     /// guest memory.
     pub fn merge_into_bitmap(&self, bitmap: &mut [u64], table: &MemoryRangeTable) {
         for r in table.regions() {
-            let end = r.end().unwrap_or(u64::MAX).min(self.size);
+            let end = range_end(r).unwrap_or(u64::MAX).min(self.size);
             if r.gpa >= end {
                 continue;
             }
@@ -125,11 +126,14 @@ impl GuestMemory {
 
     /// Refuses a range outside guest memory.
     pub fn check(&self, r: &MemoryRange) -> io::Result<()> {
-        match r.end() {
+        match range_end(r) {
             Some(end) if end <= self.size => Ok(()),
             _ => Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("range {r} lies outside guest memory of {} bytes", self.size),
+                format!(
+                    "range {:#x}+{:#x} lies outside guest memory of {} bytes",
+                    r.gpa, r.length, self.size
+                ),
             )),
         }
     }

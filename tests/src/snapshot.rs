@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use log::info;
 use serde::{Deserialize, Serialize};
+use xe_vf_glue::error_chain::Chain;
 use xe_vf_glue::migration::{Snapshot, Snapshottable, Transportable};
 use xe_vf_glue::snapshot::snapshot_dir;
 use xe_vf_glue::XeVfDevice;
@@ -100,16 +101,16 @@ pub fn save(vm: &Vm, destination_url: &str) -> HostResult<()> {
         memory_size: vm.memory().size(),
         memory_file: MEMORY_FILE.to_string(),
     })
-    .map_err(|e| HostError::failed("snapshot", e))?;
+    .map_err(|e| HostError::failed("snapshot", Chain(&e)))?;
     {
         let mut set = vm.devices();
         for d in set.devices_mut() {
             let id = Snapshottable::id(d);
             let section = d
                 .snapshot()
-                .map_err(|e| HostError::failed(format!("snapshot device {id}"), e))?;
+                .map_err(|e| HostError::failed(format!("snapshot device {id}"), Chain(&e)))?;
             d.send(&section, destination_url)
-                .map_err(|e| HostError::failed(format!("save device {id}"), e))?;
+                .map_err(|e| HostError::failed(format!("save device {id}"), Chain(&e)))?;
             root.add_snapshot(id, section);
         }
     }
@@ -146,7 +147,7 @@ pub fn load(source_url: &str) -> HostResult<Arc<Vm>> {
     let root: Snapshot = read_json(&dir, STATE_FILE)?;
     let vm_state: VmSnapshotState = root
         .to_state()
-        .map_err(|e| HostError::bad_request("state.json", e))?;
+        .map_err(|e| HostError::bad_request("state.json", Chain(&e)))?;
     if vm_state.memory_size != config.memory_size || vm_state.memory_file != MEMORY_FILE {
         return Err(HostError::bad_request(
             "state.json",

@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use xe_vf_glue::device_set::XeVfSet;
-use xe_vf_glue::migration::{MemoryRange, Pausable};
+use xe_vf_glue::error_chain::Chain;
+use xe_vf_glue::migration::Pausable;
+use xe_vf_glue::protocol::MemoryRange;
 use xe_vf_glue::XeVfDevice;
 use xe_vf_plugin::device_config::DeviceConfig;
 use xe_vf_plugin::emulated::{EmulatedXeVf, Fault, GuestDmaRegion, StateDigest};
@@ -281,7 +283,7 @@ impl Vm {
             // destination never writes into memory being received.
             if stopped {
                 set.pause()
-                    .map_err(|e| HostError::failed("pause devices", e))?;
+                    .map_err(|e| HostError::failed("pause devices", Chain(&e)))?;
             }
             let (offset, len) = config.dma_slice(index);
             if let Some(emu) = set.devices()[index].backend().emulated() {
@@ -320,7 +322,7 @@ impl Vm {
         self.vcpu.set_running(false);
         if let Err(e) = self.devices().pause() {
             self.vcpu.set_running(true);
-            return Err(HostError::failed("pause devices", e));
+            return Err(HostError::failed("pause devices", Chain(&e)));
         }
         Ok(())
     }
@@ -329,7 +331,7 @@ impl Vm {
     pub fn resume(&self) -> HostResult<()> {
         self.devices()
             .resume()
-            .map_err(|e| HostError::failed("resume devices", e))?;
+            .map_err(|e| HostError::failed("resume devices", Chain(&e)))?;
         self.vcpu.set_running(true);
         Ok(())
     }
@@ -346,7 +348,7 @@ impl Vm {
                 vf_state: d
                     .state()
                     .map(|s| s.name().to_string())
-                    .unwrap_or_else(|e| format!("unknown ({e})")),
+                    .unwrap_or_else(|e| format!("unknown ({})", Chain(&e))),
                 digest: d.backend().emulated().and_then(|e| e.digest().ok()),
             })
             .collect()
@@ -390,7 +392,7 @@ impl Vm {
     pub fn shut_down(&self) {
         self.vcpu.set_running(false);
         if let Err(e) = self.devices().pause() {
-            log::warn!("shutting down: {e}");
+            log::warn!("shutting down: {}", Chain(&e));
         }
     }
 

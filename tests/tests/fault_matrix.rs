@@ -1196,7 +1196,10 @@ fn hostile_device_state_header() {
     hostile_cell(
         config,
         |p| {
-            let cmd = xe_vf_glue::protocol::Request::device_state(0, u64::MAX).to_bytes();
+            let mut cmd = Vec::new();
+            xe_vf_glue::protocol::Request::device_state(0)
+                .write_to(&mut cmd)
+                .unwrap();
             let _ = p.0.write_all(&cmd);
             let _ =
                 p.0.write_all(b"NOTXEVF!garbage-header-bytes-that-are-not-a-device-state");

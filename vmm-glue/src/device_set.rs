@@ -10,8 +10,9 @@
 
 use log::error;
 
-use crate::migration::{MigratableError, Pausable};
+use crate::error_chain::Chain;
 use crate::xe_vf::XeVfDevice;
+use vm_migration::{MigratableError, Pausable};
 
 #[derive(Default)]
 pub struct XeVfSet {
@@ -39,7 +40,7 @@ impl XeVfSet {
     fn roll_back(&mut self) {
         for d in &mut self.devices {
             if let Err(e) = d.resume() {
-                error!("rolling back a failed pause: {e}");
+                error!("rolling back a failed pause: {}", Chain(&e));
             }
         }
     }

@@ -19,7 +19,7 @@ use std::path::Path;
 use xe_vf_plugin::backend::Backend;
 use xe_vf_plugin::device_config::DirtyTracking;
 
-use crate::migration::{MemoryRange, MemoryRangeTable};
+use vm_migration::protocol::{MemoryRange, MemoryRangeTable};
 
 /// The mode in force once dirty logging has started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

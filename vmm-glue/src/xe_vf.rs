@@ -11,25 +11,31 @@
 //! the source stops.
 
 use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::anyhow;
 use log::{info, warn};
 use serde::{Deserialize, Serialize};
 use xe_vf_plugin::backend::Backend;
-use xe_vf_plugin::device_config::DeviceConfig;
-use xe_vf_plugin::engine::{self, EngineError, RestoreReport, SaveReport, TransferOptions};
+use xe_vf_plugin::device_config::{DeviceConfig, DirtyTracking};
+use xe_vf_plugin::engine::{
+    self, EngineError, RestoreReport, SaveReport, TransferOptions, DEVICE_KIND_GENERIC,
+};
 use xe_vf_plugin::fsm;
 use xe_vf_plugin::state_format::{DEVICE_KIND_XE_VF, FORMAT_VERSION};
+use xe_vf_plugin::vfio::{Placement, VfioMigrationDevice};
 use xe_vf_plugin::{DeviceIdentity, DeviceState, MigrationDevice, MigrationFlags};
 
 use crate::dirty::{self, DirtyMode, DirtyTracker};
+use crate::error_chain::Chain;
 use crate::iommufd_dirty::HwptDirtyTracker;
-use crate::migration::{
-    MemoryRange, MemoryRangeTable, Migratable, MigratableError, Pausable, Snapshot, Snapshottable,
-    Transportable,
-};
 use crate::snapshot::{self, PendingDataFile, XeVfSnapshotState};
+use vm_migration::protocol::{MemoryRange, MemoryRangeTable};
+use vm_migration::{
+    Migratable, MigratableError, Pausable, Snapshot, Snapshottable, StreamedState, Transportable,
+};
 
 /// What a destination needs to know of a source VF before anything stops.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +45,42 @@ pub struct DeviceMigrationInfo {
     pub identity: DeviceIdentity,
     pub migration_flags: u64,
     pub expected_size: u64,
+    /// What sysfs says about the source device, for a destination that
+    /// has not opened its own device yet ([`check_placement`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
+}
+
+/// Destination side, before its device is opened: can the state of the
+/// source device `source` describes load into the device at `sysfs_dir`
+/// (or behind the VFIO cdev `cdev_fd`)? Checks what sysfs tells (PCI ids,
+/// mdev type); the engine checks the full identity again before loading.
+pub fn check_placement(
+    source: &DeviceMigrationInfo,
+    sysfs_dir: Option<&Path>,
+    cdev_fd: Option<RawFd>,
+) -> anyhow::Result<()> {
+    let Some(src) = &source.placement else {
+        return Ok(());
+    };
+    let local = match (sysfs_dir, cdev_fd) {
+        (Some(dir), _) => Placement::of_sysfs_dir(dir),
+        (None, Some(fd)) => match Placement::of_cdev_fd(fd) {
+            Some(p) => p,
+            None => {
+                warn!(
+                    "device {}: fd {fd} is not a VFIO cdev with a sysfs entry; \
+                     its compatibility is checked when the state arrives",
+                    source.id
+                );
+                return Ok(());
+            }
+        },
+        (None, None) => Placement::default(),
+    };
+    local
+        .check_source(src)
+        .map_err(|e| anyhow!("device {}: {e}", source.id))
 }
 
 /// One Xe VF passed through to a VM.
@@ -51,6 +93,7 @@ pub struct XeVfDevice {
     dirty: DirtyTracker,
     dma_ranges: Vec<MemoryRange>,
     hwpt: Option<HwptDirtyTracker>,
+    placement: Option<Placement>,
 }
 
 fn anyhow_engine(e: EngineError) -> anyhow::Error {
@@ -82,7 +125,45 @@ impl XeVfDevice {
             dirty: DirtyTracker::default(),
             dma_ranges: Vec::new(),
             hwpt: None,
+            placement: None,
         })
+    }
+
+    /// A VF a VMM has opened for its own use (Cloud Hypervisor's
+    /// `VfioPciDevice`): `fd` is a duplicate of the VMM's device fd and
+    /// `sysfs_dir` the device's sysfs directory, if the VMM knows it. An
+    /// Xe VF bound to `xe-vfio-pci` gets its stream parsed and checked;
+    /// any other VFIO device's stream is carried as it is.
+    pub fn from_vmm_device_fd(
+        id: &str,
+        fd: OwnedFd,
+        sysfs_dir: Option<&Path>,
+        dirty_tracking: DirtyTracking,
+    ) -> anyhow::Result<Self> {
+        let placement = sysfs_dir.map(Placement::of_sysfs_dir).or_else(|| {
+            Placement::sysfs_dir_of_cdev_fd(fd.as_raw_fd()).map(|d| Placement::of_sysfs_dir(&d))
+        });
+        let device = VfioMigrationDevice::from_vmm_device_fd(fd, sysfs_dir)?;
+        let config = DeviceConfig {
+            path: sysfs_dir.map(Path::to_path_buf),
+            id: Some(id.to_string()),
+            migration: true,
+            dirty_tracking,
+            ..DeviceConfig::default()
+        };
+        let mut dev = Self::with_backend(id, config, Backend::Vfio(Arc::new(device)))?;
+        if !placement.as_ref().is_some_and(Placement::is_xe_vf) {
+            dev.opts.device_kind = DEVICE_KIND_GENERIC.to_string();
+        }
+        info!(
+            "device {id}: migrated as '{}' ({})",
+            dev.opts.device_kind,
+            placement
+                .as_ref()
+                .map_or("no sysfs entry".to_string(), Placement::to_string)
+        );
+        dev.placement = placement;
+        Ok(dev)
     }
 
     /// Creates the device and loads it from CH's snapshot, as CH builds
@@ -166,49 +247,21 @@ impl XeVfDevice {
             .map_err(|e| phase(anyhow!("device {}: {e}", self.id)))
     }
 
-    /// RUNNING -> RUNNING_P2P: the first half of a multi-device pause, so
-    /// no VF DMAs into a peer that has already stopped.
-    pub fn quiesce(&mut self) -> Result<(), MigratableError> {
-        let flags = self
-            .device
-            .migration_flags()
-            .map_err(|e| MigratableError::Pause(anyhow!("device {}: {e}", self.id)))?;
-        if flags.contains(MigrationFlags::P2P) && self.state()? == DeviceState::Running {
-            self.walk(
-                DeviceState::RunningP2p,
-                DeviceState::Running,
-                MigratableError::Pause,
-            )?;
-        }
-        Ok(())
-    }
-
-    /// STOP -> RUNNING_P2P: the first half of a multi-device resume.
-    pub fn unquiesce(&mut self) -> Result<(), MigratableError> {
-        let flags = self
-            .device
-            .migration_flags()
-            .map_err(|e| MigratableError::Resume(anyhow!("device {}: {e}", self.id)))?;
-        if flags.contains(MigrationFlags::P2P) && self.state()? == DeviceState::Stop {
-            self.walk(
-                DeviceState::RunningP2p,
-                DeviceState::Stop,
-                MigratableError::Resume,
-            )?;
-        }
-        Ok(())
-    }
-
     /// What the destination checks before the source stops.
     pub fn migration_info(&self) -> Result<DeviceMigrationInfo, MigratableError> {
-        let header = engine::header_for(&*self.device, &self.opts)
-            .map_err(|e| MigratableError::StartMigration(anyhow_engine(e)))?;
+        self.describe()
+            .map_err(|e| MigratableError::StartMigration(anyhow_engine(e)))
+    }
+
+    fn describe(&self) -> Result<DeviceMigrationInfo, EngineError> {
+        let header = engine::header_for(&*self.device, &self.opts)?;
         Ok(DeviceMigrationInfo {
             id: self.id.clone(),
             device_kind: header.device_kind,
             identity: header.identity,
             migration_flags: header.migration_flags,
             expected_size: header.expected_size,
+            placement: self.placement.clone(),
         })
     }
 
@@ -227,8 +280,10 @@ impl XeVfDevice {
             .map_err(|e| MigratableError::MigrateReceive(anyhow!("device {}: {e}", self.id)))
     }
 
-    /// Source side: streams the stopped VF's state into `out`.
-    pub fn send_state<W: Write>(
+    /// Source side: streams the stopped VF's state into `out`, reporting
+    /// progress. (`StreamedState::send_state` is the same for CH's VMM,
+    /// which wants only the byte count.)
+    pub fn save_state_to<W: Write>(
         &self,
         out: W,
         progress: &mut dyn FnMut(u64),
@@ -238,8 +293,10 @@ impl XeVfDevice {
             .map_err(|e| MigratableError::MigrateSend(anyhow!("device {}: {e}", self.id)))
     }
 
-    /// Destination side: loads a streamed state; the VF is left in STOP.
-    pub fn receive_state<R: Read + Send + 'static>(
+    /// Destination side: loads a streamed state from `input`, reporting
+    /// progress; the VF is left in STOP. (`StreamedState::receive_state`
+    /// is the same for CH's VMM.)
+    pub fn load_state_from<R: Read + Send>(
         &self,
         input: R,
         progress: &mut dyn FnMut(u64),
@@ -310,6 +367,39 @@ impl Pausable for XeVfDevice {
             MigratableError::Resume,
         )
     }
+
+    /// RUNNING -> RUNNING_P2P: the first half of a multi-device pause, so
+    /// no VF DMAs into a peer that has already stopped.
+    fn quiesce(&mut self) -> Result<(), MigratableError> {
+        let flags = self
+            .device
+            .migration_flags()
+            .map_err(|e| MigratableError::Pause(anyhow!("device {}: {e}", self.id)))?;
+        if flags.contains(MigrationFlags::P2P) && self.state()? == DeviceState::Running {
+            self.walk(
+                DeviceState::RunningP2p,
+                DeviceState::Running,
+                MigratableError::Pause,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// STOP -> RUNNING_P2P: the first half of a multi-device resume.
+    fn unquiesce(&mut self) -> Result<(), MigratableError> {
+        let flags = self
+            .device
+            .migration_flags()
+            .map_err(|e| MigratableError::Resume(anyhow!("device {}: {e}", self.id)))?;
+        if flags.contains(MigrationFlags::P2P) && self.state()? == DeviceState::Stop {
+            self.walk(
+                DeviceState::RunningP2p,
+                DeviceState::Stop,
+                MigratableError::Resume,
+            )?;
+        }
+        Ok(())
+    }
 }
 
 impl Snapshottable for XeVfDevice {
@@ -321,8 +411,8 @@ impl Snapshottable for XeVfDevice {
     fn snapshot(&mut self) -> Result<Snapshot, MigratableError> {
         self.require_migration(MigratableError::Snapshot)?;
         let info = self
-            .migration_info()
-            .map_err(|e| MigratableError::Snapshot(anyhow!("{e}")))?;
+            .describe()
+            .map_err(|e| MigratableError::Snapshot(anyhow_engine(e)))?;
         Snapshot::new_from_state(&XeVfSnapshotState {
             format_version: FORMAT_VERSION,
             device_kind: info.device_kind,
@@ -341,13 +431,13 @@ impl Transportable for XeVfDevice {
         let send_err = |e: String| MigratableError::MigrateSend(anyhow!("device {}: {e}", self.id));
         let state: XeVfSnapshotState = snapshot
             .to_state()
-            .map_err(|e| send_err(format!("snapshot section: {e}")))?;
+            .map_err(|e| send_err(format!("snapshot section: {}", Chain(&e))))?;
         let dir = snapshot::snapshot_dir(destination_url).map_err(|e| send_err(e.to_string()))?;
         let mut pending =
             PendingDataFile::create(&dir, &state.data_file).map_err(|e| send_err(e.to_string()))?;
         let saved = {
             let mut out = BufWriter::with_capacity(1 << 20, pending.file());
-            let report = self.send_state(&mut out, &mut |_| {});
+            let report = self.save_state_to(&mut out, &mut |_| {});
             report.and_then(|r| {
                 out.flush()
                     .map(|()| r)
@@ -450,7 +540,9 @@ impl Migratable for XeVfDevice {
                 ),
                 _ => return Err(log_err(format!("dirty mode {mode:?} has no source"))),
             };
-            tables.push(MemoryRangeTable::from_bitmap(bitmap, r.gpa, page_size));
+            tables.push(MemoryRangeTable::from_dirty_bitmap(
+                bitmap, r.gpa, page_size,
+            ));
         }
         Ok(MemoryRangeTable::new_from_tables(tables))
     }
@@ -475,6 +567,26 @@ impl Migratable for XeVfDevice {
         }
         info!("device {}: migration complete, VF left in {state}", self.id);
         Ok(())
+    }
+}
+
+impl StreamedState for XeVfDevice {
+    fn send_state(&mut self, out: &mut (dyn Write + Send)) -> Result<u64, MigratableError> {
+        self.save_state_to(out, &mut |_| {})
+            .map(|r| r.encoded_bytes)
+    }
+
+    fn receive_state(&mut self, input: &mut (dyn Read + Send)) -> Result<u64, MigratableError> {
+        self.load_state_from(input, &mut |_| {})
+            .map(|r| r.decoded.encoded_bytes)
+    }
+
+    fn restore_state(
+        &mut self,
+        snapshot: &Snapshot,
+        source_url: &str,
+    ) -> Result<(), MigratableError> {
+        self.restore_from_snapshot(snapshot, source_url).map(|_| ())
     }
 }
 

@@ -8,7 +8,11 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use xe_vf_glue::device_set::XeVfSet;
-use xe_vf_glue::migration::{MemoryRange, Migratable, Pausable, Snapshottable, Transportable};
+use xe_vf_glue::error_chain::chain;
+use xe_vf_glue::migration::{
+    Migratable, MigratableError, Pausable, Snapshottable, StreamedState, Transportable,
+};
+use xe_vf_glue::protocol::MemoryRange;
 use xe_vf_glue::snapshot::XeVfSnapshotState;
 use xe_vf_glue::XeVfDevice;
 use xe_vf_plugin::device_config::DeviceConfig;
@@ -17,6 +21,15 @@ use xe_vf_plugin::DeviceState;
 
 fn dev(id: &str, spec: &str) -> XeVfDevice {
     XeVfDevice::new(id, DeviceConfig::parse(spec).unwrap()).unwrap()
+}
+
+/// The error of a call that must fail, with its causes: CH's
+/// `MigratableError` names only the phase, the cause is in its chain.
+fn failure<T>(result: Result<T, MigratableError>) -> String {
+    match result {
+        Ok(_) => panic!("succeeded"),
+        Err(e) => chain(&e),
+    }
 }
 
 fn digest(d: &XeVfDevice) -> xe_vf_plugin::emulated::StateDigest {
@@ -83,10 +96,7 @@ fn restore_refuses_incompatible_vf_and_bad_files_without_touching_it() {
     ] {
         let mut dst = dev("a", spec);
         let before = digest(&dst);
-        let err = dst
-            .restore_from_snapshot(&snapshot, &url)
-            .unwrap_err()
-            .to_string();
+        let err = failure(dst.restore_from_snapshot(&snapshot, &url));
         assert!(err.contains("cannot load"), "{spec}: {err}");
         assert_eq!(dst.state().unwrap(), DeviceState::Running);
         assert_eq!(digest(&dst), before);
@@ -98,10 +108,7 @@ fn restore_refuses_incompatible_vf_and_bad_files_without_touching_it() {
     let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
     f.set_len(len - 10).unwrap();
     let mut dst = dev("a", "emulated=on,vram=4M,workload=off");
-    let err = dst
-        .restore_from_snapshot(&snapshot, &url)
-        .unwrap_err()
-        .to_string();
+    let err = failure(dst.restore_from_snapshot(&snapshot, &url));
     assert!(err.contains("truncated"), "{err}");
     assert_eq!(dst.state().unwrap(), DeviceState::Running);
 
@@ -109,10 +116,7 @@ fn restore_refuses_incompatible_vf_and_bad_files_without_touching_it() {
     let mut evil: XeVfSnapshotState = snapshot.to_state().unwrap();
     evil.data_file = "../xe-vf-a.bin".to_string();
     let evil = xe_vf_glue::migration::Snapshot::new_from_state(&evil).unwrap();
-    let err = dst
-        .restore_from_snapshot(&evil, &url)
-        .unwrap_err()
-        .to_string();
+    let err = failure(dst.restore_from_snapshot(&evil, &url));
     assert!(err.contains("not a plain file name"), "{err}");
 }
 
@@ -127,7 +131,7 @@ fn failed_snapshot_write_leaves_no_file_and_the_vf_intact() {
     let snapshot = src.snapshot().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().display());
-    let err = src.send(&snapshot, &url).unwrap_err().to_string();
+    let err = failure(src.send(&snapshot, &url));
     assert!(err.contains("stop-copy read"), "{err}");
     assert_eq!(
         fs::read_dir(dir.path()).unwrap().count(),
@@ -147,10 +151,10 @@ fn migration_stream_between_two_devices() {
     src.pause().unwrap();
     let (tx, rx) = UnixStream::pair().unwrap();
     let receiver = std::thread::spawn(move || {
-        let r = dst.receive_state(rx, &mut |_| {});
+        let r = dst.load_state_from(rx, &mut |_| {});
         (dst, r)
     });
-    let sent = src.send_state(&tx, &mut |_| {}).unwrap();
+    let sent = src.save_state_to(&tx, &mut |_| {}).unwrap();
     drop(tx);
     let (mut dst, received) = receiver.join().unwrap();
     assert_eq!(received.unwrap().decoded.decoded_bytes, sent.raw_bytes);
@@ -159,14 +163,35 @@ fn migration_stream_between_two_devices() {
     dst.resume().unwrap();
 }
 
+/// The same stream through CH's `StreamedState`, as the patched VMM moves
+/// it: byte counts on both sides, the state itself arrives whole.
+#[test]
+fn streamed_state_through_the_trait() {
+    let mut src = dev("gpu0", "emulated=on,vram=4M,workload=on");
+    // Half of VRAM non-zero, so the stream is not all elided zeros.
+    src.backend().emulated().unwrap().fill_vram(7, 50).unwrap();
+    let mut dst = dev("gpu0", "emulated=on,vram=4M,workload=off");
+    src.pause().unwrap();
+    dst.pause().unwrap();
+    let (mut tx, mut rx) = UnixStream::pair().unwrap();
+    let receiver = std::thread::spawn(move || {
+        let r = StreamedState::receive_state(&mut dst, &mut rx);
+        (dst, r)
+    });
+    let sent = StreamedState::send_state(&mut src, &mut tx).unwrap();
+    drop(tx);
+    let (dst, received) = receiver.join().unwrap();
+    assert_eq!(received.unwrap(), sent);
+    assert!(sent > 2 << 20, "{sent} bytes for 2 MiB of non-zero VRAM");
+    assert_eq!(digest(&dst), digest(&src));
+    assert_eq!(dst.state().unwrap(), DeviceState::Stop);
+}
+
 #[test]
 fn incompatible_destination_is_refused_early() {
     let src = dev("gpu0", "emulated=on,vram=8M,workload=off");
     let dst = dev("gpu0", "emulated=on,vram=4M,workload=off");
-    let err = dst
-        .check_incoming(&src.migration_info().unwrap())
-        .unwrap_err()
-        .to_string();
+    let err = failure(dst.check_incoming(&src.migration_info().unwrap()));
     assert!(err.contains("smaller"), "{err}");
 }
 
@@ -193,26 +218,14 @@ fn dirty_tracking_policy() {
     d.stop_dirty_log().unwrap();
 
     let mut off = dev("a", "emulated=on,vram=1M,workload=off,dirty_tracking=off");
-    assert!(off
-        .start_migration()
-        .unwrap_err()
-        .to_string()
-        .contains("refused"));
+    assert!(failure(off.start_migration()).contains("refused"));
     let mut dev_mode = dev(
         "a",
         "emulated=on,vram=1M,workload=off,dirty_tracking=device",
     );
-    assert!(dev_mode
-        .start_dirty_log()
-        .unwrap_err()
-        .to_string()
-        .contains("DMA logging"));
+    assert!(failure(dev_mode.start_dirty_log()).contains("DMA logging"));
     let mut no_mig = dev("a", "emulated=on,vram=1M,workload=off,migration=off");
-    assert!(no_mig
-        .snapshot()
-        .unwrap_err()
-        .to_string()
-        .contains("migration=off"));
+    assert!(failure(no_mig.snapshot()).contains("migration=off"));
 }
 
 #[test]
@@ -229,7 +242,7 @@ fn device_set_pauses_all_to_p2p_before_any_stops_and_rolls_back() {
             enter_error: false,
         });
     let mut set = XeVfSet::new(vec![a, b]);
-    let err = set.pause().unwrap_err().to_string();
+    let err = failure(set.pause());
     assert!(err.contains("RUNNING_P2P -> STOP"), "{err}");
     for d in set.devices() {
         assert_eq!(d.state().unwrap(), DeviceState::Running, "rolled back");

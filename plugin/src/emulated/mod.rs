@@ -24,6 +24,7 @@
 
 mod arcs;
 mod config;
+mod context;
 mod faults;
 mod memfd;
 mod restore;
@@ -49,6 +50,7 @@ pub use workload::{DmaRecord, GuestDmaRegion, DMA_RECORD_LEN};
 use crate::device::{DeviceError, DeviceIdentity, MigrationDevice, Result, PCI_VENDOR_INTEL};
 use crate::uapi::{DeviceState, MigrationFlags};
 use arcs::workload_runs;
+use context::DeviceContext;
 use faults::Faults;
 use restore::ResumeStream;
 use save::SaveStream;
@@ -79,6 +81,7 @@ pub struct EmulatedXeVf {
     faults: Faults,
     control: Mutex<Control>,
     workload: Workload,
+    context: DeviceContext,
 }
 
 fn arc_error(from: DeviceState, to: DeviceState, errno: i32) -> DeviceError {
@@ -108,6 +111,10 @@ impl EmulatedXeVf {
                 }
             })?;
         workload.set_running(true);
+        let context = DeviceContext::new().map_err(|e| DeviceError::Ioctl {
+            op: "spawn emulated VF context",
+            source: e,
+        })?;
         log::debug!(
             "emulated Xe VF {:04x}:{:04x} rev {:02x}: {} bytes LMEM, {} tiles x {} GTs, flags {}",
             PCI_VENDOR_INTEL,
@@ -130,6 +137,7 @@ impl EmulatedXeVf {
                 last_restore_error: None,
             }),
             workload,
+            context,
         }))
     }
 
@@ -280,8 +288,9 @@ impl EmulatedXeVf {
         match (from, to) {
             (_, StopCopy) => {
                 control.session.take();
-                let (stream, fd) = SaveStream::start(self.model.clone(), self.faults.take_save())
-                    .map_err(io_err)?;
+                let (stream, fd) =
+                    SaveStream::start(&self.context, self.model.clone(), self.faults.take_save())
+                        .map_err(io_err)?;
                 control.session = Some(Session::Save(stream));
                 Ok(Some(fd))
             }
@@ -292,7 +301,8 @@ impl EmulatedXeVf {
                 Ok(None)
             }
             (Stop, Resuming) => {
-                let (stream, fd) = ResumeStream::start(self.model.clone()).map_err(io_err)?;
+                let (stream, fd) =
+                    ResumeStream::start(&self.context, self.model.clone()).map_err(io_err)?;
                 control.session = Some(Session::Resume(stream));
                 control.failed_restore = None;
                 control.last_restore_error = None;

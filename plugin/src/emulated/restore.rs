@@ -12,6 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use super::context::DeviceContext;
 use super::sock::data_pair;
 use super::state::DeviceModel;
 use crate::xe_stream::{
@@ -32,12 +33,13 @@ pub(crate) struct ResumeStream {
 
 impl ResumeStream {
     /// Starts the consumer and returns the caller's write end.
-    pub(crate) fn start(model: Arc<DeviceModel>) -> io::Result<(Self, File)> {
+    pub(crate) fn start(
+        context: &DeviceContext,
+        model: Arc<DeviceModel>,
+    ) -> io::Result<(Self, File)> {
         let (device, caller) = data_pair()?;
         let caller_end = UnixStream::from(OwnedFd::from(caller.try_clone()?));
-        let thread = std::thread::Builder::new()
-            .name("xe-vf-restore".into())
-            .spawn(move || consume(&model, device))?;
+        let thread = context.spawn("xe-vf-restore", move || consume(&model, device))?;
         Ok((
             ResumeStream {
                 caller_end,

@@ -11,6 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
+use super::context::DeviceContext;
 use super::faults::SaveFaults;
 use super::sock::{data_pair, send_all};
 use super::state::{lock, DeviceModel, SCAN_CHUNK};
@@ -50,36 +51,38 @@ pub(crate) struct SaveStream {
 
 impl SaveStream {
     /// Starts the producer and returns the caller's read end.
-    pub(crate) fn start(model: Arc<DeviceModel>, faults: SaveFaults) -> io::Result<(Self, File)> {
+    pub(crate) fn start(
+        context: &DeviceContext,
+        model: Arc<DeviceModel>,
+        faults: SaveFaults,
+    ) -> io::Result<(Self, File)> {
         let (device, caller) = data_pair()?;
         let cancel = Arc::new(Cancel::default());
         let socket = device.try_clone()?;
         let thread = {
             let cancel = cancel.clone();
-            std::thread::Builder::new()
-                .name("xe-vf-save".into())
-                .spawn(move || {
-                    let mut sink = Sink {
-                        socket: device,
-                        pos: 0,
-                        faults,
-                        cancel: &cancel,
-                    };
-                    let result = produce(&model, &mut sink);
-                    // EOF for the reader, even though `SaveStream` still
-                    // holds a clone of this end.
-                    let how = if result.is_ok() {
-                        Shutdown::Write
-                    } else {
-                        Shutdown::Both
-                    };
-                    let _ = sink.socket.shutdown(how);
-                    match &result {
-                        Ok(n) => log::debug!("emulated Xe VF save stream complete: {n} bytes"),
-                        Err(e) => log::debug!("emulated Xe VF save stream ended early: {e}"),
-                    }
-                    result
-                })?
+            context.spawn("xe-vf-save", move || {
+                let mut sink = Sink {
+                    socket: device,
+                    pos: 0,
+                    faults,
+                    cancel: &cancel,
+                };
+                let result = produce(&model, &mut sink);
+                // EOF for the reader, even though `SaveStream` still
+                // holds a clone of this end.
+                let how = if result.is_ok() {
+                    Shutdown::Write
+                } else {
+                    Shutdown::Both
+                };
+                let _ = sink.socket.shutdown(how);
+                match &result {
+                    Ok(n) => log::debug!("emulated Xe VF save stream complete: {n} bytes"),
+                    Err(e) => log::debug!("emulated Xe VF save stream ended early: {e}"),
+                }
+                result
+            })?
         };
         Ok((
             SaveStream {

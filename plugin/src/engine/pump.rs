@@ -11,7 +11,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::thread::JoinHandle;
+use std::thread::{JoinHandle, Scope, ScopedJoinHandle};
 use std::time::Duration;
 
 /// Waits until `fd` is ready for `events` or `timeout` passes.
@@ -80,38 +80,34 @@ impl Write for DeadlineFd {
     }
 }
 
-/// Reads `reader` to EOF on a thread of its own into a bounded buffer pool.
-pub struct ReadAhead {
-    filled: Option<Receiver<io::Result<Vec<u8>>>>,
-    empty: Option<SyncSender<Vec<u8>>>,
-    thread: Option<JoinHandle<()>>,
+/// The reading thread of a [`ReadAhead`]: a plain thread for a reader
+/// the pump owns, a scoped one for a reader borrowed from the caller.
+enum Reader<'scope> {
+    Owned(JoinHandle<()>),
+    Scoped(ScopedJoinHandle<'scope, ()>),
 }
 
-impl ReadAhead {
-    /// Starts reading; at most `depth` buffers of `buffer_size` exist, and
-    /// each is filled completely unless the reader ends.
-    pub fn spawn<R: Read + Send + 'static>(
-        reader: R,
-        buffer_size: usize,
-        depth: usize,
-    ) -> io::Result<Self> {
-        Self::spawn_filling(reader, buffer_size, 0, depth)
-    }
+/// Reads `reader` to EOF on a thread of its own into a bounded buffer pool.
+pub struct ReadAhead<'scope> {
+    filled: Option<Filled>,
+    empty: Option<SyncSender<Vec<u8>>>,
+    thread: Option<Reader<'scope>>,
+}
 
-    /// Like [`ReadAhead::spawn`], but a buffer has `headroom` bytes beyond
-    /// `fill` and is handed on once it holds at least `fill` bytes.
-    ///
-    /// Full buffers mean few, large writes downstream however small the
-    /// reader's pieces are (a decoder returns one record per read). The
-    /// headroom lets a reader that can land a whole record in the
-    /// caller's buffer (a DATA record of up to `headroom` bytes) always
-    /// do so, instead of staging it and copying it over in parts.
-    pub fn spawn_filling<R: Read + Send + 'static>(
-        mut reader: R,
-        fill: usize,
-        headroom: usize,
-        depth: usize,
-    ) -> io::Result<Self> {
+/// Where the consumer takes filled buffers (or the reader's error).
+type Filled = Receiver<io::Result<Vec<u8>>>;
+
+/// Both ends of the buffer pool, and the loop the reading thread runs.
+struct Pool {
+    filled_tx: SyncSender<io::Result<Vec<u8>>>,
+    empty_rx: Receiver<Vec<u8>>,
+    fill: usize,
+    capacity: usize,
+}
+
+impl Pool {
+    /// The pool and the consumer's ends of it.
+    fn new(fill: usize, headroom: usize, depth: usize) -> (Self, Filled, SyncSender<Vec<u8>>) {
         let depth = depth.max(1);
         let fill = fill.max(1);
         let capacity = fill.saturating_add(headroom);
@@ -121,51 +117,106 @@ impl ReadAhead {
             // Cannot block: the channel holds `depth` items.
             let _ = empty.try_send(vec![0u8; capacity]);
         }
-        let thread = std::thread::Builder::new()
-            .name("xe-read-ahead".into())
-            .spawn(move || {
-                let mut at_eof = false;
-                while let Ok(mut buf) = empty_rx.recv() {
-                    if at_eof {
-                        buf.clear();
-                        let _ = filled_tx.send(Ok(buf));
+        let pool = Pool {
+            filled_tx,
+            empty_rx,
+            fill,
+            capacity,
+        };
+        (pool, filled, empty)
+    }
+
+    /// Fills buffers from `reader` until EOF, an error, or the consumer
+    /// going away.
+    fn run<R: Read>(self, mut reader: R) {
+        let mut at_eof = false;
+        while let Ok(mut buf) = self.empty_rx.recv() {
+            if at_eof {
+                buf.clear();
+                let _ = self.filled_tx.send(Ok(buf));
+                return;
+            }
+            buf.resize(self.capacity, 0);
+            let mut len = 0;
+            let result = loop {
+                if len >= self.fill {
+                    break Ok(());
+                }
+                match reader.read(&mut buf[len..]) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => break Err(e),
+                    Ok(0) => {
+                        at_eof = true;
+                        break Ok(());
+                    }
+                    Ok(n) => len += n,
+                }
+            };
+            match result {
+                Ok(()) => {
+                    buf.truncate(len);
+                    let end = len == 0;
+                    if self.filled_tx.send(Ok(buf)).is_err() || end {
                         return;
                     }
-                    buf.resize(capacity, 0);
-                    let mut len = 0;
-                    let result = loop {
-                        if len >= fill {
-                            break Ok(());
-                        }
-                        match reader.read(&mut buf[len..]) {
-                            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                            Err(e) => break Err(e),
-                            Ok(0) => {
-                                at_eof = true;
-                                break Ok(());
-                            }
-                            Ok(n) => len += n,
-                        }
-                    };
-                    match result {
-                        Ok(()) => {
-                            buf.truncate(len);
-                            let end = len == 0;
-                            if filled_tx.send(Ok(buf)).is_err() || end {
-                                return;
-                            }
-                        }
-                        Err(e) => {
-                            let _ = filled_tx.send(Err(e));
-                            return;
-                        }
-                    }
                 }
-            })?;
+                Err(e) => {
+                    let _ = self.filled_tx.send(Err(e));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+const THREAD_NAME: &str = "xe-read-ahead";
+
+impl ReadAhead<'static> {
+    /// Starts reading; at most `depth` buffers of `buffer_size` exist, and
+    /// each is filled completely unless the reader ends.
+    pub fn spawn<R: Read + Send + 'static>(
+        reader: R,
+        buffer_size: usize,
+        depth: usize,
+    ) -> io::Result<Self> {
+        let (pool, filled, empty) = Pool::new(buffer_size, 0, depth);
+        let thread = std::thread::Builder::new()
+            .name(THREAD_NAME.into())
+            .spawn(move || pool.run(reader))?;
         Ok(ReadAhead {
             filled: Some(filled),
             empty: Some(empty),
-            thread: Some(thread),
+            thread: Some(Reader::Owned(thread)),
+        })
+    }
+}
+
+impl<'scope> ReadAhead<'scope> {
+    /// Like [`ReadAhead::spawn`], but for a reader that lives only as long
+    /// as `scope` (a socket the VMM lends), and with `headroom`: a buffer
+    /// has `headroom` bytes beyond `fill` and is handed on once it holds
+    /// at least `fill` bytes.
+    ///
+    /// Full buffers mean few, large writes downstream however small the
+    /// reader's pieces are (a decoder returns one record per read). The
+    /// headroom lets a reader that can land a whole record in the
+    /// caller's buffer (a DATA record of up to `headroom` bytes) always
+    /// do so, instead of staging it and copying it over in parts.
+    pub fn spawn_scoped<'env, R: Read + Send + 'scope>(
+        scope: &'scope Scope<'scope, 'env>,
+        reader: R,
+        fill: usize,
+        headroom: usize,
+        depth: usize,
+    ) -> io::Result<Self> {
+        let (pool, filled, empty) = Pool::new(fill, headroom, depth);
+        let thread = std::thread::Builder::new()
+            .name(THREAD_NAME.into())
+            .spawn_scoped(scope, move || pool.run(reader))?;
+        Ok(ReadAhead {
+            filled: Some(filled),
+            empty: Some(empty),
+            thread: Some(Reader::Scoped(thread)),
         })
     }
 
@@ -199,13 +250,19 @@ impl ReadAhead {
         // after the read it may be blocked in.
         drop(self.filled.take());
         drop(self.empty.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        match self.thread.take() {
+            Some(Reader::Owned(t)) => {
+                let _ = t.join();
+            }
+            Some(Reader::Scoped(t)) => {
+                let _ = t.join();
+            }
+            None => {}
         }
     }
 }
 
-impl Drop for ReadAhead {
+impl Drop for ReadAhead<'_> {
     fn drop(&mut self) {
         self.shutdown();
     }

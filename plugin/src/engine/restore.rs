@@ -5,6 +5,7 @@
 
 use std::io::{self, Read, Write};
 use std::sync::{Arc, Mutex};
+use std::thread::Scope;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
@@ -46,7 +47,7 @@ pub struct RestoreReport {
 /// device is touched. Once data has gone into RESUMING, any failure
 /// (corrupt or truncated stream, device rejection) resets the device, so a
 /// partly restored VF is never left behind.
-pub fn restore<R: Read + Send + 'static>(
+pub fn restore<R: Read + Send>(
     device: &dyn MigrationDevice,
     input: R,
     opts: &TransferOptions,
@@ -116,7 +117,18 @@ pub fn restore<R: Read + Send + 'static>(
         summary: summary_slot.clone(),
     };
     let mut sink = DeadlineFd::new(data_fd, opts.device_timeout);
-    let streamed = stream_into(&mut sink, &prefix, source, parser.as_mut(), opts, progress);
+    // A scope, so `input` may be borrowed (a VMM's migration socket).
+    let streamed = std::thread::scope(|scope| {
+        stream_into(
+            scope,
+            &mut sink,
+            &prefix,
+            source,
+            parser.as_mut(),
+            opts,
+            progress,
+        )
+    });
     let streamed = streamed.and_then(|()| {
         parser
             .map(|p| p.finish())
@@ -204,7 +216,8 @@ fn read_descriptor<R: Read>(
 }
 
 /// Pipelines decoded bytes into the device's data fd.
-fn stream_into<R: Read + Send + 'static>(
+fn stream_into<'scope, 'env, R: Read + Send + 'scope>(
+    scope: &'scope Scope<'scope, 'env>,
     sink: &mut DeadlineFd,
     prefix: &[u8],
     source: FinishingDecoder<R>,
@@ -223,7 +236,7 @@ fn stream_into<R: Read + Send + 'static>(
         .as_ref()
         .map_or(0, |d| d.header().chunk_size as usize);
     let mut read_ahead =
-        ReadAhead::spawn_filling(source, opts.buffer_size, headroom, opts.queue_depth)
+        ReadAhead::spawn_scoped(scope, source, opts.buffer_size, headroom, opts.queue_depth)
             .map_err(EngineError::io(Phase::Input))?;
     let phases = RelayPhases {
         read: Phase::Input,

@@ -26,6 +26,9 @@ pub(crate) const VFIO_DEVICE_FEATURE: c_ulong =
 /// `VFIO_DEVICE_RESET` = `_IO(VFIO_TYPE, VFIO_BASE + 11)`.
 pub(crate) const VFIO_DEVICE_RESET: c_ulong =
     ioctl_expr(_IOC_NONE, VFIO_TYPE as u32, VFIO_BASE + 11, 0);
+/// `VFIO_DEVICE_GET_REGION_INFO` = `_IO(VFIO_TYPE, VFIO_BASE + 8)`.
+pub(crate) const VFIO_DEVICE_GET_REGION_INFO: c_ulong =
+    ioctl_expr(_IOC_NONE, VFIO_TYPE as u32, VFIO_BASE + 8, 0);
 
 /// `sizeof(struct vfio_device_feature)`: `argsz` and `flags`, then the payload.
 pub(crate) const HEADER_LEN: usize = 8;
@@ -331,6 +334,7 @@ mod tests {
         assert_eq!(VFIO_DEVICE_RESET, 0x3b6f);
         assert_eq!(VFIO_DEVICE_FEATURE, ((b';' as c_ulong) << 8) | 117);
         assert_eq!(VFIO_DEVICE_RESET, ((b';' as c_ulong) << 8) | 111);
+        assert_eq!(VFIO_DEVICE_GET_REGION_INFO, 0x3b6c);
         // vfio-ioctls keeps its numbers private; vfio-bindings has the parts.
         assert_eq!(b::VFIO_TYPE, b';');
         assert_eq!(b::VFIO_BASE, 100);

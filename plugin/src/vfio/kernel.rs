@@ -5,13 +5,17 @@
 //! stand in for the kernel.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::mem::size_of;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
+use vfio_bindings::bindings::vfio::{vfio_region_info, VFIO_PCI_CONFIG_REGION_INDEX};
 use vfio_ioctls::{VfioContainer, VfioDevice};
-use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ptr};
+use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ptr, ioctl_with_mut_ref};
 
-use super::feature::{FeatureRequest, VFIO_DEVICE_FEATURE, VFIO_DEVICE_RESET};
+use super::feature::{
+    FeatureRequest, VFIO_DEVICE_FEATURE, VFIO_DEVICE_GET_REGION_INFO, VFIO_DEVICE_RESET,
+};
 
 /// The syscalls of a VFIO device fd used for migration.
 pub(crate) trait FeatureIoctl: Send + Sync {
@@ -75,4 +79,48 @@ impl FeatureIoctl for DeviceFd {
         // no argument and touches no memory of ours.
         check(unsafe { ioctl(self, VFIO_DEVICE_RESET) })
     }
+}
+
+/// Reads `buf.len()` bytes of the device's PCI config space from its start:
+/// `VFIO_DEVICE_GET_REGION_INFO` for the config region, then `pread` at
+/// the offset it names. For a device fd the VMM opened, whose sysfs entry
+/// (an mdev's) may have no ids.
+pub(crate) fn read_config_head(device: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<()> {
+    let mut info = vfio_region_info {
+        argsz: size_of::<vfio_region_info>() as u32,
+        index: VFIO_PCI_CONFIG_REGION_INDEX,
+        ..Default::default()
+    };
+    // SAFETY: the fd is open for the whole call; the kernel writes at most
+    // `argsz` bytes into `info`, which we own and borrow exclusively.
+    check(unsafe { ioctl_with_mut_ref(&device, VFIO_DEVICE_GET_REGION_INFO, &mut info) })?;
+    if info.size < buf.len() as u64 {
+        return Err(io::Error::other(format!(
+            "config region of {} bytes, need {}",
+            info.size,
+            buf.len()
+        )));
+    }
+    let offset = libc::off_t::try_from(info.offset)
+        .map_err(|_| io::Error::other("config region offset out of range"))?;
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes and pread does
+    // not keep the pointer.
+    let n = unsafe {
+        libc::pread(
+            device.as_fd().as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            offset,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n as usize != buf.len() {
+        return Err(io::Error::other(format!(
+            "config space read returned {n} of {} bytes",
+            buf.len()
+        )));
+    }
+    Ok(())
 }

@@ -16,13 +16,14 @@
 pub mod cdev;
 mod feature;
 mod kernel;
+mod placement;
 pub(crate) mod sysfs;
 #[cfg(test)]
 mod tests;
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -38,6 +39,7 @@ pub use feature::{
     DmaLoggingError, MAX_DIRTY_BITMAP_BYTES, MAX_DMA_LOGGING_RANGES, MIN_DMA_LOGGING_PAGE_SIZE,
 };
 use kernel::{DeviceFd, FeatureIoctl};
+pub use placement::Placement;
 
 /// A VFIO device that supports migration v2, seen through
 /// [`MigrationDevice`].
@@ -154,6 +156,36 @@ impl VfioMigrationDevice {
             identity,
             name,
         }
+    }
+
+    /// Wraps a duplicate of the device fd a VMM opened for its own use of
+    /// the device (Cloud Hypervisor's `VfioPciDevice`), group- or
+    /// cdev-backed alike. The identity comes from `sysfs_dir` where it
+    /// has PCI ids (a VF), else from the device's config space (an mdev).
+    pub fn from_vmm_device_fd(fd: OwnedFd, sysfs_dir: Option<&Path>) -> Result<Self> {
+        let ids = match sysfs_dir.and_then(sysfs::read_pci_ids) {
+            Some(ids) => ids,
+            None => {
+                let mut head = [0u8; 12];
+                kernel::read_config_head(fd.as_fd(), &mut head)
+                    .map_err(Self::ioctl_error("reading PCI config space"))?;
+                sysfs::pci_ids_from_config(&head).ok_or_else(|| {
+                    DeviceError::Other("PCI config space holds no device ids".to_string())
+                })?
+            }
+        };
+        let identity = DeviceIdentity {
+            vendor_id: ids.vendor_id,
+            device_id: ids.device_id,
+            revision_id: ids.revision_id,
+            vram_size: None,
+        };
+        let mut device = Self::from_device_fd(fd, identity);
+        if let Some(name) = sysfs_dir.and_then(|d| d.file_name()) {
+            device.name = name.to_string_lossy().into_owned();
+        }
+        info!("using VFIO device {} as {identity}", device.name);
+        Ok(device)
     }
 
     /// Identity from a PCI sysfs directory, for an fd handed over by the

@@ -20,10 +20,38 @@ use std::io::{self, Read, Write};
 
 use serde::Serialize;
 use thiserror::Error;
-use xe_vf_glue::protocol::{
-    Command, MemoryRange, DEVICE_STATE_SELF_DELIMITED, HEADER_LEN, MAX_TABLE_RANGES,
-    MEMORY_RANGE_LEN,
-};
+use xe_vf_glue::protocol::{Command, DEVICE_STATE_SELF_DELIMITED};
+
+/// Bytes of a request header on the wire: `command: u16`,
+/// `command_headers: [u8; 6]`, `length: u64`, little-endian (CH's
+/// `vm-migration` protocol).
+pub const HEADER_LEN: usize = 16;
+
+/// Bytes of one `{gpa: u64, length: u64}` entry of a memory-range table.
+pub const MEMORY_RANGE_LEN: usize = 16;
+
+/// Most entries one table may carry, as CH's receiver allows.
+pub const MAX_TABLE_RANGES: u64 = 1 << 20;
+
+/// Every command of the protocol, to name the codes seen on the wire.
+const COMMANDS: [Command; 12] = [
+    Command::Invalid,
+    Command::Start,
+    Command::Config,
+    Command::State,
+    Command::Memory,
+    Command::Complete,
+    Command::Abandon,
+    Command::MemoryFd,
+    Command::CompletePaused,
+    Command::PageFault,
+    Command::DeviceState,
+    Command::Switchover,
+];
+
+fn command_of(code: u16) -> Option<Command> {
+    COMMANDS.into_iter().find(|c| *c as u16 == code)
+}
 
 /// Payload bytes forwarded past a cut header when the payload length is not
 /// known (self-delimited streams).
@@ -43,8 +71,8 @@ pub enum RelayError {
     TableTooLarge(u64),
     #[error("memory range table names more than 2^64 bytes")]
     MemoryOverflow,
-    #[error("bad memory range in the table")]
-    Range(#[source] xe_vf_glue::protocol::ProtocolError),
+    #[error("memory range {gpa:#x}+{length:#x} runs past the end of the address space")]
+    RangeOverflow { gpa: u64, length: u64 },
 }
 
 /// Where to cut a migration: at the first request with this command code,
@@ -79,6 +107,7 @@ pub fn parse_command(text: &str) -> Result<u16, String> {
         "complete-paused" => Some(Command::CompletePaused),
         "page-fault" => Some(Command::PageFault),
         "device-state" => Some(Command::DeviceState),
+        "switchover" => Some(Command::Switchover),
         _ => None,
     };
     if let Some(command) = named {
@@ -93,9 +122,9 @@ pub fn parse_command(text: &str) -> Result<u16, String> {
 
 /// Name of a command code for the report (`0x1234` when unknown).
 pub fn command_name(code: u16) -> String {
-    match Command::try_from(code) {
-        Ok(command) => format!("{command:?}"),
-        Err(_) => format!("{code:#x}"),
+    match command_of(code) {
+        Some(command) => format!("{command:?}"),
+        None => format!("{code:#x}"),
     }
 }
 
@@ -203,6 +232,15 @@ fn copy_exact<R: Read + ?Sized, W: Write + ?Sized>(
     Ok(())
 }
 
+/// `(gpa, length)` of one table entry.
+fn split_range(entry: &[u8; MEMORY_RANGE_LEN]) -> (u64, u64) {
+    let mut gpa = [0u8; 8];
+    let mut length = [0u8; 8];
+    gpa.copy_from_slice(&entry[..8]);
+    length.copy_from_slice(&entry[8..]);
+    (u64::from_le_bytes(gpa), u64::from_le_bytes(length))
+}
+
 /// Forwards a `Memory` payload (`table_len` bytes of table, then the guest
 /// bytes it names); returns the guest bytes.
 fn forward_memory<R: Read + ?Sized, W: Write + ?Sized>(
@@ -226,10 +264,11 @@ fn forward_memory<R: Read + ?Sized, W: Write + ?Sized>(
             },
             _ => RelayError::Io(e),
         })?;
-        let range = MemoryRange::from_bytes(&entry).map_err(RelayError::Range)?;
-        data = data
-            .checked_add(range.length)
-            .ok_or(RelayError::MemoryOverflow)?;
+        let (gpa, length) = split_range(&entry);
+        if gpa.checked_add(length).is_none() {
+            return Err(RelayError::RangeOverflow { gpa, length });
+        }
+        data = data.checked_add(length).ok_or(RelayError::MemoryOverflow)?;
         dst.write_all(&entry)?;
     }
     copy_exact(src, dst, data, "guest memory of a Memory request")?;
@@ -264,7 +303,7 @@ pub fn forward_requests<R: Read + ?Sized, W: Write + ?Sized>(
             });
             return Ok(report);
         }
-        let known = Command::try_from(code).is_ok();
+        let known = command_of(code).is_some();
         if code == Command::Memory as u16 {
             let data = forward_memory(src, dst, length)?;
             report.memory_bytes = report.memory_bytes.saturating_add(data);
@@ -306,10 +345,14 @@ mod tests {
         r
     }
 
+    fn range(gpa: u64, length: u64) -> Vec<u8> {
+        [gpa.to_le_bytes(), length.to_le_bytes()].concat()
+    }
+
     fn memory(ranges: &[(u64, u64)]) -> Vec<u8> {
         let mut table = Vec::new();
         for &(gpa, length) in ranges {
-            table.extend_from_slice(&MemoryRange { gpa, length }.to_bytes());
+            table.extend_from_slice(&range(gpa, length));
         }
         let mut r = request(Command::Memory as u16, &table);
         for &(gpa, length) in ranges {
@@ -452,16 +495,12 @@ mod tests {
         let err = forward_requests(&mut huge.as_slice(), &mut Vec::new(), None).unwrap_err();
         assert!(matches!(err, RelayError::TableTooLarge(_)), "{err:?}");
 
-        let wrapping = request(
-            Command::Memory as u16,
-            &MemoryRange {
-                gpa: u64::MAX,
-                length: 2,
-            }
-            .to_bytes(),
-        );
+        let wrapping = request(Command::Memory as u16, &range(u64::MAX, 2));
         let err = forward_requests(&mut wrapping.as_slice(), &mut Vec::new(), None).unwrap_err();
-        assert!(matches!(err, RelayError::Range(_)), "{err:?}");
+        assert!(
+            matches!(err, RelayError::RangeOverflow { length: 2, .. }),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -470,8 +509,10 @@ mod tests {
         assert_eq!(parse_command("device-state"), Ok(0x100));
         assert_eq!(parse_command("DEVICE_STATE"), Ok(0x100));
         assert_eq!(parse_command("0x100"), Ok(0x100));
+        assert_eq!(parse_command("switchover"), Ok(0x101));
         assert_eq!(parse_command("5"), Ok(5));
         assert!(parse_command("stat").is_err());
         assert_eq!(command_name(0x1234), "0x1234");
+        assert_eq!(command_name(0x101), "Switchover");
     }
 }

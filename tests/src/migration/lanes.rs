@@ -23,8 +23,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
-use xe_vf_glue::migration::MemoryRangeTable;
-use xe_vf_glue::protocol::{Command, ConnectionRole, Request, Response};
+use xe_vf_glue::error_chain::Chain;
+use xe_vf_glue::protocol::{Command, ConnectionRole, MemoryRangeTable, Request, Response};
 
 use super::conn::{connect, Conn, Listener, MigrationUrl};
 use super::expect_ok;
@@ -60,7 +60,7 @@ impl SendLanes {
                     .map_err(|e| HostError::failed(&phase, e))?;
                 ConnectionRole::PrecopyMemory
                     .write_to(&mut conn)
-                    .map_err(|e| HostError::failed(&phase, e))?;
+                    .map_err(|e| HostError::failed(&phase, Chain(&e)))?;
                 conns.push(conn);
             }
         }
@@ -141,7 +141,7 @@ fn send_chunk(
     Request::memory(chunk.length())
         .write_to(conn)
         .and_then(|()| chunk.write_to(conn))
-        .map_err(|e| HostError::failed(phase, e))?;
+        .map_err(|e| HostError::failed(phase, Chain(&e)))?;
     for r in chunk.regions() {
         memory
             .send_range(r, conn, buf)
@@ -270,7 +270,7 @@ impl ReceiveLanes {
         let role = match ConnectionRole::read_from(&mut conn) {
             Ok(r) => r,
             Err(e) => {
-                warn!("migration: dropping a connection: no role ({e})");
+                warn!("migration: dropping a connection: no role ({})", Chain(&e));
                 return None;
             }
         };
@@ -308,7 +308,7 @@ impl ReceiveLanes {
                     debug!("migration: connection {n} closed by the source");
                     return Ok(());
                 }
-                Err(e) => return Err(HostError::failed(&phase, e)),
+                Err(e) => return Err(HostError::failed(&phase, Chain(&e))),
             };
             if request.command() != Command::Memory {
                 return Err(HostError::bad_request(
@@ -317,7 +317,7 @@ impl ReceiveLanes {
                 ));
             }
             let table = MemoryRangeTable::read_from(&mut conn, request.length())
-                .map_err(|e| HostError::bad_request(&phase, e))?;
+                .map_err(|e| HostError::bad_request(&phase, Chain(&e)))?;
             for r in table.regions() {
                 memory
                     .receive_range(r, &mut conn, &mut buf)
@@ -326,7 +326,7 @@ impl ReceiveLanes {
             }
             Response::ok()
                 .write_to(&mut conn)
-                .map_err(|e| HostError::failed(&phase, e))?;
+                .map_err(|e| HostError::failed(&phase, Chain(&e)))?;
         }
     }
 

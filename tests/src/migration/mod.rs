@@ -19,7 +19,9 @@ pub mod send;
 use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
-use xe_vf_glue::protocol::{ProtocolError, Response, Status};
+use xe_vf_glue::error_chain::{chain, Chain};
+use xe_vf_glue::migration::MigratableError;
+use xe_vf_glue::protocol::{Response, Status};
 use xe_vf_glue::DeviceMigrationInfo;
 
 use crate::error::HostError;
@@ -62,7 +64,12 @@ pub fn read_json_payload<T: for<'de> Deserialize<'de>, R: Read>(
 pub fn write_error<W: Write>(conn: &mut W, message: &str) -> io::Result<()> {
     let bytes = message.as_bytes();
     let bytes = &bytes[..bytes.len().min(MAX_ERROR_MESSAGE as usize)];
-    conn.write_all(&Response::new(Status::Error, bytes.len() as u64).to_bytes())?;
+    Response::new(Status::Error, bytes.len() as u64)
+        .write_to(conn)
+        .map_err(|e| match e {
+            MigratableError::MigrateSocket(io) => io,
+            other => io::Error::other(chain(&other)),
+        })?;
     conn.write_all(bytes)
 }
 
@@ -75,7 +82,7 @@ pub fn expect_ok<R: Read>(conn: &mut R, phase: &str) -> Result<(), HostError> {
             if is_eof(&e) {
                 "the destination closed the connection without answering".to_string()
             } else {
-                format!("no answer from the destination: {e}")
+                format!("no answer from the destination: {}", Chain(&e))
             },
         )
     })?;
@@ -109,8 +116,8 @@ pub fn expect_ok<R: Read>(conn: &mut R, phase: &str) -> Result<(), HostError> {
 }
 
 /// Whether a protocol read failed because the peer closed the connection.
-pub fn is_eof(e: &ProtocolError) -> bool {
-    matches!(e, ProtocolError::Io(io) if io.kind() == io::ErrorKind::UnexpectedEof)
+pub fn is_eof(e: &MigratableError) -> bool {
+    matches!(e, MigratableError::MigrateSocket(io) if io.kind() == io::ErrorKind::UnexpectedEof)
 }
 
 /// After a write to the destination failed: the Error the destination

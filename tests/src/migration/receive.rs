@@ -15,8 +15,11 @@ use std::time::{Duration, Instant};
 use log::{error, info};
 use serde::Serialize;
 use serde_json::json;
-use xe_vf_glue::migration::{MemoryRangeTable, Snapshot};
-use xe_vf_glue::protocol::{Command, Request, Response};
+use xe_vf_glue::error_chain::Chain;
+use xe_vf_glue::migration::Snapshot;
+use xe_vf_glue::protocol::{
+    Command, MemoryRangeTable, Request, Response, DEVICE_STATE_SELF_DELIMITED,
+};
 use xe_vf_plugin::device_config::DeviceConfig;
 use xe_vf_plugin::engine::TransferOptions;
 
@@ -169,7 +172,7 @@ impl Receiver<'_> {
     fn ok(&mut self, phase: &str) -> HostResult<()> {
         Response::ok()
             .write_to(&mut self.conn)
-            .map_err(|e| HostError::failed(phase, e))
+            .map_err(|e| HostError::failed(phase, Chain(&e)))
     }
 
     fn vm(&self, phase: &str) -> HostResult<&Vm> {
@@ -189,7 +192,7 @@ impl Receiver<'_> {
                         "the source closed the connection before Complete",
                     )
                 } else {
-                    HostError::failed("read command", e)
+                    HostError::failed("read command", Chain(&e))
                 }
             })?;
             if !started && request.command() != Command::Start {
@@ -203,7 +206,7 @@ impl Receiver<'_> {
                     self.phase("start");
                     request
                         .sender_protocol_version()
-                        .map_err(|e| HostError::bad_request("start", e))?;
+                        .map_err(|e| HostError::bad_request("start", Chain(&e)))?;
                     started = true;
                     self.ok("start")?;
                 }
@@ -297,8 +300,9 @@ impl Receiver<'_> {
         {
             let set = vm.devices();
             for (d, info) in set.devices().iter().zip(&config.devices) {
-                d.check_incoming(info)
-                    .map_err(|e| HostError::conflict(format!("config: device {}", info.id), e))?;
+                d.check_incoming(info).map_err(|e| {
+                    HostError::conflict(format!("config: device {}", info.id), Chain(&e))
+                })?;
             }
         }
         self.received = vec![false; config.vm.devices.len()];
@@ -321,7 +325,7 @@ impl Receiver<'_> {
         // second is the final pass).
         self.inject(&format!("memory#{}", self.report.memory_passes));
         let table = MemoryRangeTable::read_from(&mut self.conn, request.length())
-            .map_err(|e| HostError::bad_request(phase, e))?;
+            .map_err(|e| HostError::bad_request(phase, Chain(&e)))?;
         let memory = self.vm(phase)?.memory().clone();
         for r in table.regions() {
             memory
@@ -340,7 +344,10 @@ impl Receiver<'_> {
     }
 
     fn device_state(&mut self, request: &Request) -> HostResult<()> {
-        let index = request.device_index().unwrap_or(u16::MAX) as usize;
+        let index = usize::from(request.device_index());
+        // CH's sender announces no length (the stream ends itself); a
+        // length, if one is given, must match the stream exactly.
+        let self_delimited = request.length() == DEVICE_STATE_SELF_DELIMITED;
         let id = self
             .vm("device-state")?
             .config()
@@ -370,15 +377,15 @@ impl Receiver<'_> {
         let report = {
             let set = vm.devices();
             let device = &set.devices()[index];
-            if request.is_self_delimited() {
-                device.receive_state(reader, &mut |_| {})
+            if self_delimited {
+                device.load_state_from(reader, &mut |_| {})
             } else {
-                device.receive_state(reader.take(request.length()), &mut |_| {})
+                device.load_state_from(reader.take(request.length()), &mut |_| {})
             }
         }
-        .map_err(|e| HostError::failed(&phase, e))?;
+        .map_err(|e| HostError::failed(&phase, Chain(&e)))?;
         let bytes = report.decoded.encoded_bytes;
-        if !request.is_self_delimited() && bytes != request.length() {
+        if !self_delimited && bytes != request.length() {
             return Err(HostError::bad_request(
                 &phase,
                 format!(

@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use log::{debug, error, info, warn};
 use serde::Serialize;
 use serde_json::json;
-use xe_vf_glue::migration::{MemoryRangeTable, Migratable, Snapshot, Snapshottable};
-use xe_vf_glue::protocol::{Request, DEVICE_STATE_SELF_DELIMITED};
+use xe_vf_glue::error_chain::{chain, Chain};
+use xe_vf_glue::migration::{Migratable, Snapshot, Snapshottable};
+use xe_vf_glue::protocol::{MemoryRangeTable, Request};
 use xe_vf_plugin::engine::TransferOptions;
 
 use super::conn::{connect, Conn, MigrationUrl};
@@ -207,7 +208,7 @@ impl Sender<'_> {
         self.phase("start");
         Request::start()
             .write_to(&mut self.conn)
-            .map_err(|e| HostError::failed("start", e))?;
+            .map_err(|e| HostError::failed("start", Chain(&e)))?;
         expect_ok(&mut self.conn, "start")?;
 
         // The destination checks compatibility here; nothing has been
@@ -220,12 +221,12 @@ impl Sender<'_> {
             let mut set = self.vm.devices();
             for d in set.devices_mut() {
                 d.start_migration()
-                    .map_err(|e| HostError::failed("start migration", e))?;
+                    .map_err(|e| HostError::failed("start migration", Chain(&e)))?;
             }
             self.undo.dirty_log_started = true;
             for d in set.devices_mut() {
                 d.start_dirty_log()
-                    .map_err(|e| HostError::failed("start dirty log", e))?;
+                    .map_err(|e| HostError::failed("start dirty log", Chain(&e)))?;
             }
         }
         self.vm.memory().clear_dirty();
@@ -268,7 +269,7 @@ impl Sender<'_> {
         };
         complete
             .write_to(&mut self.conn)
-            .map_err(|e| HostError::failed("complete", e))?;
+            .map_err(|e| HostError::failed("complete", Chain(&e)))?;
         expect_ok(&mut self.conn, "complete")?;
         let downtime = downtime_started.elapsed();
 
@@ -277,10 +278,10 @@ impl Sender<'_> {
             let mut set = self.vm.devices();
             for d in set.devices_mut() {
                 if let Err(e) = d.complete_migration() {
-                    warn!("after migration: {e}");
+                    warn!("after migration: {}", Chain(&e));
                 }
                 if let Err(e) = d.stop_dirty_log() {
-                    warn!("after migration: {e}");
+                    warn!("after migration: {}", Chain(&e));
                 }
             }
         }
@@ -391,7 +392,7 @@ impl Sender<'_> {
                 .iter()
                 .map(|d| d.migration_info())
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| HostError::failed("config", e))?
+                .map_err(|e| HostError::failed("config", Chain(&e)))?
         };
         let config = MigrationConfig {
             vm: self.vm.config().clone(),
@@ -400,7 +401,7 @@ impl Sender<'_> {
         let payload = serde_json::to_vec(&config).map_err(|e| HostError::failed("config", e))?;
         Request::config(payload.len() as u64)
             .write_to(&mut self.conn)
-            .map_err(|e| HostError::failed("config", e))?;
+            .map_err(|e| HostError::failed("config", Chain(&e)))?;
         std::io::Write::write_all(&mut self.conn, &payload)
             .map_err(|e| HostError::failed("config", e))?;
         expect_ok(&mut self.conn, "config")
@@ -413,7 +414,7 @@ impl Sender<'_> {
         for d in set.devices_mut() {
             let table = d
                 .dirty_log()
-                .map_err(|e| HostError::failed("dirty log", e))?;
+                .map_err(|e| HostError::failed("dirty log", Chain(&e)))?;
             self.vm.memory().merge_into_bitmap(bitmap, &table);
         }
         Ok(())
@@ -452,7 +453,7 @@ impl Sender<'_> {
                 .write_to(&mut self.conn)
                 .and_then(|()| chunk.write_to(&mut self.conn))
             {
-                return Err(self.write_failed(phase, e));
+                return Err(self.write_failed(phase, Chain(&e)));
             }
             if final_pass {
                 self.inject("final-memory");
@@ -478,9 +479,9 @@ impl Sender<'_> {
         for (index, d) in set.devices().iter().enumerate() {
             let phase = format!("device-state {}", Snapshottable::id(d));
             self.vmm.set_phase(format!("send: {phase}"));
-            Request::device_state(index as u16, DEVICE_STATE_SELF_DELIMITED)
+            Request::device_state(index as u16)
                 .write_to(&mut self.conn)
-                .map_err(|e| HostError::failed(&phase, e))?;
+                .map_err(|e| HostError::failed(&phase, Chain(&e)))?;
             self.undo.mid_stream = true;
             let stream_fault = fault::take_for(&mut self.fault, "device-state");
             let fault_conn = self
@@ -495,12 +496,12 @@ impl Sender<'_> {
                 fault_conn,
                 stream_fault,
             );
-            let sent = d.send_state(&mut out, &mut |_| {});
+            let sent = d.save_state_to(&mut out, &mut |_| {});
             let count = out.inner.count;
             self.device_bytes += count;
             Counters::add(&self.vmm.counters.device_bytes_sent, count);
             if let Err(e) = sent {
-                return Err(self.write_failed(&phase, e));
+                return Err(self.write_failed(&phase, Chain(&e)));
             }
             self.undo.mid_stream = false;
             expect_ok(&mut self.conn, &phase)?;
@@ -515,14 +516,16 @@ impl Sender<'_> {
         {
             let mut set = self.vm.devices();
             for d in set.devices_mut() {
-                let section = d.snapshot().map_err(|e| HostError::failed("state", e))?;
+                let section = d
+                    .snapshot()
+                    .map_err(|e| HostError::failed("state", Chain(&e)))?;
                 root.add_snapshot(Snapshottable::id(d), section);
             }
         }
         let payload = serde_json::to_vec(&root).map_err(|e| HostError::failed("state", e))?;
         Request::state(payload.len() as u64)
             .write_to(&mut self.conn)
-            .map_err(|e| HostError::failed("state", e))?;
+            .map_err(|e| HostError::failed("state", Chain(&e)))?;
         std::io::Write::write_all(&mut self.conn, &payload)
             .map_err(|e| HostError::failed("state", e))?;
         expect_ok(&mut self.conn, "state")
@@ -538,7 +541,7 @@ impl Sender<'_> {
             let mut set = self.vm.devices();
             for d in set.devices_mut() {
                 if let Err(e) = d.stop_dirty_log() {
-                    warn!("rolling back: {e}");
+                    warn!("rolling back: {}", Chain(&e));
                 }
             }
         }
@@ -564,7 +567,7 @@ impl Sender<'_> {
                 .and_then(|()| {
                     Request::abandon()
                         .write_to(&mut self.conn)
-                        .map_err(std::io::Error::other)
+                        .map_err(|e| std::io::Error::other(chain(&e)))
                 });
             if let Err(e) = sent {
                 info!("could not send Abandon ({e}); closing the connection");
