@@ -271,10 +271,12 @@ outcome() {
     case "$log" in
     *"Migration completed"*) echo completed ;;
     *"Migration failed"*) echo failed ;;
+    # The patched source after a Switchover that was not confirmed.
+    *"Migration outcome unknown"*) echo unknown ;;
     esac
 }
 has_outcome() { [ -n "$(outcome "$1")" ]; }
-failure_message() { since_send "$1" | grep -a 'Migration failed' | tail -n 1 | sed 's/.*Migration failed: //' | cut -c1-300; }
+failure_message() { since_send "$1" | grep -a -E 'Migration (failed|outcome unknown)' | tail -n 1 | sed -E 's/.*Migration (failed|outcome unknown): //' | cut -c1-300; }
 completion_line() { since_send "$1" | grep -a 'Migration completed' | tail -n 1 | sed 's/.*Migration completed/Migration completed/'; }
 downtime_ms() { completion_line "$1" | sed -n 's/.* with a downtime of \([0-9]*\)ms.*/\1/p'; }
 
@@ -296,6 +298,9 @@ migrated() {
         return 1
     fi
     value "$SCEN/downtime_ms" "$(downtime_ms "$1")"
+    # How the time went, as the source logged it (memory passes, devices).
+    note "source log: $(since_send "$1" | grep -a -E 'Precopy complete|streamed state' |
+        sed 's/.* -- //' | tr '\n' ';' | cut -c1-500)"
     if wait_until "$API_WAIT" test -f "$RUN/$2/receive.rc" && [ "$(cat "$RUN/$2/receive.rc")" = 0 ]; then
         pass receive-returned "receive-migration returned 0"
     else
