@@ -115,8 +115,8 @@ if ! wait "$receiver"; then
     echo "receive-migration failed: $(cat "$work/received.txt")" >&2
     exit 1
 fi
-if grep -q '"failed":' <<<"$src_info"; then
-    echo "migration failed: $src_info" >&2
+if grep -q '"failed":\|"unknown":' <<<"$src_info"; then
+    echo "migration failed or its outcome is unknown: $src_info" >&2
     exit 1
 fi
 dst_info=$(ch "$dst" info)
@@ -132,7 +132,7 @@ src_state=$(sed -n 's/.*"state":"\([A-Za-z]*\)".*/\1/p' <<<"$src_info")
 dst_state=$(sed -n 's/.*"state":"\([A-Za-z]*\)".*/\1/p' <<<"$dst_info")
 
 echo
-echo "downtime:        $(field "$src_info" downtime_ms) ms (pause -> destination's Ok to Complete; includes destination verify)"
+echo "downtime:        $(field "$src_info" downtime_ms) ms (pause -> destination's Ok to Switchover; includes destination verify)"
 echo "total:           $(field "$src_info" total_ms) ms"
 echo "memory:          $(field "$src_info" memory_bytes) bytes in $(field "$src_info" memory_passes) passes over $connections connection(s) (final pass $(field "$src_info" final_pass_bytes) bytes)"
 echo "device state:    $(field "$src_info" device_bytes) bytes (streamed DeviceState, not in JSON)"

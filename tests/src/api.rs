@@ -17,9 +17,10 @@
 //! `vm.fill-device {"device", "seed", "zero_percent"}` gives an idle one
 //! state of its own, `vm.arm-migration` arms
 //! [`MigrationTestOptions`](crate::fault::MigrationTestOptions) for the
-//! next migration, `GET vmm.migration` tells what a migration does now
-//! and how the last one ended (also in `vm.info`, which CH answers 404
-//! while there is no VM).
+//! next migration, `GET vmm.migration` tells what a migration does now,
+//! how the last one ended (also in `vm.info`, which CH answers 404 while
+//! there is no VM) and the VM's state (`vm.info`'s, without its
+//! checksums).
 
 use std::sync::Arc;
 

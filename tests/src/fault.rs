@@ -17,11 +17,13 @@ use std::time::Duration;
 
 use log::warn;
 use serde::Deserialize;
+use xe_vf_glue::protocol::ProtocolFeatures;
 use xe_vf_plugin::emulated::Fault;
 use xe_vf_plugin::uapi::DeviceState;
 
 use crate::error::{HostError, HostResult};
 use crate::migration::conn::Conn;
+use crate::migration::SUPPORTED_FEATURES;
 
 /// Longest stall a request may ask for.
 const MAX_STALL_MS: u64 = 600_000;
@@ -190,11 +192,21 @@ fn default_receive_timeout_s() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct MigrationTestOptions {
     /// A fault this side injects at a phase. Source: `pause`,
-    /// `final-memory`, `device-state`, `state`, `complete`. Destination:
-    /// `memory`, `memory#N`, `device-state`, `state`, `complete`,
-    /// `resumed` (after the VM resumed, before the Ok to Complete).
+    /// `final-memory`, `state`, `device-state`, `complete`, `ready` (the
+    /// destination answered Complete, Switchover not sent yet),
+    /// `switchover-sent` (Switchover went out, no answer read yet).
+    /// Destination: `memory`, `memory#N`, `state`, `device-state`,
+    /// `complete` (before the checks), `ready` (answered Complete, before
+    /// reading Switchover), `switchover` (got Switchover, before
+    /// resuming), `resumed` (the VM resumed, before the Ok).
     #[serde(default)]
     pub fault: Option<MigrationFault>,
+    /// Announce only these optional protocol features in Start (source)
+    /// or in its answer (destination), as an older peer does: `[]` for
+    /// none, `["device-state"]` for a peer without the two-step
+    /// switch-over. Absent: all this host speaks.
+    #[serde(default)]
+    pub features: Option<Vec<Feature>>,
     /// Destination: device id -> spec used instead of the source's (to
     /// test refusals or map to another VF on this host).
     #[serde(default)]
@@ -217,10 +229,40 @@ pub struct MigrationTestOptions {
     pub device_faults: BTreeMap<String, Vec<DeviceFault>>,
 }
 
+/// An optional protocol feature, by the name the test hooks use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Feature {
+    DeviceState,
+    Switchover,
+}
+
+impl Feature {
+    fn flag(self) -> ProtocolFeatures {
+        match self {
+            Feature::DeviceState => ProtocolFeatures::DEVICE_STATE,
+            Feature::Switchover => ProtocolFeatures::SWITCHOVER,
+        }
+    }
+}
+
+impl MigrationTestOptions {
+    /// The optional features this side announces.
+    pub fn protocol_features(&self) -> ProtocolFeatures {
+        match &self.features {
+            None => SUPPORTED_FEATURES,
+            Some(list) => list
+                .iter()
+                .fold(ProtocolFeatures::empty(), |all, f| all | f.flag()),
+        }
+    }
+}
+
 impl Default for MigrationTestOptions {
     fn default() -> Self {
         MigrationTestOptions {
             fault: None,
+            features: None,
             device_overrides: BTreeMap::new(),
             verify: false,
             stall_at: None,

@@ -159,6 +159,22 @@ impl Vmm {
         self.set_state(state);
     }
 
+    /// Takes the VM away (a migration that brought it failed).
+    pub fn uninstall(&self) -> Option<Arc<Vm>> {
+        let vm = lock(&self.vm).take();
+        self.set_state(VmState::Created);
+        vm
+    }
+
+    /// Resumes `vm`, the VM of this VMM. The state says Running from
+    /// before the first device resumes, so that whoever watches the
+    /// state never misses an instant the VM may run; on failure it says
+    /// Paused again.
+    pub fn resume_vm(&self, vm: &Vm) -> HostResult<()> {
+        self.set_state(VmState::Running);
+        vm.resume().inspect_err(|_| self.set_state(VmState::Paused))
+    }
+
     /// Whether a VM exists, booted or only created.
     pub fn has_vm(&self) -> bool {
         self.vm().is_some() || lock(&self.created).is_some()
@@ -180,10 +196,14 @@ impl Vmm {
         *lock(&self.last_migration) = Some(outcome);
     }
 
-    /// `{"phase", "attempts", "last"}`: what a migration does now and how
-    /// the last one ended.
+    /// `{"phase", "attempts", "last", "state"}`: what a migration does
+    /// now, how the last one ended, and the VM's state as `vm.info` shows
+    /// it (null without a VM), without `vm.info`'s checksums: cheap
+    /// enough to poll every few milliseconds.
     pub fn migration_status(&self) -> Value {
+        let state = (self.vm().is_some() || lock(&self.created).is_some()).then(|| self.state());
         json!({
+            "state": state,
             "phase": lock(&self.migration_phase).clone(),
             "attempts": self.migration_attempts.load(Ordering::Relaxed),
             "last": lock(&self.last_migration).clone(),
@@ -246,8 +266,7 @@ impl Vmm {
     pub fn resume(&self) -> HostResult<()> {
         let _op = self.begin("resume")?;
         let vm = self.vm_in("resume", VmState::Paused)?;
-        vm.resume()?;
-        self.set_state(VmState::Running);
+        self.resume_vm(&vm)?;
         Counters::add(&self.counters.resumes, 1);
         Ok(())
     }

@@ -10,7 +10,7 @@
 //!
 //! How equality is checked with workloads running: the source records
 //! guest memory's CRC and every VF digest once it has stopped (VM paused,
-//! VFs in STOP; it never runs again after Complete) in its report
+//! VFs in STOP; it never runs again after Switchover) in its report
 //! (`at_stop`). The destination, with `verify` armed (a test hook),
 //! records the same right before it resumes (`at_switchover`), when
 //! memory and VF state are exactly what it received. Those two must be
@@ -425,4 +425,31 @@ fn killed_destination_leaves_the_source_running_with_its_vf_state() {
         sent["at_stop"]["devices"][0]["digest"],
         device(&before, 0)["digest"]
     );
+}
+
+#[test]
+fn paused_vm_arrives_paused() {
+    // CompletePaused: the destination answers Switchover without
+    // resuming; the VM runs only when someone resumes it.
+    let dir = tempfile::tempdir().unwrap();
+    let src = source(
+        dir.path(),
+        &["emulated=on,vram=8M,id=gpu0"],
+        &["--vcpu-workload", "off"],
+    );
+    let dst = Host::start(dir.path(), "dst", &[]);
+    wait_generation_beyond(&src, 0, 5);
+    src.ch_ok(&["pause"]);
+    let url = format!("unix:{}", dir.path().join("mig.sock").display());
+    let (sent, received) = migrate(&src, &dst, &url, &send_config(&url));
+    assert_same_fingerprint(&sent["at_stop"], &received["at_switchover"]);
+    assert_eq!(sent["two_step_switchover"], true);
+    assert_eq!(received["two_step_switchover"], true);
+    assert_eq!(src.info()["state"], "Shutdown");
+    let info = dst.info();
+    assert_eq!(info["state"], "Paused");
+    assert_eq!(device(&info, 0)["vf_state"], "STOP");
+    dst.ch_ok(&["resume"]);
+    let g = generation(&dst.info(), 0);
+    wait_generation_beyond(&dst, 0, g);
 }

@@ -1,27 +1,33 @@
 // Copyright 2026 The xe-vf-migration authors
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Live migration over Cloud Hypervisor's protocol, with each VF's state
-//! as a streamed `DeviceState` command (see `xe_vf_glue::protocol`).
+//! Live migration over Cloud Hypervisor's protocol as our patch series
+//! extends it: each VF's state as a streamed `DeviceState` command and a
+//! two-step switch-over, both negotiated in Start (see
+//! `xe_vf_glue::protocol::ProtocolFeatures`).
 //!
-//! Source: Start, Config (VM config and each VF's migration info; the
+//! Source: Start (announcing its features; the destination answers with
+//! its own), Config (VM config and each VF's migration info; the
 //! destination checks compatibility and may refuse before anything
 //! stops), Memory pass 0 and dirty passes while the VM runs, pause, final
 //! Memory pass (vCPU dirty pages plus every range the VFs may have
-//! DMA'd into), one DeviceState stream per VF, State (small JSON tree),
-//! Complete. Any failure before Complete's Ok resumes the source.
+//! DMA'd into), State (small JSON tree), one DeviceState stream per VF
+//! (in the order of their ids), Complete, then Switchover (see
+//! [`switchover`] for what each side does when something fails around
+//! it). Any failure before Switchover went out resumes the source.
 
 pub mod conn;
 pub mod lanes;
 pub mod receive;
 pub mod send;
+pub mod switchover;
 
 use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
 use xe_vf_glue::error_chain::{chain, Chain};
 use xe_vf_glue::migration::MigratableError;
-use xe_vf_glue::protocol::{Response, Status};
+use xe_vf_glue::protocol::{ProtocolFeatures, Response, Status};
 use xe_vf_glue::DeviceMigrationInfo;
 
 use crate::error::HostError;
@@ -32,6 +38,20 @@ use conn::Conn;
 pub const MAX_JSON_PAYLOAD: u64 = 1 << 20;
 /// Largest error message carried by an Error response.
 pub const MAX_ERROR_MESSAGE: u64 = 64 * 1024;
+
+/// The optional protocol features this host speaks (the series':
+/// streamed device state and the two-step switch-over).
+pub const SUPPORTED_FEATURES: ProtocolFeatures =
+    ProtocolFeatures::DEVICE_STATE.union(ProtocolFeatures::SWITCHOVER);
+
+/// The order that numbers streamed devices on the wire: indices into
+/// `ids` (the VM's devices in config order), sorted by id, as CH numbers
+/// its streamed components.
+pub fn streamed_order<S: AsRef<str>>(ids: &[S]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..ids.len()).collect();
+    order.sort_by(|&a, &b| ids[a].as_ref().cmp(ids[b].as_ref()));
+    order
+}
 
 /// Payload of the `Config` command.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -76,6 +96,11 @@ pub fn write_error<W: Write>(conn: &mut W, message: &str) -> io::Result<()> {
 /// Reads a response; anything but Ok is an error carrying the peer's
 /// message, if it sent one.
 pub fn expect_ok<R: Read>(conn: &mut R, phase: &str) -> Result<(), HostError> {
+    read_ok(conn, phase).map(|_| ())
+}
+
+/// [`expect_ok`], returning the Ok (whose padding may carry features).
+pub fn read_ok<R: Read>(conn: &mut R, phase: &str) -> Result<Response, HostError> {
     let response = Response::read_from(conn).map_err(|e| {
         HostError::failed(
             phase,
@@ -103,7 +128,7 @@ pub fn expect_ok<R: Read>(conn: &mut R, phase: &str) -> Result<(), HostError> {
         message = String::from_utf8_lossy(&buf).into_owned();
     }
     match response.status() {
-        Status::Ok => Ok(()),
+        Status::Ok => Ok(response),
         other => Err(HostError::failed(
             phase,
             if message.is_empty() {

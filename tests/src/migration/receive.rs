@@ -5,27 +5,31 @@
 //!
 //! The VM is built from the source's Config with its VFs stopped before
 //! any memory arrives, and is kept private until Complete: on any failure
-//! it is dropped (a VF whose load failed was already reset by the
-//! engine), so a partly restored VF never runs.
+//! before then it is dropped (a VF whose load failed was already reset by
+//! the engine), so a partly restored VF never runs. At Complete, once
+//! everything is checked, it becomes this host's VM, paused; with the
+//! two-step switch-over it runs only on the source's `Switchover` (see
+//! [`super::switchover`]), and stays paused if the source is lost before.
 
 use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{error, info};
+use log::{error, info, warn};
 use serde::Serialize;
 use serde_json::json;
 use xe_vf_glue::error_chain::Chain;
 use xe_vf_glue::migration::Snapshot;
 use xe_vf_glue::protocol::{
-    Command, MemoryRangeTable, Request, Response, DEVICE_STATE_SELF_DELIMITED,
+    Command, MemoryRangeTable, ProtocolFeatures, Request, Response, DEVICE_STATE_SELF_DELIMITED,
 };
 use xe_vf_plugin::device_config::DeviceConfig;
 use xe_vf_plugin::engine::TransferOptions;
 
 use super::conn::{Conn, Listener, MigrationUrl};
 use super::lanes::ReceiveLanes;
-use super::{is_eof, read_json_payload, write_error, MigrationConfig};
+use super::switchover::{self, Failure, Go};
+use super::{is_eof, read_json_payload, streamed_order, write_error, MigrationConfig};
 use crate::error::{HostError, HostResult};
 use crate::fault::{self, FaultyStream, MigrationFault, MigrationTestOptions};
 use crate::memory::COPY_CHUNK;
@@ -41,8 +45,11 @@ pub struct ReceiveReport {
     pub memory_passes: u32,
     /// Extra memory connections the source opened (`connections`).
     pub memory_connection_bytes: u64,
-    /// With `verify`: the VM as it was right before it resumed.
+    /// With `verify`: the VM as it was right before it resumed (as the
+    /// destination got ready, with two steps).
     pub at_switchover: Option<VmFingerprint>,
+    /// Whether the switch-over had two steps (the source announced it).
+    pub two_step_switchover: bool,
 }
 
 struct Receiver<'a> {
@@ -53,14 +60,21 @@ struct Receiver<'a> {
     lanes: Option<ReceiveLanes>,
     vm: Option<Vm>,
     fault: Option<MigrationFault>,
+    /// Optional protocol features both sides announced.
+    features: ProtocolFeatures,
+    /// State arrived (DeviceState and Complete come after it).
+    state_received: bool,
     received: Vec<bool>,
     buf: Vec<u8>,
     report: ReceiveReport,
 }
 
 /// `vm.receive-migration`: waits for one migration and runs the VM it
-/// brings (Running after Complete, Paused after CompletePaused); returns
-/// once it is over, as CH does. The report is in `vm.info`'s `migration`.
+/// brings (Running after Complete, or after Switchover with two steps;
+/// Paused after CompletePaused); returns once it is over, as CH does.
+/// The report is in `vm.info`'s `migration` (`{"received": …}`,
+/// `{"failed": …}`, or `{"unknown": …}` when the source was lost after
+/// this host was ready: the VM then stays here, Paused).
 pub fn receive(vmm: &Vmm, url: &MigrationUrl, req: &MigrationTestOptions) -> HostResult<()> {
     let _op = vmm.begin("receive-migration")?;
     if vmm.has_vm() {
@@ -78,12 +92,9 @@ pub fn receive(vmm: &Vmm, url: &MigrationUrl, req: &MigrationTestOptions) -> Hos
             vmm.set_last_migration(attempt, json!({ "received": value }));
             Ok(())
         }
-        Err(e) => {
-            vmm.set_last_migration(
-                attempt,
-                json!({ "failed": { "error": e.messages(), "phase": e.phase } }),
-            );
-            Err(e)
+        Err(f) => {
+            vmm.set_last_migration(attempt, f.outcome());
+            Err(f.error)
         }
     }
 }
@@ -92,7 +103,7 @@ fn receive_one(
     vmm: &Vmm,
     url: &MigrationUrl,
     req: &MigrationTestOptions,
-) -> HostResult<ReceiveReport> {
+) -> Result<ReceiveReport, Failure> {
     let timeout = Duration::from_secs(req.timeout_s.clamp(1, 3600));
     let listener = Arc::new(
         Listener::bind(url).map_err(|e| HostError::failed("listen", format!("{url:?}: {e}")))?,
@@ -112,6 +123,8 @@ fn receive_one(
         lanes: None,
         vm: None,
         fault: req.fault.clone(),
+        features: ProtocolFeatures::empty(),
+        state_received: false,
         received: Vec::new(),
         buf: vec![0u8; COPY_CHUNK],
         report: ReceiveReport {
@@ -121,6 +134,7 @@ fn receive_one(
             memory_passes: 0,
             memory_connection_bytes: 0,
             at_switchover: None,
+            two_step_switchover: false,
         },
     };
     let result = receiver.run();
@@ -128,30 +142,47 @@ fn receive_one(
     if let Some(mut lanes) = receiver.lanes.take() {
         let _ = lanes.finish();
     }
-    match result {
-        Ok(vm) => {
-            for d in vm.0.devices().devices_mut() {
+    let result = match result {
+        Ok((vm, resume)) => {
+            for d in vm.devices().devices_mut() {
                 d.set_transfer_options(TransferOptions::default());
             }
+            if receiver.features.contains(ProtocolFeatures::SWITCHOVER) {
+                receiver.report.two_step_switchover = true;
+                receiver.switch_over(vm, resume)
+            } else {
+                receiver.single_step(vm, resume).map_err(Failure::from)
+            }
+        }
+        Err(e) => Err(Failure::from(e)),
+    };
+    match result {
+        Ok(()) => {
             receiver.report.total_ms = started.elapsed().as_secs_f64() * 1e3;
             Counters::add(&vmm.counters.migrations_received, 1);
             info!(
                 "migration received: {} memory bytes, {} device bytes",
                 receiver.report.memory_bytes, receiver.report.device_bytes
             );
-            vmm.install(vm.0, vm.1);
             Ok(receiver.report)
         }
-        Err(e) => {
+        Err(f) if f.unknown => {
+            error!(
+                "receive-migration outcome unknown in {}: {}; the VM stays Paused here",
+                f.error.phase, f.error.cause
+            );
+            Err(f)
+        }
+        Err(f) => {
             error!(
                 "receive-migration failed in {}: {}; VM discarded",
-                e.phase, e.cause
+                f.error.phase, f.error.cause
             );
             // Best effort: the source may already be gone.
-            let _ = write_error(&mut receiver.conn, &e.to_string());
+            let _ = write_error(&mut receiver.conn, &f.error.to_string());
             receiver.vm.take();
             Counters::add(&vmm.counters.migrations_failed, 1);
-            Err(e)
+            Err(f)
         }
     }
 }
@@ -181,8 +212,9 @@ impl Receiver<'_> {
             .ok_or_else(|| HostError::bad_request(phase, "command before Config"))
     }
 
-    /// Serves commands until Complete; returns the VM to install.
-    fn run(&mut self) -> HostResult<(Arc<Vm>, VmState)> {
+    /// Serves commands until Complete; returns the VM, checked and paused,
+    /// and whether it is to run (Complete, not CompletePaused).
+    fn run(&mut self) -> HostResult<(Vm, bool)> {
         let mut started = false;
         loop {
             let request = Request::read_from(&mut self.conn).map_err(|e| {
@@ -208,7 +240,11 @@ impl Receiver<'_> {
                         .sender_protocol_version()
                         .map_err(|e| HostError::bad_request("start", Chain(&e)))?;
                     started = true;
-                    self.ok("start")?;
+                    let ours = self.req.protocol_features();
+                    self.features = request.sender_features() & ours;
+                    Response::ok_with_features(ours)
+                        .write_to(&mut self.conn)
+                        .map_err(|e| HostError::failed("start", Chain(&e)))?;
                 }
                 Command::Config => self.config(&request)?,
                 Command::Memory => self.memory(&request)?,
@@ -216,6 +252,12 @@ impl Receiver<'_> {
                 Command::State => self.state(&request)?,
                 Command::Complete | Command::CompletePaused => {
                     return self.complete(request.command() == Command::Complete);
+                }
+                Command::Switchover => {
+                    return Err(HostError::bad_request(
+                        "switchover",
+                        "Switchover before Complete",
+                    ))
                 }
                 Command::Abandon => {
                     let _ = self.ok("abandon");
@@ -277,6 +319,18 @@ impl Receiver<'_> {
                     format!(
                         "device info '{}' does not match device '{}'",
                         info.id, entry.id
+                    ),
+                ));
+            }
+        }
+        if !self.features.contains(ProtocolFeatures::DEVICE_STATE) {
+            if let Some(entry) = config.vm.devices.first() {
+                return Err(HostError::bad_request(
+                    "config",
+                    format!(
+                        "the source does not stream device state (DEVICE_STATE): device {} \
+                         cannot be received",
+                        entry.id
                     ),
                 ));
             }
@@ -344,19 +398,32 @@ impl Receiver<'_> {
     }
 
     fn device_state(&mut self, request: &Request) -> HostResult<()> {
-        let index = usize::from(request.device_index());
+        if !self.features.contains(ProtocolFeatures::DEVICE_STATE) {
+            return Err(HostError::bad_request(
+                "device-state",
+                "DeviceState without the DEVICE_STATE feature",
+            ));
+        }
+        if !self.state_received {
+            return Err(HostError::bad_request(
+                "device-state",
+                "DeviceState before State",
+            ));
+        }
+        // The wire numbers devices in the order of their ids.
+        let wire_index = usize::from(request.device_index());
         // CH's sender announces no length (the stream ends itself); a
         // length, if one is given, must match the stream exactly.
         let self_delimited = request.length() == DEVICE_STATE_SELF_DELIMITED;
-        let id = self
-            .vm("device-state")?
-            .config()
-            .devices
-            .get(index)
-            .map(|d| d.id.clone())
+        let devices = &self.vm("device-state")?.config().devices;
+        let ids: Vec<&str> = devices.iter().map(|d| d.id.as_str()).collect();
+        let index = streamed_order(&ids)
+            .get(wire_index)
+            .copied()
             .ok_or_else(|| {
-                HostError::bad_request("device-state", format!("no device with index {index}"))
+                HostError::bad_request("device-state", format!("no device with index {wire_index}"))
             })?;
+        let id = devices[index].id.clone();
         let phase = format!("device-state {id}");
         self.phase(&phase);
         if self.received.get(index).copied().unwrap_or(true) {
@@ -410,6 +477,9 @@ impl Receiver<'_> {
             Counters::add(&self.vmm.counters.memory_bytes_received, bytes);
         }
         self.inject("state");
+        if self.state_received {
+            return Err(HostError::bad_request("state", "State sent twice"));
+        }
         let tree: Snapshot = read_json_payload(&mut self.conn, request.length(), "state")?;
         let vm = self.vm("state")?;
         for entry in &vm.config().devices {
@@ -420,12 +490,17 @@ impl Receiver<'_> {
                 ));
             }
         }
+        self.state_received = true;
         self.ok("state")
     }
 
-    fn complete(&mut self, resume: bool) -> HostResult<(Arc<Vm>, VmState)> {
+    /// Checks that everything arrived; returns the VM, still paused.
+    fn complete(&mut self, resume: bool) -> HostResult<(Vm, bool)> {
         self.phase("complete");
         self.inject("complete");
+        if !self.state_received {
+            return Err(HostError::bad_request("complete", "Complete before State"));
+        }
         let missing = self
             .vm("complete")?
             .config()
@@ -445,21 +520,87 @@ impl Receiver<'_> {
             .take()
             .ok_or_else(|| HostError::bad_request("complete", "no VM"))?;
         if self.req.verify {
-            self.report.at_switchover = Some(vm.fingerprint()?);
+            match vm.fingerprint() {
+                Ok(f) => self.report.at_switchover = Some(f),
+                Err(e) => {
+                    self.vm = Some(vm);
+                    return Err(e);
+                }
+            }
         }
-        let state = if resume {
-            if let Err(e) = vm.resume() {
-                self.vm = Some(vm);
+        Ok((vm, resume))
+    }
+
+    /// A source without the two-step switch-over: the VM runs, then the
+    /// Ok goes out. If it cannot, the source resumes its own copy, so
+    /// this one is discarded (both may have run meanwhile: the risk the
+    /// source logged).
+    fn single_step(&mut self, vm: Vm, resume: bool) -> HostResult<()> {
+        let vm = Arc::new(vm);
+        self.vmm.install(vm.clone(), VmState::Paused);
+        if resume {
+            if let Err(e) = self.vmm.resume_vm(&vm) {
+                self.discard();
                 return Err(e);
             }
-            // Until the source has the Ok, it may still resume its own
-            // copy: if the Ok cannot go out, this VM is dropped below.
             self.inject("resumed");
-            VmState::Running
-        } else {
-            VmState::Paused
-        };
-        self.ok("complete")?;
-        Ok((Arc::new(vm), state))
+        }
+        if let Err(e) = self.ok("complete") {
+            self.discard();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Two steps: answers Complete ("ready") with the VM installed here
+    /// but paused, then runs it on the source's Switchover. Before ready
+    /// is out, a failure discards it; after, a lost source leaves it
+    /// paused (an unknown outcome), since the source may have sent
+    /// Switchover; an explicit Abandon, or a resume that fails, discards
+    /// it.
+    fn switch_over(&mut self, vm: Vm, resume: bool) -> Result<(), Failure> {
+        let vm = Arc::new(vm);
+        self.vmm.install(vm.clone(), VmState::Paused);
+        // Ready did not go out whole: the source cannot have read it, so
+        // it cannot send Switchover.
+        if let Err(e) = self.ok("complete") {
+            self.discard();
+            return Err(e.into());
+        }
+        self.phase("ready");
+        self.inject("ready");
+        let go = switchover::await_go(&mut self.conn)
+            .map_err(|e| Failure::unknown(e.context(switchover::DESTINATION_KEPT)))?;
+        if let Go::Abandon = go {
+            self.discard();
+            let _ = self.ok("abandon");
+            return Err(HostError::failed("abandon", "the source abandoned the migration").into());
+        }
+        self.phase("switchover");
+        self.inject("switchover");
+        if resume {
+            if let Err(e) = self.vmm.resume_vm(&vm) {
+                // Not running here: the source, told so, resumes its own.
+                self.discard();
+                return Err(e.into());
+            }
+            self.inject("resumed");
+        }
+        if let Err(e) = self.ok("switchover") {
+            // The VM runs here; the source, told nothing, stays paused.
+            warn!(
+                "the source was not told that the VM runs here ({}): its outcome is unknown \
+                 and its VM stays paused",
+                e.cause
+            );
+        }
+        Ok(())
+    }
+
+    /// The VM being received is not this host's after all.
+    fn discard(&mut self) {
+        if let Some(vm) = self.vmm.uninstall() {
+            vm.shut_down();
+        }
     }
 }

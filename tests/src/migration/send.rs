@@ -2,6 +2,11 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! Source side of a live migration.
+//!
+//! The two-step switch-over (when both sides announce it) is in
+//! [`super::switchover`]; here the rule it gives the source: once
+//! `Switchover` may have reached the destination, the VM never resumes
+//! by itself.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,17 +15,19 @@ use std::time::{Duration, Instant};
 use log::{debug, error, info, warn};
 use serde::Serialize;
 use serde_json::json;
+use xe_vf_glue::device_set::XeVfSet;
 use xe_vf_glue::error_chain::{chain, Chain};
 use xe_vf_glue::migration::{Migratable, Snapshot, Snapshottable};
-use xe_vf_glue::protocol::{MemoryRangeTable, Request};
+use xe_vf_glue::protocol::{MemoryRangeTable, ProtocolFeatures, Request};
 use xe_vf_plugin::engine::TransferOptions;
 
 use super::conn::{connect, Conn, MigrationUrl};
 use super::lanes::SendLanes;
-use super::{expect_ok, peer_refusal, CountingWriter, MigrationConfig};
+use super::switchover::{self, Failure, Unconfirmed};
+use super::{expect_ok, peer_refusal, read_ok, streamed_order, CountingWriter, MigrationConfig};
 use crate::api_bodies::{SendMigrationData, TimeoutStrategy};
 use crate::error::{HostError, HostResult};
-use crate::fault::{self, FaultyStream, MigrationFault};
+use crate::fault::{self, FaultyStream, MigrationFault, MigrationTestOptions};
 use crate::memory::{COPY_CHUNK, PAGE_SIZE};
 use crate::vm::{Vm, VmFingerprint};
 use crate::vmm::{Counters, VmState, Vmm};
@@ -34,7 +41,8 @@ const CONNECT_RETRY: Duration = Duration::from_secs(10);
 /// What a completed migration reports.
 #[derive(Clone, Debug, Serialize)]
 pub struct SendReport {
-    /// From pausing the VM to the destination's Ok to Complete.
+    /// From pausing the VM to the destination's Ok to Switchover (to
+    /// Complete with a destination that has no two-step switch-over).
     pub downtime_ms: f64,
     pub total_ms: f64,
     pub memory_bytes: u64,
@@ -46,6 +54,9 @@ pub struct SendReport {
     pub connections: u32,
     /// Memory checksum and VF digests of the source as it stopped.
     pub at_stop: VmFingerprint,
+    /// Whether the switch-over had two steps (the destination announced
+    /// it); with one, a lost answer to Complete could run the VM twice.
+    pub two_step_switchover: bool,
 }
 
 /// Everything that must be undone if the migration fails.
@@ -55,6 +66,9 @@ struct Undo {
     paused: bool,
     /// Inside a DeviceState stream: the connection cannot carry Abandon.
     mid_stream: bool,
+    /// Switchover may have reached the destination and was not refused:
+    /// the VM may run there, so it must not resume here by itself.
+    destination_may_run: bool,
 }
 
 struct Sender<'a> {
@@ -67,6 +81,10 @@ struct Sender<'a> {
     buf: Vec<u8>,
     undo: Undo,
     fault: Option<MigrationFault>,
+    /// Optional protocol features announced in Start.
+    features: ProtocolFeatures,
+    /// Whether the switch-over has two steps (both announced it).
+    two_step: bool,
     memory_bytes: AtomicU64,
     device_bytes: u64,
     passes: u32,
@@ -74,9 +92,10 @@ struct Sender<'a> {
 
 /// `vm.send-migration`: checks the request, then migrates in a worker
 /// thread and returns at once, as CH does. The outcome shows in
-/// `vm.info`'s `migration` (and `vmm.migration`): `{"sent": report}` or
-/// `{"failed": …}`; on success the VM is Shutdown here, on failure it
-/// runs on (or stays paused if it was paused).
+/// `vm.info`'s `migration` (and `vmm.migration`): `{"sent": report}`,
+/// `{"failed": …}` or `{"unknown": …}`; on success the VM is Shutdown
+/// here, on failure it runs on (or stays paused if it was paused), with
+/// an unknown outcome it stays Paused for an operator to decide.
 pub fn start(vmm: &Arc<Vmm>, req: SendMigrationData) -> HostResult<()> {
     let url = req.check()?;
     let op = vmm.begin("send-migration")?;
@@ -105,14 +124,14 @@ pub fn start(vmm: &Arc<Vmm>, req: SendMigrationData) -> HostResult<()> {
         .name("migration-worker".into())
         .spawn(move || {
             let vmm = worker_vmm;
-            let result = send(&vmm, &vm, &req, &url, initial, options.fault);
+            let result = send(&vmm, &vm, &req, &url, initial, options);
             vmm.end_detached_op();
             vmm.set_phase("idle");
             let outcome = match result {
                 Ok(report) => serde_json::to_value(&report)
                     .map(|r| json!({ "sent": r }))
                     .unwrap_or_else(|e| json!({ "failed": { "error": [e.to_string()] } })),
-                Err(e) => json!({ "failed": { "error": e.messages(), "phase": e.phase } }),
+                Err(f) => f.outcome(),
             };
             vmm.set_last_migration(attempt, outcome);
         });
@@ -131,8 +150,8 @@ fn send(
     req: &SendMigrationData,
     url: &MigrationUrl,
     initial: VmState,
-    fault: Option<MigrationFault>,
-) -> HostResult<SendReport> {
+    options: MigrationTestOptions,
+) -> Result<SendReport, Failure> {
     let timeout = req.timeout();
     let started = Instant::now();
     let conn = connect(url, started + CONNECT_RETRY.min(timeout))
@@ -143,7 +162,7 @@ fn send(
         Err(e) => {
             error!("send-migration failed in {}: {}", e.phase, e.cause);
             Counters::add(&vmm.counters.migrations_failed, 1);
-            return Err(e);
+            return Err(e.into());
         }
     };
     // A VF data fd silent for as long as the peer may be is an error too.
@@ -162,7 +181,9 @@ fn send(
         lanes: SendLanes::default(),
         buf: vec![0u8; COPY_CHUNK],
         undo: Undo::default(),
-        fault,
+        fault: options.fault.clone(),
+        features: options.protocol_features(),
+        two_step: false,
         memory_bytes: AtomicU64::new(0),
         device_bytes: 0,
         passes: 0,
@@ -190,6 +211,14 @@ fn send(
             );
             Ok(report)
         }
+        Err(e) if sender.undo.destination_may_run => {
+            error!(
+                "send-migration outcome unknown in {}: {}; the VM stays Paused here",
+                e.phase, e.cause
+            );
+            sender.stay_paused();
+            Err(Failure::unknown(e.context(switchover::SOURCE_UNKNOWN)))
+        }
         Err(mut e) => {
             error!("send-migration failed in {}: {}", e.phase, e.cause);
             if !sender.roll_back(initial) {
@@ -198,18 +227,27 @@ fn send(
                     .push_str("; the VM could not resume and is Paused (vm.resume retries)");
             }
             Counters::add(&vmm.counters.migrations_failed, 1);
-            Err(e)
+            Err(e.into())
         }
     }
+}
+
+/// The VM's device ids, in config order.
+fn device_ids(set: &XeVfSet) -> Vec<String> {
+    set.devices().iter().map(Snapshottable::id).collect()
 }
 
 impl Sender<'_> {
     fn run(&mut self, started: Instant, initial: VmState) -> HostResult<SendReport> {
         self.phase("start");
-        Request::start()
+        Request::start_with_features(self.features)
             .write_to(&mut self.conn)
             .map_err(|e| HostError::failed("start", Chain(&e)))?;
-        expect_ok(&mut self.conn, "start")?;
+        let answered = read_ok(&mut self.conn, "start")?.features();
+        let agreed = answered & self.features;
+        debug!("protocol features: {agreed:?}");
+        self.refuse_without_device_state(agreed)?;
+        self.two_step = switchover::negotiated(self.features, answered);
 
         // The destination checks compatibility here; nothing has been
         // touched on this side yet.
@@ -256,9 +294,9 @@ impl Sender<'_> {
         // Memory is all there: the extra connections end (CH's cleanup).
         self.lanes.close();
 
-        self.send_device_states()?;
         self.inject("state");
         self.send_state()?;
+        self.send_device_states()?;
 
         self.phase("complete");
         self.inject("complete");
@@ -270,7 +308,12 @@ impl Sender<'_> {
         complete
             .write_to(&mut self.conn)
             .map_err(|e| HostError::failed("complete", Chain(&e)))?;
+        // Two steps: the destination is ready, the VM paused there too.
         expect_ok(&mut self.conn, "complete")?;
+        if self.two_step {
+            self.inject("ready");
+            self.hand_over()?;
+        }
         let downtime = downtime_started.elapsed();
 
         // The destination runs the VM now: this side stays stopped.
@@ -297,7 +340,60 @@ impl Sender<'_> {
             final_pass_bytes,
             connections: self.req.connections.get(),
             at_stop,
+            two_step_switchover: self.two_step,
         })
+    }
+
+    /// A destination that does not take streamed device state cannot
+    /// receive a VF: refused before anything stops.
+    fn refuse_without_device_state(&self, agreed: ProtocolFeatures) -> HostResult<()> {
+        if agreed.contains(ProtocolFeatures::DEVICE_STATE) {
+            return Ok(());
+        }
+        let ids = device_ids(&self.vm.devices());
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let cause = if self.features.contains(ProtocolFeatures::DEVICE_STATE) {
+            "the destination does not take streamed device state (DEVICE_STATE): it cannot \
+             receive"
+        } else {
+            "streamed device state (DEVICE_STATE) is not announced: this host cannot send"
+        };
+        Err(HostError::failed(
+            "start",
+            format!("{cause} {}", ids.join(", ")),
+        ))
+    }
+
+    /// The second step: sends Switchover and reads the answer. From the
+    /// moment a byte of it may have left, the VM does not resume here by
+    /// itself, unless the destination says it does not run it.
+    fn hand_over(&mut self) -> HostResult<()> {
+        self.phase("switchover");
+        switchover::send(&mut self.conn)?;
+        self.undo.destination_may_run = true;
+        self.inject("switchover-sent");
+        switchover::confirmation(&mut self.conn).map_err(|e| match e {
+            Unconfirmed::Refused(e) => {
+                self.undo.destination_may_run = false;
+                e
+            }
+            Unconfirmed::NoAnswer(e) => e,
+        })
+    }
+
+    /// The outcome is unknown: the VM stays Paused, its VFs in STOP with
+    /// their state, for an operator to resume or delete.
+    fn stay_paused(&mut self) {
+        let mut set = self.vm.devices();
+        for d in set.devices_mut() {
+            if let Err(e) = d.stop_dirty_log() {
+                warn!("outcome unknown: {}", Chain(&e));
+            }
+        }
+        self.vmm.set_state(VmState::Paused);
+        self.conn.shutdown();
     }
 
     /// CH's precopy loop: all memory, then what got dirty, until the
@@ -473,10 +569,13 @@ impl Sender<'_> {
         Ok(())
     }
 
-    /// Each stopped VF's state, streamed straight into the socket.
+    /// Each stopped VF's state, streamed straight into the socket, in the
+    /// order of their ids (which numbers them on the wire).
     fn send_device_states(&mut self) -> HostResult<()> {
         let set = self.vm.devices();
-        for (index, d) in set.devices().iter().enumerate() {
+        let ids = device_ids(&set);
+        for (index, &at) in streamed_order(&ids).iter().enumerate() {
+            let d = &set.devices()[at];
             let phase = format!("device-state {}", Snapshottable::id(d));
             self.vmm.set_phase(format!("send: {phase}"));
             Request::device_state(index as u16)
@@ -547,7 +646,7 @@ impl Sender<'_> {
         }
         let mut state = initial;
         if self.undo.paused {
-            match self.vm.resume() {
+            match self.vmm.resume_vm(self.vm) {
                 Ok(()) => info!("source VM resumed after the failed migration"),
                 Err(e) => {
                     error!("source VM could not resume after the failed migration: {e}");

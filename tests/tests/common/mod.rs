@@ -12,6 +12,8 @@ pub mod openapi;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -92,6 +94,7 @@ impl ChOutput {
     pub fn answer(&self) -> Answer {
         Answer {
             ok: self.success(),
+            unknown: false,
             error: self.stderr.clone(),
             value: Value::Null,
         }
@@ -120,17 +123,23 @@ pub fn run_ch_remote(socket: &Path, args: &[&str]) -> ChOutput {
 #[derive(Clone, Debug)]
 pub struct Answer {
     pub ok: bool,
+    /// A migration outcome `{"unknown": …}`: this side cannot tell
+    /// whether the other runs the VM.
+    pub unknown: bool,
     pub error: String,
     /// The report of a migration that went through.
     pub value: Value,
 }
 
 impl Answer {
-    /// From `info`'s `migration.last` (`{"sent": …}` or `{"failed": …}`).
+    /// From `info`'s `migration.last` (`{"sent": …}`, `{"failed": …}` or
+    /// `{"unknown": …}`).
     pub fn from_outcome(last: &Value) -> Answer {
-        match last.get("failed") {
+        let unknown = last.get("unknown");
+        match last.get("failed").or(unknown) {
             Some(f) => Answer {
                 ok: false,
+                unknown: unknown.is_some(),
                 error: f["error"]
                     .as_array()
                     .map(|m| {
@@ -144,6 +153,7 @@ impl Answer {
             },
             None => Answer {
                 ok: true,
+                unknown: false,
                 error: String::new(),
                 value: last["sent"].clone(),
             },
@@ -414,5 +424,116 @@ pub fn assert_same_fingerprint(source: &Value, destination: &Value) {
         assert_eq!(s["id"], d["id"]);
         assert!(s["digest"].is_object(), "{s}");
         assert_eq!(s["digest"], d["digest"], "device {} state differs", s["id"]);
+    }
+}
+
+/// One look at both hosts' VM states: `"Running"`, `"Paused"`...,
+/// `"none"` without a VM, `"gone"` when the host does not answer.
+#[derive(Clone, Debug)]
+pub struct RunSample {
+    pub at: Duration,
+    pub states: [String; 2],
+}
+
+/// Watches two hosts' VM states in a background thread, every
+/// [`RunWatch::PERIOD`], through `GET vmm.migration` (our hook): its
+/// `state` is `vm.info`'s, without the memory checksum and VF digests
+/// that make `vm.info` cost milliseconds and pause the VF workloads. A
+/// host reports Running from before its VM starts to resume, so a sample
+/// cannot miss a VM that may run.
+pub struct RunWatch {
+    names: [String; 2],
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Vec<RunSample>>>,
+}
+
+impl RunWatch {
+    pub const PERIOD: Duration = Duration::from_millis(15);
+
+    pub fn start(a: &Host, b: &Host) -> RunWatch {
+        let clients = [a, b].map(|h| ApiClient::new(h.socket()).with_timeout(WAIT));
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut samples = Vec::new();
+            loop {
+                let last_round = stopped.load(Ordering::Acquire);
+                let states = [0, 1].map(|i| match clients[i].get("vmm.migration") {
+                    Ok(r) if r.status == 200 => {
+                        r.body["state"].as_str().unwrap_or("none").to_string()
+                    }
+                    Ok(r) => format!("answered {}", r.status),
+                    Err(_) => "gone".to_string(),
+                });
+                samples.push(RunSample {
+                    at: started.elapsed(),
+                    states,
+                });
+                if last_round {
+                    return samples;
+                }
+                std::thread::sleep(Self::PERIOD);
+            }
+        });
+        RunWatch {
+            names: [a.name.clone(), b.name.clone()],
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops watching (after one last look); the samples in order.
+    pub fn samples(mut self) -> Vec<RunSample> {
+        self.stop.store(true, Ordering::Release);
+        let samples = self
+            .thread
+            .take()
+            .expect("watching")
+            .join()
+            .expect("watch thread");
+        let mut changes: Vec<String> = Vec::new();
+        let mut last: Option<&[String; 2]> = None;
+        for s in &samples {
+            if last != Some(&s.states) {
+                changes.push(format!("{:?} {:?}", s.at, s.states));
+                last = Some(&s.states);
+            }
+        }
+        eprintln!(
+            "watched {:?} in {} samples: {}",
+            self.names,
+            samples.len(),
+            changes.join(" -> ")
+        );
+        samples
+    }
+
+    /// Stops watching and asserts that no sample found both VMs Running,
+    /// and that the first found `first` (so the watch saw real states).
+    pub fn assert_never_both_running(self, first: [&str; 2]) {
+        let names = self.names.clone();
+        let samples = self.samples();
+        assert!(
+            samples.len() >= 2,
+            "the watch took {} samples",
+            samples.len()
+        );
+        assert_eq!(samples[0].states, first, "{names:?} when the watch began");
+        if let Some(s) = samples
+            .iter()
+            .find(|s| s.states.iter().all(|st| st == "Running"))
+        {
+            panic!("{names:?} both Running at {:?}", s.at);
+        }
+    }
+}
+
+impl Drop for RunWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
