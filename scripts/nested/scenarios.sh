@@ -1,0 +1,714 @@
+#!/bin/busybox sh
+# shellcheck shell=dash
+# shellcheck disable=SC2317 # predicates run through wait_until/wait_alive look unreachable
+# Copyright 2026 The xe-vf-migration authors
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+#
+# The scenarios of the nested Cloud Hypervisor test, run inside L1 (see
+# scripts/nested/run.sh) once per flavour: `scenarios.sh upstream|patched`.
+# Everything is driven through the real ch-remote of that flavour; the L2
+# guest prints "L2-TICK <n>" about every second, so a guest that kept
+# running is one whose count goes on where it stopped.
+#
+# Output: one line per step, `XE-NESTED: CHECK <flavour>/<scenario>/<step>
+# pass|fail <detail>`, and `XE-NESTED: VALUE <flavour>/<name> <value>` for
+# figures. A failed step ends its scenario (later steps depend on it) and
+# dumps the relevant logs; the next scenario still runs when it can. Every
+# wait is bounded. Exit status: number of failed steps (0 = all passed).
+#
+# The mtty driver (and its mtty_nolog variant) is loaded with dynamic debug
+# on, so dmesg records each migration-state arc of each mdev
+# ("mtty <uuid>: mtty_step_state: <from> -> <to>", 2 = RUNNING): that is how
+# the test sees the device's own state, which no API shows.
+
+FLAVOR=$1
+TAG="XE-NESTED:"
+BIN=/nested/$FLAVOR
+CH=$BIN/cloud-hypervisor
+CHR=$BIN/ch-remote
+RELAY=/nested/bin/xe-nested-relay
+XE_VF_MIG=/nested/bin/xe-vf-mig
+RUN=/run/$FLAVOR
+FAILS=0
+SCEN=setup
+# Upper bounds of the waits, in seconds (nested TCG on a loaded host is slow).
+BOOT_WAIT=${XE_NESTED_BOOT_WAIT:-240}
+MIGRATION_WAIT=${XE_NESTED_MIGRATION_WAIT:-300}
+API_WAIT=60
+# Devices as this flavour passes them: the patched build routes the VF
+# through our engine only when asked.
+XE=""
+[ "$FLAVOR" = patched ] && XE=",xe_migration=on"
+
+case "$FLAVOR" in
+upstream) P=01 ;;
+patched) P=02 ;;
+*)
+    echo "$TAG CHECK $FLAVOR/setup/flavour fail unknown flavour '$FLAVOR'"
+    exit 1
+    ;;
+esac
+# mdevs: A and B (mtty-2) carry the VM; C is an mtty-1, N1 and N2 are the
+# no-DMA-logging variant. UUIDs differ per flavour so dmesg lines and
+# sysfs entries never mix.
+UA=0b7a6f1e-3c52-4f0e-9a11-5e1d0000${P}0a
+UB=0b7a6f1e-3c52-4f0e-9a11-5e1d0000${P}0b
+UC=0b7a6f1e-3c52-4f0e-9a11-5e1d0000${P}0c
+UN1=0b7a6f1e-3c52-4f0e-9a11-5e1d0000${P}1a
+UN2=0b7a6f1e-3c52-4f0e-9a11-5e1d0000${P}1b
+MTTY_PCI_ID="0x4348:0x3253"
+RUNNING_STATE=2 # VFIO_DEVICE_STATE_RUNNING
+
+# ------------------------------------------------------------------ output
+
+pass() { echo "$TAG CHECK $FLAVOR/$SCEN/$1 pass ${2:-}"; }
+fail() {
+    echo "$TAG CHECK $FLAVOR/$SCEN/$1 fail ${2:-}"
+    FAILS=$((FAILS + 1))
+}
+value() { echo "$TAG VALUE $FLAVOR/$1 $2"; }
+note() { echo "$TAG NOTE $FLAVOR/$SCEN $*"; }
+uptime_s() { cut -d' ' -f1 /proc/uptime; }
+# Seconds since $1 (an uptime), one decimal.
+since() { awk -v a="$1" -v b="$(uptime_s)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# The tail of an instance's logs, for a failed step.
+diag() {
+    for name in "$@"; do
+        d=$RUN/$name
+        [ -d "$d" ] || continue
+        for f in ch.log receive.log relay.log serial.log; do
+            [ -s "$d/$f" ] || continue
+            echo "----- $FLAVOR/$name/$f (last 25 lines)"
+            tail -n 25 "$d/$f" | tr -d '\r' | cut -c1-300
+        done
+    done
+    echo "----- dmesg (mtty, vfio, kvm; last 15)"
+    dmesg | grep -a -i -E 'mtty|vfio|kvm|iommu' | tail -n 15
+}
+
+# ------------------------------------------------------------------- waits
+
+# wait_until SECONDS COMMAND...: polls every 0.5 s.
+wait_until() {
+    limit=$(($1 * 2))
+    shift
+    n=0
+    until "$@"; do
+        n=$((n + 1))
+        [ "$n" -ge "$limit" ] && return 1
+        sleep 0.5
+    done
+    return 0
+}
+
+# wait_alive NAME SECONDS COMMAND...: wait_until, but gives up at once
+# (status 2) when NAME's VMM exits first, so a VMM that died is reported
+# as such instead of after the whole wait.
+wait_alive() {
+    w_name=$1
+    w_limit=$(($2 * 2))
+    shift 2
+    w_n=0
+    until "$@"; do
+        if ! alive "$w_name"; then
+            "$@" && return 0 # it may have finished just before exiting
+            return 2
+        fi
+        w_n=$((w_n + 1))
+        [ "$w_n" -ge "$w_limit" ] && return 1
+        sleep 0.5
+    done
+    return 0
+}
+
+# Why a VMM is gone: its last error line.
+exit_reason() {
+    if alive "$1"; then
+        echo "still running"
+    else
+        r=$(grep -a ' ERROR:' "$RUN/$1/ch.log" 2>/dev/null | tail -n 1 | sed 's/.* ERROR:[^ ]* -- //' | tr -d '\r' | cut -c1-250)
+        [ -n "$r" ] || r=$(tail -n 1 "$RUN/$1/ch.log" 2>/dev/null | tr -d '\r' | cut -c1-250)
+        echo "cloud-hypervisor exited: ${r:-no error logged}"
+    fi
+}
+
+# ------------------------------------------------------------------- mdevs
+
+mdev_path() { echo "/sys/bus/mdev/devices/$1"; }
+
+# create_mdev PARENT TYPE UUID
+create_mdev() {
+    [ -e "$(mdev_path "$3")" ] && return 0
+    echo "$3" >"/sys/class/mdev_bus/$1/mdev_supported_types/$2/create" || return 1
+    wait_until 10 test -d "$(mdev_path "$3")/vfio-dev"
+}
+
+# The VFIO cdev of an mdev, e.g. /dev/vfio/devices/vfio3.
+cdev_of() {
+    for v in "$(mdev_path "$1")"/vfio-dev/vfio*; do
+        [ -e "$v" ] && echo "/dev/vfio/devices/$(basename "$v")" && return 0
+    done
+    return 1
+}
+
+# Last migration-state arc mtty logged for an mdev: "<from> -> <to>".
+last_arc() {
+    dmesg | grep -a "mtty[_a-z]* $1: mtty_step_state:" | tail -n 1 | sed 's/.*mtty_step_state: //' | tr -d '\r'
+}
+
+device_running() {
+    arc=$(last_arc "$1")
+    # An mdev no migration ever touched is RUNNING from creation.
+    [ -z "$arc" ] || [ "${arc##*-> }" = "$RUNNING_STATE" ]
+}
+
+# --------------------------------------------------------------- instances
+
+pid_of() { cat "$RUN/$1/pid" 2>/dev/null; }
+alive() { p=$(pid_of "$1") && [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
+api() {
+    name=$1
+    shift
+    timeout "$API_WAIT" "$CHR" --api-socket "$RUN/$name/api.sock" "$@"
+}
+vm_state() { api "$1" info 2>/dev/null | grep -o '"state": *"[A-Za-z]*"' | head -n 1 | sed 's/.*"\([A-Za-z]*\)"$/\1/'; }
+state_is() { [ "$(vm_state "$1")" = "$2" ]; }
+
+# start_vmm NAME [cloud-hypervisor arguments...]: each VMM runs in its own
+# directory, so a relative serial path in a migrated config stays its own.
+start_vmm() {
+    name=$1
+    shift
+    d=$RUN/$name
+    rm -rf "$d"
+    mkdir -p "$d"
+    (cd "$d" && exec "$CH" -vv --api-socket "$d/api.sock" --event-monitor "path=$d/events.json" \
+        "$@" >"$d/ch.log" 2>&1) &
+    echo $! >"$d/pid"
+    wait_alive "$name" "$API_WAIT" test -S "$d/api.sock"
+}
+
+# stop_vmm NAME...: asks, then kills.
+stop_vmm() {
+    for name in "$@"; do
+        alive "$name" || continue
+        api "$name" shutdown-vmm >/dev/null 2>&1
+        wait_until 20 eval "! alive $name" || kill -9 "$(pid_of "$name")" 2>/dev/null
+    done
+}
+
+# The L2 guest of this test, with one mtty device: boot_vmm NAME UUID [OPTS]
+boot_vmm() {
+    start_vmm "$1" --kernel /nested/l2/vmlinux --initramfs /nested/l2/initrd.cpio.gz \
+        --cmdline "console=ttyS0 panic=-1 quiet" --serial file=serial.log --console off \
+        --cpus boot=1 --memory size=128M --platform iommufd=on \
+        --device "path=$(mdev_path "$2"),id=vfio0$XE${3:-}"
+}
+
+# ------------------------------------------------------------------- ticks
+
+CR=$(printf '\r')
+# Complete tick lines only (the guest's tty ends each with CR LF; a line
+# cut by a pause or still being written has no CR yet).
+tick_lines() { grep -a -E "^L2-TICK [0-9]+ up=[0-9.]+ scr=[0-9a-z]+$CR\$" "$RUN/$1/serial.log" 2>/dev/null | tr -d '\r'; }
+ticks() { tick_lines "$1" | cut -d' ' -f2; }
+last_tick() { ticks "$1" | tail -n 1; }
+first_tick() { ticks "$1" | head -n 1; }
+tick_count() { ticks "$1" | wc -l; }
+has_ticks() { [ "$(tick_count "$1")" -ge "$2" ]; }
+tick_above() {
+    t=$(last_tick "$1")
+    [ -n "$t" ] && [ "$t" -gt "$2" ]
+}
+
+# The first tick line whose scr= is not the previous tick's number, i.e.
+# where the guest found its device in a state it did not leave it in
+# (see l2-init.sh); empty if there is none.
+device_mismatch() {
+    tick_lines "$1" | awk '{ split($4, s, "="); if (s[2] != ($2 - 1) % 256) { print; exit } }'
+}
+
+# continues NAME PREVIOUS_LAST: the guest in NAME went on counting right
+# after PREVIOUS_LAST (a line cut by the pause may hide one tick), has
+# ticked at least 3 times since, and found its device as it left it.
+continues() {
+    wait_alive "$1" 120 has_ticks "$1" 3 || return 1
+    first=$(first_tick "$1")
+    [ "$first" -gt "$2" ] && [ "$first" -le $(($2 + 2)) ] && [ -z "$(device_mismatch "$1")" ]
+}
+
+# What `continues` saw, for its check's detail.
+continuity() {
+    echo "previous last tick $2, then: $(tick_lines "$1" | head -n 3 | cut -d' ' -f2,4 | tr '\n' ' ')$(
+        m=$(device_mismatch "$1")
+        [ -n "$m" ] && echo "DEVICE STATE LOST at: $m"
+    )"
+}
+
+# ---------------------------------------------------------------- migration
+
+# start_receiver NAME UUID SOCKET: an empty VMM waiting for a migration,
+# handed the mdev's cdev and an iommufd as CH requires for a VFIO device.
+start_receiver() {
+    start_vmm "$1" || return 1
+    d=$RUN/$1
+    cdev=$(cdev_of "$2") || return 1
+    rm -f "$3"
+    (timeout "$MIGRATION_WAIT" "$CHR" --api-socket "$d/api.sock" receive-migration \
+        "receiver_url=unix:$3,vfio_fds=[vfio0@3],iommufd_fd=4" \
+        3<>"$cdev" 4<>/dev/iommu >"$d/receive.log" 2>&1
+    echo $? >"$d/receive.rc") &
+    wait_until "$API_WAIT" test -S "$3"
+}
+
+# The source's log since its latest send-migration (see `send`).
+since_send() { tail -n +"$(($(cat "$RUN/$1/mark" 2>/dev/null || echo 0) + 1))" "$RUN/$1/ch.log" | tr -d '\r'; }
+
+# The source's verdict on its latest migration: completed, failed or "".
+outcome() {
+    log=$(since_send "$1")
+    case "$log" in
+    *"Migration completed"*) echo completed ;;
+    *"Migration failed"*) echo failed ;;
+    # The patched source after a Switchover that was not confirmed.
+    *"Migration outcome unknown"*) echo unknown ;;
+    esac
+}
+has_outcome() { [ -n "$(outcome "$1")" ]; }
+failure_message() { since_send "$1" | grep -a -E 'Migration (failed|outcome unknown)' | tail -n 1 | sed -E 's/.*Migration (failed|outcome unknown): //' | cut -c1-300; }
+completion_line() { since_send "$1" | grep -a 'Migration completed' | tail -n 1 | sed 's/.*Migration completed/Migration completed/'; }
+downtime_ms() { completion_line "$1" | sed -n 's/.* with a downtime of \([0-9]*\)ms.*/\1/p'; }
+
+# send SOURCE URL: ch-remote returns at once; wait for the source's verdict
+# in the lines its VMM logs from now on.
+send() {
+    wc -l <"$RUN/$1/ch.log" >"$RUN/$1/mark"
+    api "$1" send-migration "destination_url=$2" >"$RUN/$1/send.log" 2>&1 || return 1
+    wait_alive "$1" "$MIGRATION_WAIT" has_outcome "$1"
+}
+
+# Checks of a migration that must succeed: migrated SOURCE DEST LAST_TICK
+migrated() {
+    if [ "$(outcome "$1")" = completed ]; then
+        pass completed "$(completion_line "$1")"
+    else
+        fail completed "source says: $(failure_message "$1")"
+        diag "$1" "$2"
+        return 1
+    fi
+    value "$SCEN/downtime_ms" "$(downtime_ms "$1")"
+    # How the time went, as the source logged it (memory passes, devices).
+    note "source log: $(since_send "$1" | grep -a -E 'Precopy complete|streamed state' |
+        sed 's/.* -- //' | tr '\n' ';' | cut -c1-500)"
+    if wait_until "$API_WAIT" test -f "$RUN/$2/receive.rc" && [ "$(cat "$RUN/$2/receive.rc")" = 0 ]; then
+        pass receive-returned "receive-migration returned 0"
+    else
+        fail receive-returned "receive-migration: rc $(cat "$RUN/$2/receive.rc" 2>/dev/null) $(tr -d '\r' <"$RUN/$2/receive.log" | tail -n 2)"
+        diag "$2"
+        return 1
+    fi
+    if wait_alive "$2" 30 state_is "$2" Running; then pass destination-running; else
+        fail destination-running "destination state '$(vm_state "$2")'; $(exit_reason "$2")"
+        diag "$2"
+        return 1
+    fi
+    if continues "$2" "$3"; then
+        pass ticks-continue "$(continuity "$2" "$3")"
+    else
+        fail ticks-continue "$(continuity "$2" "$3")"
+        diag "$2"
+        return 1
+    fi
+    if wait_until 30 eval "! alive $1"; then pass source-ended; else
+        fail source-ended "the source VMM still runs after a completed migration"
+        return 1
+    fi
+}
+
+# Checks of a migration that must fail with the source intact:
+# survived SOURCE UUID
+survived() {
+    if wait_alive "$1" 30 state_is "$1" Running; then pass source-running; else
+        fail source-running "source state '$(vm_state "$1")' after the failed migration; $(exit_reason "$1")"
+        diag "$1"
+        return 1
+    fi
+    now=$(last_tick "$1")
+    if wait_alive "$1" 60 tick_above "$1" $((now + 1)) && [ -z "$(device_mismatch "$1")" ]; then
+        pass source-ticks-on "tick $now -> $(last_tick "$1"), device state as the guest left it"
+    else
+        fail source-ticks-on "after tick $now: $(tick_lines "$1" | tail -n 2 | tr '\n' ' ') $(device_mismatch "$1")"
+        diag "$1"
+        return 1
+    fi
+    if device_running "$2"; then
+        arc=$(last_arc "$2")
+        if [ -n "$arc" ]; then
+            pass device-running "mtty $2 last arc $arc"
+        else
+            pass device-running "mtty $2 never left RUNNING"
+        fi
+    else
+        fail device-running "mtty $2 last arc: $(last_arc "$2") (want -> $RUNNING_STATE)"
+        return 1
+    fi
+}
+
+# The device state as the snapshot holds it, for comparing two snapshots:
+# upstream keeps it base64 in state.json, the patched build in a file.
+device_state_digest() {
+    if [ "$FLAVOR" = patched ]; then
+        "$XE_VF_MIG" inspect --json "$1/xe-vf-vfio0.bin" 2>&1 | grep -E '"(crc|decoded_bytes)"' | tr -d ' \n'
+    else
+        # {"vfio_migration": ... "state": "{\"blob\":\"<base64>\"}"}
+        blob=$(grep -o '\\"blob\\":\\"[A-Za-z0-9+/=]*' "$1/state.json" | sed 's/.*"//')
+        [ -n "$blob" ] && echo "blob $(echo "$blob" | md5sum | cut -d' ' -f1) (${#blob} base64 chars)"
+    fi
+}
+
+# ---------------------------------------------------------------- scenarios
+
+# 1. snapshot, restore into a new VMM, ticks go on, device state re-saves equal.
+scenario_snapshot_restore() {
+    SCEN=snapshot-restore
+    create_mdev mtty mtty-2 "$UA" || {
+        fail mdev "cannot create mtty-2 mdev $UA"
+        return 1
+    }
+    started=$(uptime_s)
+    boot_vmm src1 "$UA" || {
+        fail vmm-start "no API socket; $(exit_reason src1)"
+        diag src1
+        return 1
+    }
+    if wait_alive src1 "$BOOT_WAIT" has_ticks src1 2; then
+        pass boot "L2 ticking $(since "$started") s after start"
+    else
+        fail boot "no L2 tick after $(since "$started") s; $(exit_reason src1)"
+        diag src1
+        return 1
+    fi
+    # The guest sees the device and drives it: its scratch register
+    # follows the ticks (l2-init.sh).
+    if grep -a -q "^L2-PCI .* $MTTY_PCI_ID" "$RUN/src1/serial.log" && [ -z "$(device_mismatch src1)" ]; then
+        pass device-in-guest "$(grep -a "^L2-PCI .* $MTTY_PCI_ID" "$RUN/src1/serial.log" | tr -d '\r'); $(tick_lines src1 | tail -n 1)"
+    else
+        fail device-in-guest "$(grep -a -E '^L2-(PCI|MTTY)' "$RUN/src1/serial.log" | tr -d '\r' | tr '\n' ' ') $(device_mismatch src1)"
+        diag src1
+        return 1
+    fi
+    if api src1 pause && state_is src1 Paused; then pass pause; else
+        fail pause "state '$(vm_state src1)'"
+        diag src1
+        return 1
+    fi
+    last=$(last_tick src1)
+    snap=$RUN/snap1
+    rm -rf "$snap" && mkdir -p "$snap"
+    started=$(uptime_s)
+    if api src1 snapshot "file://$snap" && [ -s "$snap/state.json" ]; then
+        pass snapshot "$(since "$started") s; $(cd "$snap" && echo *)"
+    else
+        fail snapshot "no state.json in $snap"
+        diag src1
+        return 1
+    fi
+    value "$SCEN/state_json_bytes" "$(wc -c <"$snap/state.json")"
+    if [ "$FLAVOR" = patched ]; then
+        if grep -q '"vfio_migration"' "$snap/state.json"; then
+            fail state-json-without-device-data "state.json still holds a vfio_migration blob"
+            return 1
+        fi
+        pass state-json-without-device-data "$(wc -c <"$snap/state.json") bytes"
+        if [ -s "$snap/xe-vf-vfio0.bin" ]; then
+            pass device-state-file "xe-vf-vfio0.bin $(wc -c <"$snap/xe-vf-vfio0.bin") bytes"
+        else
+            fail device-state-file "no xe-vf-vfio0.bin beside state.json"
+            return 1
+        fi
+        if out=$("$XE_VF_MIG" inspect "$snap/xe-vf-vfio0.bin" 2>&1); then
+            pass inspect "$(echo "$out" | head -n 2 | tr '\n' ' ')"
+        else
+            fail inspect "$out"
+            return 1
+        fi
+    else
+        if grep -q '"vfio_migration"' "$snap/state.json"; then
+            pass device-data-in-state-json "upstream keeps the device blob base64 in state.json"
+        else
+            fail device-data-in-state-json "no vfio_migration section in state.json"
+            return 1
+        fi
+    fi
+    stop_vmm src1
+    started=$(uptime_s)
+    start_vmm rst1 --restore "source_url=file://$snap" || {
+        fail restore "the restoring VMM did not start"
+        diag rst1
+        return 1
+    }
+    if wait_alive rst1 "$API_WAIT" state_is rst1 Paused; then
+        pass restore "restored in $(since "$started") s, state Paused"
+    else
+        fail restore "state '$(vm_state rst1)'; $(exit_reason rst1)"
+        diag rst1
+        return 1
+    fi
+    # The restored device must hold what was saved: save it again before
+    # the guest runs (it changes the device every tick), compare.
+    resnap=$RUN/snap1-again
+    rm -rf "$resnap" && mkdir -p "$resnap"
+    if api rst1 snapshot "file://$resnap"; then
+        saved=$(device_state_digest "$snap")
+        again=$(device_state_digest "$resnap")
+        if [ -n "$saved" ] && [ "$saved" = "$again" ]; then
+            pass resaved-device-state-equal "$saved"
+        else
+            fail resaved-device-state-equal "saved '$saved', re-saved '$again'"
+            return 1
+        fi
+    else
+        fail resaved-device-state-equal "snapshot of the restored, still paused VM failed"
+        diag rst1
+        return 1
+    fi
+    if api rst1 resume && continues rst1 "$last"; then
+        pass ticks-continue "$(continuity rst1 "$last")"
+    else
+        fail ticks-continue "$(continuity rst1 "$last")"
+        diag rst1
+        return 1
+    fi
+    rm -rf "$snap" "$resnap"
+    SOURCE=rst1
+    SOURCE_MDEV=$UA
+}
+
+# 2. live migration to a second VMM on a second mdev.
+scenario_live_migration() {
+    SCEN=live-migration
+    create_mdev mtty mtty-2 "$UB" || {
+        fail mdev "cannot create mtty-2 mdev $UB"
+        return 1
+    }
+    start_receiver dst2 "$UB" "$RUN/mig2.sock" || {
+        fail receiver "destination not listening"
+        diag dst2
+        return 1
+    }
+    send "$SOURCE" "unix:$RUN/mig2.sock" || {
+        fail completed "no verdict from the source; $(exit_reason "$SOURCE")"
+        diag "$SOURCE" dst2
+        return 1
+    }
+    last=$(last_tick "$SOURCE")
+    migrated "$SOURCE" dst2 "$last" || return 1
+    SOURCE=dst2
+    SOURCE_MDEV=$UB
+}
+
+# 4. the destination dies in the middle of the migration; then a clean one.
+scenario_destination_killed() {
+    SCEN=destination-killed
+    free=$UA
+    [ "$SOURCE_MDEV" = "$UA" ] && free=$UB
+    start_receiver dst4 "$free" "$RUN/mig4.sock" || {
+        fail receiver "destination not listening"
+        diag dst4
+        return 1
+    }
+    # Upstream: after State's header (the source is paused and has read the
+    # device). Patched: inside the streamed device-state phase.
+    cut=state
+    [ "$FLAVOR" = patched ] && cut=device-state
+    mkdir -p "$RUN/relay4"
+    "$RELAY" --listen "$RUN/relay4.sock" --to "$RUN/mig4.sock" --cut-at "$cut" \
+        --kill-pid "$(pid_of dst4)" --report "$RUN/relay4/report.json" \
+        --timeout-s "$MIGRATION_WAIT" >"$RUN/relay4/relay.log" 2>&1 &
+    wait_until 30 test -S "$RUN/relay4.sock" || {
+        fail relay "relay not listening"
+        return 1
+    }
+    send "$SOURCE" "unix:$RUN/relay4.sock" || {
+        fail source-reports-failure "no verdict from the source; $(exit_reason "$SOURCE")"
+        diag "$SOURCE" dst4
+        return 1
+    }
+    if [ "$(outcome "$SOURCE")" = failed ]; then
+        pass source-reports-failure "$(failure_message "$SOURCE")"
+    else
+        fail source-reports-failure "the migration completed although its destination was killed"
+        return 1
+    fi
+    wait_until 10 test -s "$RUN/relay4/report.json"
+    if grep -q "\"command\": \"$(echo "$cut" | sed 's/device-state/DeviceState/;s/state/State/')\"" "$RUN/relay4/report.json" &&
+        grep -q '"killed_pid": [0-9]' "$RUN/relay4/report.json"; then
+        pass cut "destination killed inside $cut"
+    else
+        fail cut "the relay did not reach $cut: $(tr -d '\n ' <"$RUN/relay4/report.json" | cut -c1-300)"
+        return 1
+    fi
+    if wait_until 10 eval "! alive dst4"; then pass destination-dead; else
+        fail destination-dead "destination VMM still alive"
+        return 1
+    fi
+    survived "$SOURCE" "$SOURCE_MDEV" || return 1
+
+    # A second migration from the same source, through the relay without a
+    # cut, so the report shows how the device state travelled.
+    start_receiver dst4b "$free" "$RUN/mig4b.sock" || {
+        fail receiver "second destination not listening"
+        diag dst4b
+        return 1
+    }
+    "$RELAY" --listen "$RUN/relay4b.sock" --to "$RUN/mig4b.sock" \
+        --report "$RUN/relay4/report-b.json" --timeout-s "$MIGRATION_WAIT" \
+        >"$RUN/relay4/relay-b.log" 2>&1 &
+    wait_until 30 test -S "$RUN/relay4b.sock" || {
+        fail relay "second relay not listening"
+        return 1
+    }
+    send "$SOURCE" "unix:$RUN/relay4b.sock" || {
+        fail completed "second migration: no verdict from the source; $(exit_reason "$SOURCE")"
+        diag "$SOURCE" dst4b
+        return 1
+    }
+    last=$(last_tick "$SOURCE")
+    migrated "$SOURCE" dst4b "$last" || return 1
+    wait_until 10 test -s "$RUN/relay4/report-b.json"
+    phases=$(grep -o '"command": "[A-Za-z0-9]*"' "$RUN/relay4/report-b.json" | sed 's/.*: "//;s/"//' | tr '\n' ' ')
+    value "$SCEN/wire_phases" "$phases"
+    if [ "$FLAVOR" = patched ]; then
+        case "$phases" in
+        *DeviceState*) pass device-state-phase "$phases" ;;
+        *)
+            fail device-state-phase "no DeviceState phase on the wire: $phases"
+            return 1
+            ;;
+        esac
+    else
+        case "$phases" in
+        *DeviceState*)
+            fail device-data-in-state "upstream sent a DeviceState phase: $phases"
+            return 1
+            ;;
+        *State*) pass device-data-in-state "$phases" ;;
+        esac
+    fi
+    SOURCE=dst4b
+    SOURCE_MDEV=$free
+}
+
+# 5. a destination whose device cannot take this state (mtty-1 vs mtty-2).
+scenario_incompatible_destination() {
+    SCEN=incompatible-destination
+    create_mdev mtty mtty-1 "$UC" || {
+        fail mdev "cannot create mtty-1 mdev $UC"
+        return 1
+    }
+    start_receiver dst5 "$UC" "$RUN/mig5.sock" || {
+        fail receiver "destination not listening"
+        diag dst5
+        return 1
+    }
+    events_before=$(grep -c '"event": "pausing"' "$RUN/$SOURCE/events.json")
+    send "$SOURCE" "unix:$RUN/mig5.sock" || {
+        fail refused "no verdict from the source; $(exit_reason "$SOURCE")"
+        diag "$SOURCE" dst5
+        return 1
+    }
+    paused=$(($(grep -c '"event": "pausing"' "$RUN/$SOURCE/events.json") - events_before))
+    value "$SCEN/source_paused_before_refusal" "$paused"
+    if [ "$(outcome "$SOURCE")" = failed ]; then
+        pass refused "$(failure_message "$SOURCE")"
+    else
+        fail refused "migration to an mtty-1 destination completed"
+        diag "$SOURCE" dst5
+        return 1
+    fi
+    if [ "$FLAVOR" = patched ]; then
+        if [ "$paused" = 0 ]; then pass refused-before-pause; else
+            fail refused-before-pause "the source paused $paused time(s) before the refusal"
+            return 1
+        fi
+    else
+        note "upstream paused the source $paused time(s) before the destination refused"
+    fi
+    survived "$SOURCE" "$SOURCE_MDEV" || return 1
+    stop_vmm dst5
+}
+
+# 3. a device that cannot log its DMA (mtty_nolog, standing in for Xe).
+scenario_no_dma_logging() {
+    SCEN=no-dma-logging
+    if ! create_mdev mtty_nolog mtty_nolog-2 "$UN1" || ! create_mdev mtty_nolog mtty_nolog-2 "$UN2"; then
+        fail mdev "cannot create mtty_nolog-2 mdevs"
+        return 1
+    fi
+    opts=""
+    [ "$FLAVOR" = patched ] && opts=",dirty_tracking=all"
+    started=$(uptime_s)
+    boot_vmm src3 "$UN1" "$opts" || {
+        fail vmm-start "no API socket; $(exit_reason src3)"
+        diag src3
+        return 1
+    }
+    if wait_alive src3 "$BOOT_WAIT" has_ticks src3 2; then
+        pass boot "L2 ticking $(since "$started") s after start"
+    else
+        fail boot "no L2 tick after $(since "$started") s; $(exit_reason src3)"
+        diag src3
+        return 1
+    fi
+    start_receiver dst3 "$UN2" "$RUN/mig3.sock" || {
+        fail receiver "destination not listening"
+        diag dst3
+        return 1
+    }
+    send src3 "unix:$RUN/mig3.sock" || {
+        fail outcome "no verdict from the source; $(exit_reason src3)"
+        diag src3 dst3
+        return 1
+    }
+    if [ "$FLAVOR" = patched ]; then
+        last=$(last_tick src3)
+        migrated src3 dst3 "$last" || return 1
+        stop_vmm dst3
+    else
+        msg=$(failure_message src3)
+        if [ "$(outcome src3)" = failed ] && echo "$msg" | grep -q 'start_dma_logging'; then
+            pass refused-without-dma-logging "$msg"
+        else
+            fail refused-without-dma-logging "outcome '$(outcome src3)': $msg"
+            diag src3
+            return 1
+        fi
+        survived src3 "$UN1" || return 1
+        stop_vmm src3 dst3
+    fi
+}
+
+# ---------------------------------------------------------------------- main
+
+mkdir -p "$RUN"
+echo "$TAG FLAVOR $FLAVOR $("$CH" --version 2>&1 | head -n 1)"
+for tool in "$CH" "$CHR"; do
+    [ -x "$tool" ] || {
+        echo "$TAG CHECK $FLAVOR/setup/binaries fail $tool missing"
+        exit 1
+    }
+done
+flavor_started=$(uptime_s)
+SOURCE=""
+SOURCE_MDEV=""
+if scenario_snapshot_restore && scenario_live_migration; then
+    scenario_destination_killed && scenario_incompatible_destination
+fi
+# Independent of the chain above: its own VM on its own devices.
+scenario_no_dma_logging
+for d in "$RUN"/*/; do
+    [ -f "$d/pid" ] && stop_vmm "$(basename "$d")"
+done
+value "scenarios_seconds" "$(since "$flavor_started")"
+exit "$FAILS"
