@@ -87,9 +87,9 @@ enum Command {
         /// Guest RAM sizes.
         #[arg(long, value_delimiter = ',', default_value = "1G,4G")]
         ram: Vec<String>,
-        /// VRAM of each VF.
-        #[arg(long, default_value = "1G")]
-        vram: String,
+        /// VRAM of each VF (one case per size).
+        #[arg(long, value_delimiter = ',', default_value = "1G")]
+        vram: Vec<String>,
         /// VF counts.
         #[arg(long, value_delimiter = ',', default_value = "1,2")]
         vfs: Vec<usize>,
@@ -228,9 +228,13 @@ fn main() {
             for r in &ram {
                 rams.push(xe_vf_plugin::device_config::parse_size(r).map_err(anyhow::Error::msg)?);
             }
+            let mut vrams = Vec::new();
+            for v in &vram {
+                vrams.push(xe_vf_plugin::device_config::parse_size(v).map_err(anyhow::Error::msg)?);
+            }
             vm::run(&vm::VmPlan {
                 rams,
-                vram: xe_vf_plugin::device_config::parse_size(&vram).map_err(anyhow::Error::msg)?,
+                vrams,
                 vfs,
                 transports,
                 methods,

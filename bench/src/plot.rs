@@ -188,10 +188,10 @@ fn bar_panel(panel: &Panel, caption: &str, vram: u64, these: &[&Row]) -> Result<
 /// per (link, VF count).
 pub fn vm_downtime(rows: &[crate::vm::VmRow], path: &Path) -> Result<()> {
     register_font()?;
-    let mut panels_of: Vec<(String, usize)> = rows
+    let mut panels_of: Vec<(String, usize, u64)> = rows
         .iter()
         .filter(|r| r.reps > 0)
-        .map(|r| (r.transport.clone(), r.vfs))
+        .map(|r| (r.transport.clone(), r.vfs, r.vram))
         .collect();
     panels_of.sort();
     panels_of.dedup();
@@ -209,10 +209,10 @@ pub fn vm_downtime(rows: &[crate::vm::VmRow], path: &Path) -> Result<()> {
         ("qemu", colour(Method::Qemu)),
         ("ours", colour(Method::Ours)),
     ];
-    for ((t, vfs), panel) in panels_of.iter().zip(panels.iter()) {
+    for ((t, vfs, vram), panel) in panels_of.iter().zip(panels.iter()) {
         let these: Vec<&crate::vm::VmRow> = rows
             .iter()
-            .filter(|r| &r.transport == t && r.vfs == *vfs && r.reps > 0)
+            .filter(|r| &r.transport == t && r.vfs == *vfs && r.vram == *vram && r.reps > 0)
             .collect();
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         let max_x = these.iter().map(|r| gib(r.ram)).fold(0.0, f64::max) * 1.15;
@@ -221,7 +221,6 @@ pub fn vm_downtime(rows: &[crate::vm::VmRow], path: &Path) -> Result<()> {
             .map(|r| r.downtime_ms / 1e3)
             .fold(0.0, f64::max)
             * 1.1;
-        let vram = these.first().map_or(0, |r| r.vram);
         let caption = format!("{t}, {vfs} VF x {} MiB VRAM", vram >> 20);
         let mut chart = ChartBuilder::on(panel)
             .caption(caption, ("sans-serif", 20))

@@ -66,7 +66,8 @@ impl VmMethod {
 
 pub struct VmPlan {
     pub rams: Vec<u64>,
-    pub vram: u64,
+    /// VRAM of each VF, one case per size.
+    pub vrams: Vec<u64>,
     pub vfs: Vec<usize>,
     pub transports: Vec<TransportKind>,
     pub methods: Vec<VmMethod>,
@@ -201,6 +202,7 @@ fn run_one(
     transport: TransportKind,
     link: Option<&ShapedLink>,
     ram: u64,
+    vram: u64,
     vfs: usize,
     method: VmMethod,
     rep: usize,
@@ -215,7 +217,7 @@ fn run_one(
             "--device",
             &format!(
                 "emulated=on,vram={},id=gpu{i},dma_pages={},dma_set={},seed={}",
-                plan.vram,
+                vram,
                 // The VM's DMA rate is shared among its VFs.
                 (u64::from(plan.dma_pages_per_gib) * ram)
                     .div_ceil((vfs as u64) << 30)
@@ -324,7 +326,7 @@ fn run_one(
         transport: transport.name(),
         ram,
         vfs,
-        vram: plan.vram,
+        vram,
         method,
         rep,
         downtime_ms: f(&sent["downtime_ms"]) - check_ms,
@@ -559,18 +561,26 @@ pub fn print(rows: &[VmRow]) {
 
 /// The whole-VM targets that this run can speak to.
 pub fn targets(rows: &[VmRow]) {
-    let find = |t: &str, ram: u64, vfs: usize, m: &str| {
+    let find = |t: &str, ram: u64, vram: u64, vfs: usize, m: &str| {
         rows.iter()
             .find(|r| {
-                r.transport == t && r.ram == ram && r.vfs == vfs && r.method == m && r.reps > 0
+                r.transport == t
+                    && r.ram == ram
+                    && r.vram == vram
+                    && r.vfs == vfs
+                    && r.method == m
+                    && r.reps > 0
             })
             .map(|r| r.downtime_ms)
     };
     println!("\n| target | value | holds |\n|---|---|---|");
-    let mut cases: Vec<(String, u64)> = rows.iter().map(|r| (r.transport.clone(), r.ram)).collect();
+    let mut cases: Vec<(String, u64, u64)> = rows
+        .iter()
+        .map(|r| (r.transport.clone(), r.ram, r.vram))
+        .collect();
     cases.sort();
     cases.dedup();
-    for (t, ram) in cases {
+    for (t, ram, vram) in cases {
         let bound = if t.contains("1gbit") {
             0.3
         } else if t.contains("10gbit") {
@@ -578,16 +588,20 @@ pub fn targets(rows: &[VmRow]) {
         } else {
             1.0
         };
-        if let (Some(o), Some(q)) = (find(&t, ram, 1, "ours"), find(&t, ram, 1, "qemu")) {
+        if let (Some(o), Some(q)) = (
+            find(&t, ram, vram, 1, "ours"),
+            find(&t, ram, vram, 1, "qemu"),
+        ) {
             println!(
-                "| {t} {}: ours <= {bound} x QEMU style (1 VF) | {:.2} x | {} |",
+                "| {t} {} RAM, VF {}: ours <= {bound} x QEMU style (1 VF) | {:.2} x | {} |",
                 size(ram),
+                size(vram),
                 o / q,
                 if o / q <= bound { "yes" } else { "NO" }
             );
         }
         for m in ["ours", "qemu"] {
-            if let (Some(two), Some(one)) = (find(&t, ram, 2, m), find(&t, ram, 1, m)) {
+            if let (Some(two), Some(one)) = (find(&t, ram, vram, 2, m), find(&t, ram, vram, 1, m)) {
                 let want = if m == "ours" { "<= 1.3" } else { "(reference)" };
                 let holds = if m == "ours" {
                     if two / one <= 1.3 {
@@ -599,8 +613,9 @@ pub fn targets(rows: &[VmRow]) {
                     "-"
                 };
                 println!(
-                    "| {t} {}: {m} two VFs {want} x one VF | {:.2} x | {holds} |",
+                    "| {t} {} RAM, VFs {}: {m} two VFs {want} x one VF | {:.2} x | {holds} |",
                     size(ram),
+                    size(vram),
                     two / one
                 );
             }
@@ -640,7 +655,11 @@ pub fn run(plan: &VmPlan) -> Result<()> {
             rate / MIB
         );
         link_rates.insert(transport.name(), rate);
-        for &ram in &plan.rams {
+        for (&ram, &vram) in plan
+            .rams
+            .iter()
+            .flat_map(|r| plan.vrams.iter().map(move |v| (r, v)))
+        {
             for &vfs in &plan.vfs {
                 for rep in 0..plan.reps {
                     for &method in &plan.methods {
@@ -649,14 +668,23 @@ pub fn run(plan: &VmPlan) -> Result<()> {
                             "{} RAM {} {vfs} x VF {} {} rep {rep}...",
                             transport.name(),
                             size(ram),
-                            size(plan.vram),
+                            size(vram),
                             method.name()
                         );
-                        let r =
-                            run_one(plan, transport, link.as_ref(), ram, vfs, method, rep, port)
-                                .with_context(|| {
-                                    format!("{} {} {}", transport.name(), size(ram), method.name())
-                                })?;
+                        let r = run_one(
+                            plan,
+                            transport,
+                            link.as_ref(),
+                            ram,
+                            vram,
+                            vfs,
+                            method,
+                            rep,
+                            port,
+                        )
+                        .with_context(|| {
+                            format!("{} {} {}", transport.name(), size(ram), method.name())
+                        })?;
                         eprintln!(
                             "  downtime {:.0} ms (memory {:.0}, devices {:.0}, switch-over {:.0}), DMA pages {}, verified",
                             r.downtime_ms, r.final_memory_ms, r.device_state_ms, r.switchover_ms, r.dma_pages
