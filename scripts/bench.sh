@@ -24,6 +24,11 @@
 #   target/release/xe-vf-bench report target/bench/results.json target/bench-veth/results.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release -p xe-vf-bench
+cargo build --release -p xe-vf-bench -p xe-vf-testhost
+if [[ "${1:-}" == "vm" ]]; then
+    # Whole-VM downtime (two test hosts): scripts/bench.sh vm [options]
+    shift
+    exec ./target/release/xe-vf-bench vm "$@"
+fi
 # A later --out-dir in "$@" overrides this one.
 exec ./target/release/xe-vf-bench run --out-dir target/bench "$@"

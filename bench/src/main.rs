@@ -14,6 +14,7 @@ mod orchestrate;
 mod plot;
 mod report;
 mod transport;
+mod vm;
 mod worker;
 
 use std::path::PathBuf;
@@ -80,6 +81,66 @@ enum Command {
         #[arg(long, default_value = "target/bench/downtime.png")]
         png: PathBuf,
     },
+    /// Whole-VM downtime: two test hosts migrate a VM (RAM, VFs, vCPU and
+    /// VF DMA workloads running), QEMU style against ours, with the limit.
+    Vm {
+        /// Guest RAM sizes.
+        #[arg(long, value_delimiter = ',', default_value = "1G,4G")]
+        ram: Vec<String>,
+        /// VRAM of each VF (one case per size).
+        #[arg(long, value_delimiter = ',', default_value = "1G")]
+        vram: Vec<String>,
+        /// VF counts.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        vfs: Vec<usize>,
+        #[arg(long, value_delimiter = ',', default_value = "unix")]
+        transports: Vec<TransportKind>,
+        #[arg(long, value_delimiter = ',', default_value = "qemu,ours")]
+        methods: Vec<vm::VmMethod>,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Guest pages the VFs' workloads DMA per iteration (about 2000
+        /// a second, shared among the VFs), per GiB of guest RAM.
+        #[arg(long, default_value_t = 12)]
+        dma_pages_per_gib: u32,
+        /// Share of guest RAM (percent) the VFs' DMA keeps writing into.
+        #[arg(long, default_value_t = 2.0)]
+        dma_set_percent: f64,
+        /// Share of zero pages in each VF's VRAM.
+        #[arg(long, default_value_t = 50)]
+        vram_zero_percent: u8,
+        #[arg(long, default_value_t = 600)]
+        case_timeout: u64,
+        #[arg(long, default_value = "target/bench-vm")]
+        out_dir: PathBuf,
+    },
+    /// Prints the whole-VM table again from a `vm-results.json`.
+    VmReport {
+        input: PathBuf,
+        #[arg(long, default_value = "target/bench-vm/vm-downtime.png")]
+        png: PathBuf,
+    },
+    /// One side of a link-rate probe (run by `vm`).
+    #[command(hide = true)]
+    Probe {
+        #[arg(long, value_enum)]
+        role: Role,
+        #[arg(long)]
+        transport: TransportKind,
+        #[arg(long)]
+        address: Option<String>,
+        #[arg(long)]
+        listen: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        bytes: u64,
+    },
+    /// Measures the page-digest functions of the verify pass on this
+    /// machine (one thread each, then the fastest on 1..=N threads).
+    HashRates {
+        /// Most threads to try.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
     /// One side of one transfer (run by `run`).
     #[command(hide = true)]
     Worker {
@@ -101,6 +162,29 @@ enum Command {
         #[arg(long)]
         listen: Option<String>,
     },
+}
+
+/// Prints the measured digest rates as the migration sees them.
+fn hash_rates(threads: usize) -> anyhow::Result<()> {
+    use xe_vf_glue::verify::{rates, DigestKey, PageDigester};
+    let key = DigestKey::random()?;
+    let ranked = rates::measure_functions(&key);
+    for r in &ranked {
+        println!(
+            "{:16} 1 thread: {:7.0} MiB/s",
+            r.function.name(),
+            r.bytes_per_s / f64::from(1 << 20)
+        );
+    }
+    let best = PageDigester::new(ranked[0].function, &key);
+    for n in 1..=threads.max(1) {
+        println!(
+            "{:16} {n} thread(s) through the final-pass code: {:7.0} MiB/s",
+            best.function().name(),
+            rates::measure_parallel(&best, n)? / f64::from(1 << 20)
+        );
+    }
+    Ok(())
 }
 
 fn main() {
@@ -126,6 +210,56 @@ fn main() {
             case_timeout: std::time::Duration::from_secs(case_timeout),
         }),
         Command::Report { inputs, png } => report::rerender(&inputs, &png),
+        Command::HashRates { threads } => hash_rates(threads),
+        Command::Vm {
+            ram,
+            vram,
+            vfs,
+            transports,
+            methods,
+            reps,
+            dma_pages_per_gib,
+            dma_set_percent,
+            vram_zero_percent,
+            case_timeout,
+            out_dir,
+        } => (|| {
+            let mut rams = Vec::new();
+            for r in &ram {
+                rams.push(xe_vf_plugin::device_config::parse_size(r).map_err(anyhow::Error::msg)?);
+            }
+            let mut vrams = Vec::new();
+            for v in &vram {
+                vrams.push(xe_vf_plugin::device_config::parse_size(v).map_err(anyhow::Error::msg)?);
+            }
+            vm::run(&vm::VmPlan {
+                rams,
+                vrams,
+                vfs,
+                transports,
+                methods,
+                reps,
+                dma_pages_per_gib,
+                dma_set_percent,
+                vram_zero_percent,
+                out_dir,
+                case_timeout: std::time::Duration::from_secs(case_timeout),
+            })
+        })(),
+        Command::VmReport { input, png } => vm::rerender(&input, &png),
+        Command::Probe {
+            role,
+            transport,
+            address,
+            listen,
+            bytes,
+        } => transport::probe(
+            role,
+            transport,
+            address.as_deref(),
+            listen.as_deref(),
+            bytes,
+        ),
         Command::Worker {
             role,
             method,

@@ -203,6 +203,9 @@ fn memory_estimate(case: &Case) -> u64 {
         // Source: blob then base64 and JSON (1.34 V each) at once;
         // destination: JSON and the parsed string, then the decoded blob.
         Method::UpstreamCh => v / 100 * 280,
+        // The destination's pre-faulted stream copy and the VF that made
+        // it.
+        Method::Limit => v + resident,
         _ => 0,
     };
     2 * resident + copies + GIB / 2
@@ -424,7 +427,14 @@ fn run_case(
         (Some(s), Some(e)) if e > s => (s, e),
         _ => bail!("{}: missing or inverted timestamps", case.method.name()),
     };
-    let downtime_s = (end - start) as f64 / 1e9;
+    let mut downtime_s = (end - start) as f64 / 1e9;
+    if case.method == Method::Limit {
+        // The slowest stage bounds any pipeline of the three.
+        let stage = |r: &WorkerReport, name: &str| r.phases.get(name).copied().unwrap_or(0.0) / 1e3;
+        downtime_s = downtime_s
+            .max(stage(&src, "device_drain"))
+            .max(stage(&dst, "device_load"));
+    }
     Ok(Measurement {
         method: case.method,
         transport: case.transport,

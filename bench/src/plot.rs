@@ -183,3 +183,91 @@ fn bar_panel(panel: &Panel, caption: &str, vram: u64, these: &[&Row]) -> Result<
     }
     Ok(())
 }
+
+/// Whole-VM downtime against guest RAM, one line per method, one panel
+/// per (link, VF count).
+pub fn vm_downtime(rows: &[crate::vm::VmRow], path: &Path) -> Result<()> {
+    register_font()?;
+    let mut panels_of: Vec<(String, usize, u64)> = rows
+        .iter()
+        .filter(|r| r.reps > 0)
+        .map(|r| (r.transport.clone(), r.vfs, r.vram))
+        .collect();
+    panels_of.sort();
+    panels_of.dedup();
+    if panels_of.is_empty() {
+        bail!("nothing to plot");
+    }
+    let cols = panels_of.len().min(3);
+    let lines = panels_of.len().div_ceil(cols);
+    let root =
+        BitMapBackend::new(path, (520 * cols as u32, 460 * lines as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e:?}"))?;
+    let panels = root.split_evenly((lines, cols));
+    let methods = [
+        ("limit", colour(Method::Limit)),
+        ("qemu", colour(Method::Qemu)),
+        ("ours", colour(Method::Ours)),
+    ];
+    for ((t, vfs, vram), panel) in panels_of.iter().zip(panels.iter()) {
+        let these: Vec<&crate::vm::VmRow> = rows
+            .iter()
+            .filter(|r| &r.transport == t && r.vfs == *vfs && r.vram == *vram && r.reps > 0)
+            .collect();
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let max_x = these.iter().map(|r| gib(r.ram)).fold(0.0, f64::max) * 1.15;
+        let max_y = these
+            .iter()
+            .map(|r| r.downtime_ms / 1e3)
+            .fold(0.0, f64::max)
+            * 1.1;
+        let caption = format!("{t}, {vfs} VF x {} MiB VRAM", vram >> 20);
+        let mut chart = ChartBuilder::on(panel)
+            .caption(caption, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(55)
+            .build_cartesian_2d(0.0..max_x.max(0.1), 0.0..max_y.max(0.01))
+            .map_err(|e| anyhow!("{e:?}"))?;
+        chart
+            .configure_mesh()
+            .x_desc("guest RAM (GiB)")
+            .y_desc("downtime (s)")
+            .label_style(("sans-serif", 15))
+            .draw()
+            .map_err(|e| anyhow!("{e:?}"))?;
+        for (name, c) in methods {
+            let mut pts: Vec<(f64, f64)> = these
+                .iter()
+                .filter(|r| r.method == name)
+                .map(|r| (gib(r.ram), r.downtime_ms / 1e3))
+                .collect();
+            if pts.is_empty() {
+                continue;
+            }
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            chart
+                .draw_series(LineSeries::new(pts.clone(), c.stroke_width(3)))
+                .map_err(|e| anyhow!("{e:?}"))?
+                .label(name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3))
+                });
+            chart
+                .draw_series(pts.into_iter().map(|p| Circle::new(p, 4, c.filled())))
+                .map_err(|e| anyhow!("{e:?}"))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .label_font(("sans-serif", 16))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| anyhow!("{e:?}"))?;
+    }
+    root.present()
+        .map_err(|e| anyhow!("{e:?}"))
+        .with_context(|| format!("write {}", path.display()))?;
+    Ok(())
+}

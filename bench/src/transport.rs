@@ -247,6 +247,53 @@ pub fn get_len(r: &mut impl Read, max: u64) -> Result<u64> {
     Ok(len)
 }
 
+/// One side of a link-rate probe: the source sends `bytes` from one hot
+/// 1 MiB buffer, the destination reads them into another and prints the
+/// seconds from the first byte to the last (after `READY <address>`).
+pub fn probe(
+    role: crate::worker::Role,
+    kind: TransportKind,
+    address: Option<&str>,
+    listen: Option<&str>,
+    bytes: u64,
+) -> Result<()> {
+    let mut buf = vec![0x5au8; 1 << 20];
+    match role {
+        crate::worker::Role::Destination => {
+            let listener = Listener::bind(kind, &std::env::temp_dir(), listen)?;
+            println!("READY {}", listener.address()?);
+            std::io::stdout().flush()?;
+            let mut conn = listener.accept()?;
+            let total = get_len(&mut conn, u64::MAX)?;
+            let mut got = 0u64;
+            let mut first = None;
+            while got < total {
+                let want = (total - got).min(buf.len() as u64) as usize;
+                let n = conn.read(&mut buf[..want])?;
+                if n == 0 {
+                    anyhow::bail!("probe: link closed after {got} of {total} bytes");
+                }
+                first.get_or_insert_with(std::time::Instant::now);
+                got += n as u64;
+            }
+            let secs = first.map_or(0.0, |t| t.elapsed().as_secs_f64());
+            println!("{secs}");
+        }
+        crate::worker::Role::Source => {
+            let address = address.ok_or_else(|| anyhow::anyhow!("the source needs --address"))?;
+            let mut conn = connect(kind, address)?;
+            put_len(&mut conn, bytes)?;
+            let mut sent = 0u64;
+            while sent < bytes {
+                let n = (bytes - sent).min(buf.len() as u64) as usize;
+                conn.write_all(&buf[..n])?;
+                sent += n as u64;
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -64,9 +64,23 @@ const CH_KEYS: &[&str] = &[
 const OUR_KEYS: &[&str] = &["migration", "xe_migration", "dirty_tracking", "emulated"];
 /// Keys that only mean something with `emulated=on`.
 const EMULATED_KEYS: &[&str] = &[
-    "vram", "devid", "revid", "tiles", "gts", "ggtt", "mmio", "guc", "chunk", "workload", "seed",
+    "vram",
+    "devid",
+    "revid",
+    "tiles",
+    "gts",
+    "ggtt",
+    "mmio",
+    "guc",
+    "chunk",
+    "workload",
+    "seed",
     "flags",
+    "dma_pages",
+    "dma_set",
 ];
+/// Most pages one workload iteration may DMA into.
+const MAX_DMA_PAGES: u32 = 4096;
 
 /// Errors of [`DeviceConfig::parse`]; each names the key at fault.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -204,7 +218,7 @@ impl DeviceConfig {
         migration=on|off,xe_migration=on|off,dirty_tracking=auto|iommufd|all|device|off,\
         emulated=on|off,vram=<size>,devid=<id>,revid=<id>,tiles=<n>,gts=<n>,\
         ggtt=<size>,mmio=<size>,guc=<size>,chunk=<size>,workload=on|off,\
-        seed=<n>,flags=stop_copy|p2p|pre_copy\"";
+        seed=<n>,flags=stop_copy|p2p|pre_copy,dma_pages=<n>,dma_set=<size>\"";
 
     pub fn parse(input: &str) -> Result<Self, DeviceConfigError> {
         let pairs = split_pairs(input)?;
@@ -363,6 +377,12 @@ impl fmt::Display for DeviceConfig {
             out.pair("workload", if e.workload { "on" } else { "off" })?;
             out.pair("seed", &format!("{:#x}", e.seed))?;
             out.pair("flags", &format_flags(e.migration_flags))?;
+            if e.dma_pages != 0 {
+                out.pair("dma_pages", &e.dma_pages.to_string())?;
+            }
+            if e.dma_set != 0 {
+                out.pair("dma_set", &format_size(e.dma_set))?;
+            }
         }
         Ok(())
     }
@@ -687,6 +707,19 @@ fn parse_emulated<'a>(
     if let Some(v) = get("flags") {
         e.migration_flags = MigrationFlags::parse(v).map_err(|r| invalid("flags", v, &r))?;
     }
+    if let Some(v) = get("dma_pages") {
+        e.dma_pages = parse_number("dma_pages", v)?;
+        if e.dma_pages > MAX_DMA_PAGES {
+            return Err(invalid(
+                "dma_pages",
+                v,
+                &format!("at most {MAX_DMA_PAGES} pages per iteration"),
+            ));
+        }
+    }
+    if let Some(v) = get("dma_set") {
+        e.dma_set = size("dma_set", v)?;
+    }
     check_emulated(&e, get)?;
     Ok(e)
 }
@@ -982,6 +1015,8 @@ mod tests {
             ("emulated=on,ggtt=1G", "ggtt"),
             ("emulated=on,mmio=0", "mmio"),
             ("emulated=on,workload=yes", "workload"),
+            ("emulated=on,dma_pages=4097", "dma_pages"),
+            ("emulated=on,dma_pages=-1", "dma_pages"),
             ("emulated=on,seed=-5", "seed"),
             ("emulated=on,flags=p2p", "flags"),
             ("emulated=on,flags=stop_copy|warp", "flags"),
@@ -1212,5 +1247,23 @@ mod tests {
             }
         }
         assert!(accepted > 0);
+    }
+}
+
+#[cfg(test)]
+mod dma_pages_tests {
+    use super::*;
+
+    #[test]
+    fn dma_pages_parses_and_shows_only_when_set() {
+        let c = DeviceConfig::parse("emulated=on,vram=1M,dma_pages=10").unwrap();
+        assert_eq!(c.emulated.as_ref().unwrap().dma_pages, 10);
+        assert!(c.to_string().contains("dma_pages=10"), "{c}");
+        let plain = DeviceConfig::parse("emulated=on,vram=1M").unwrap();
+        assert_eq!(plain.emulated.as_ref().unwrap().dma_pages, 0);
+        assert!(!plain.to_string().contains("dma_pages"), "{plain}");
+        let set = DeviceConfig::parse("emulated=on,vram=1M,dma_pages=4,dma_set=2M").unwrap();
+        assert_eq!(set.emulated.as_ref().unwrap().dma_set, 2 << 20);
+        assert_eq!(DeviceConfig::parse(&set.to_string()).unwrap(), set);
     }
 }

@@ -227,6 +227,30 @@ pub struct MigrationTestOptions {
     /// id) as soon as they exist, e.g. a failing RESUMING -> STOP.
     #[serde(default)]
     pub device_faults: BTreeMap<String, Vec<DeviceFault>>,
+    /// Source: how the final pass covers the pages VFs may have DMA'd
+    /// into when the destination speaks the verify pass: `auto` (decided
+    /// from the measured hash and link rates), `verify` or `resend`.
+    #[serde(default)]
+    pub final_pass: FinalPassMode,
+    /// Source: send VF state over connections of its own when the
+    /// destination takes them (default), or in turn on the main
+    /// connection after the final memory pass (QEMU style).
+    #[serde(default = "yes")]
+    pub device_state_connections: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// See [`MigrationTestOptions::final_pass`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FinalPassMode {
+    #[default]
+    Auto,
+    Verify,
+    Resend,
 }
 
 /// An optional protocol feature, by the name the test hooks use.
@@ -268,6 +292,8 @@ impl Default for MigrationTestOptions {
             stall_at: None,
             timeout_s: default_receive_timeout_s(),
             device_faults: BTreeMap::new(),
+            final_pass: FinalPassMode::Auto,
+            device_state_connections: true,
         }
     }
 }

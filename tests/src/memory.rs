@@ -10,8 +10,11 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 use xe_vf_glue::protocol::{MemoryRange, MemoryRangeTable};
+use xe_vf_glue::verify::wire::{push_page, DigestBatch, PageRun};
+use xe_vf_glue::verify::{DigestTable, PageDigester, PageSource};
 use xe_vf_glue::wire::range_end;
 use xe_vf_plugin::emulated::create_memfd;
 
@@ -25,6 +28,25 @@ pub struct GuestMemory {
     file: File,
     size: u64,
     dirty: Vec<AtomicU64>,
+    /// Destination of a migration with the verify pass: the digest of
+    /// every page as it arrived.
+    arrivals: OnceLock<Arrivals>,
+}
+
+/// How arriving pages are hashed, and their digests.
+struct Arrivals {
+    digester: PageDigester,
+    table: DigestTable,
+}
+
+impl PageSource for GuestMemory {
+    fn read_at(&self, gpa: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.check(&MemoryRange {
+            gpa,
+            length: buf.len() as u64,
+        })?;
+        self.file.read_exact_at(buf, gpa)
+    }
 }
 
 impl GuestMemory {
@@ -46,7 +68,41 @@ impl GuestMemory {
             file: create_memfd("guest-memory", size)?,
             size,
             dirty: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            arrivals: OnceLock::new(),
         })
+    }
+
+    /// From now on every page that arrives through
+    /// [`GuestMemory::receive_range`] is hashed with `digester` into a
+    /// table of 16 bytes + 1 bit per page. Only the first call counts.
+    pub fn hash_arrivals(&self, digester: PageDigester) -> bool {
+        self.arrivals
+            .set(Arrivals {
+                digester,
+                table: DigestTable::new(self.size),
+            })
+            .is_ok()
+    }
+
+    /// Bytes the arrival digests take, if they are kept.
+    pub fn arrival_table_bytes(&self) -> u64 {
+        self.arrivals.get().map_or(0, |a| a.table.heap_bytes())
+    }
+
+    /// The pages of `batch` whose content here differs from what the
+    /// source hashed (all of them without arrival digests).
+    pub fn mismatches(&self, batch: &DigestBatch) -> Vec<PageRun> {
+        let mut out = Vec::new();
+        for (page, digest) in batch.pages() {
+            let same = self
+                .arrivals
+                .get()
+                .is_some_and(|a| a.table.matches(page, &digest));
+            if !same {
+                push_page(&mut out, page);
+            }
+        }
+        out
     }
 
     pub fn size(&self) -> u64 {
@@ -171,6 +227,24 @@ impl GuestMemory {
             let n = ((end - at) as usize).min(buf.len());
             input.read_exact(&mut buf[..n])?;
             self.file.write_all_at(&buf[..n], at)?;
+            if let Some(a) = self.arrivals.get() {
+                // Hashed while the bytes are still in cache. A piece that
+                // starts mid-page leaves that page's digest stale, so it
+                // is dropped: the page then counts as changed.
+                let first = at / PAGE_SIZE;
+                if !at.is_multiple_of(PAGE_SIZE) {
+                    a.table.invalidate(first);
+                }
+                let skip = ((PAGE_SIZE - at % PAGE_SIZE) % PAGE_SIZE) as usize;
+                let pages = buf[skip.min(n)..n].chunks(PAGE_SIZE as usize);
+                for (page, chunk) in (at.div_ceil(PAGE_SIZE)..).zip(pages) {
+                    if chunk.len() == PAGE_SIZE as usize {
+                        a.table.set(page, &a.digester.digest(chunk));
+                    } else {
+                        a.table.invalidate(page);
+                    }
+                }
+            }
             at += n as u64;
         }
         Ok(())
@@ -254,6 +328,57 @@ mod tests {
             .is_err());
         assert!(GuestMemory::new(4095).is_err());
         assert!(GuestMemory::new(0).is_err());
+    }
+
+    #[test]
+    fn arrival_digests_find_exactly_the_pages_that_changed_since() {
+        use xe_vf_glue::verify::{DigestFunction, DigestKey};
+        let key = DigestKey::random().unwrap();
+        let digester = PageDigester::new(DigestFunction::Nh128, &key);
+        let src = GuestMemory::new(1 << 20).unwrap();
+        src.write_dirty(&[7u8; 1 << 20], 0).unwrap();
+        let dst = GuestMemory::new(1 << 20).unwrap();
+        assert!(dst.hash_arrivals(digester.clone()));
+        assert!(!dst.hash_arrivals(digester.clone()), "only once");
+        let mut image = Vec::new();
+        src.save_to(&mut image).unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        dst.receive_range(&src.whole().regions()[0], &mut &image[..], &mut buf)
+            .unwrap();
+        // The source changes two pages after sending them (a DMA write).
+        src.write_dirty(b"dma", 5 * PAGE_SIZE + 100).unwrap();
+        src.write_dirty(b"dma", 200 * PAGE_SIZE).unwrap();
+        let runs = [PageRun {
+            gpa: 0,
+            pages: src.pages(),
+        }];
+        let mut differ = Vec::new();
+        xe_vf_glue::verify::hash_ranges::<io::Error>(&src, &digester, &runs, 2, 64, &mut |b| {
+            differ.extend(dst.mismatches(&b));
+            Ok(())
+        })
+        .unwrap();
+        differ.sort_by_key(|r| r.gpa);
+        assert_eq!(
+            differ,
+            [
+                PageRun {
+                    gpa: 5 * PAGE_SIZE,
+                    pages: 1
+                },
+                PageRun {
+                    gpa: 200 * PAGE_SIZE,
+                    pages: 1
+                }
+            ]
+        );
+        // Without arrival digests every page differs.
+        let blank = GuestMemory::new(1 << 20).unwrap();
+        let batch = DigestBatch {
+            runs: vec![PageRun { gpa: 0, pages: 2 }],
+            digests: vec![[0u8; 16]; 2],
+        };
+        assert_eq!(blank.mismatches(&batch), [PageRun { gpa: 0, pages: 2 }]);
     }
 
     #[test]

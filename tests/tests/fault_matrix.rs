@@ -1377,8 +1377,12 @@ fn stalled_destination_at_memory() {
 #[test]
 fn stalled_destination_in_final_memory_pass() {
     // The source is paused when the destination stops taking memory: it
-    // gives up after the timeout and runs again.
+    // gives up after the timeout and runs again. QEMU style, so that the
+    // final pass is all of memory and the source is mid-write when the
+    // destination stops reading (with the verify pass the second Memory
+    // is only the CPU-dirty pages).
     let c = Cell::new();
+    c.src.arm(&json!({ "final_pass": "resend" }));
     let (s, r) = c.failed_migration(None, json!({ "fault": fault("memory#2", "stall", 0) }));
     c.check_source(&s, "final memory pass", "timed out");
     c.check_destination(&r, "memory", "closed the connection mid-transfer");

@@ -97,15 +97,56 @@ fn live_migration_over_unix_socket_with_workloads_running() {
     let src = source(dir.path(), &["emulated=on,vram=32M,id=gpu0"], &[]);
     let dst = Host::start(dir.path(), "dst", &[]);
     let url = format!("unix:{}", dir.path().join("mig.sock").display());
+    // QEMU style, forced: the verify pass has a test of its own.
+    src.arm(&json!({ "final_pass": "resend" }));
     let sent = migrate_and_verify(&src, &dst, &url);
     // dirty_tracking=all: once the VF stopped, everything it may have
     // DMA'd into (all of guest memory) went again in the final pass.
     assert_eq!(sent["final_pass_bytes"].as_u64().unwrap(), 32 << 20);
+    assert_eq!(sent["downtime"]["dma_pages"], "resend");
     assert!(sent["memory_passes"].as_u64().unwrap() >= 2);
     assert!(
         !dir.path().join("mig.sock").exists(),
         "listener socket removed"
     );
+}
+
+/// DMA writes the CPU dirty log never sees land on pages pre-copy had
+/// already sent; the verify pass must find every one of them by digest
+/// and send it again, or the memory checksums at the switch-over differ.
+#[test]
+fn verify_pass_catches_dma_writes_after_the_last_cpu_dirty_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = source(
+        dir.path(),
+        &["emulated=on,vram=32M,id=gpu0,dma_pages=64"],
+        &[],
+    );
+    let dst = Host::start(dir.path(), "dst", &[]);
+    let url = format!("unix:{}", dir.path().join("mig.sock").display());
+    src.arm(&json!({ "final_pass": "verify" }));
+    let sent = migrate_and_verify(&src, &dst, &url);
+    let received = dst.received_report();
+    let downtime = &sent["downtime"];
+    assert_eq!(downtime["dma_pages"], "verify", "{downtime}");
+    let verify = &downtime["verify"];
+    let differ = verify["mismatched_bytes"].as_u64().unwrap();
+    // The VF wrote into pages sent before it stopped: some differ, and
+    // both sides agree on how many.
+    assert!(differ > 0, "{verify}");
+    assert_eq!(received["differing_bytes"].as_u64().unwrap(), differ);
+    assert_eq!(
+        received["verified_bytes"].as_u64().unwrap(),
+        verify["checked_bytes"].as_u64().unwrap()
+    );
+    // Everything the CPU did not dirty was checked, not resent.
+    let dma = downtime["dma_bytes"].as_u64().unwrap();
+    assert_eq!(verify["checked_bytes"].as_u64().unwrap(), dma);
+    assert_eq!(
+        sent["final_pass_bytes"].as_u64().unwrap(),
+        downtime["cpu_dirty_bytes"].as_u64().unwrap() + differ
+    );
+    assert!(sent["final_pass_bytes"].as_u64().unwrap() < 32 << 20);
 }
 
 #[test]
@@ -315,6 +356,9 @@ fn live_migration_of_two_vfs_in_one_vm() {
     let dst = Host::start(dir.path(), "dst", &[]);
     let url = format!("unix:{}", dir.path().join("mig.sock").display());
     let sent = migrate_and_verify(&src, &dst, &url);
+    // Both VF states went at once, each over a connection of its own,
+    // while the final memory pass used the main one.
+    assert_eq!(sent["downtime"]["device_state_connections"], 2);
     assert_eq!(sent["at_stop"]["devices"].as_array().unwrap().len(), 2);
     assert_ne!(
         sent["at_stop"]["devices"][0]["digest"],

@@ -16,6 +16,7 @@ pub mod dirty;
 pub mod error_chain;
 pub mod iommufd_dirty;
 pub mod snapshot;
+pub mod verify;
 pub mod wire;
 pub mod xe_vf;
 

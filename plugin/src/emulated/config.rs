@@ -40,6 +40,14 @@ pub struct EmulatedConfig {
     pub workload: bool,
     /// Seeds the workload's access pattern.
     pub seed: u64,
+    /// Extra guest pages the workload DMAs a record into per iteration
+    /// (about 2000 iterations a second), spread over the VF's DMA window:
+    /// the writes a dirty log of the CPU never sees. 0: one record per
+    /// iteration into consecutive slots.
+    pub dma_pages: u32,
+    /// Bytes of the DMA window those pages are drawn from (its working
+    /// set, spread evenly over the window); 0: the whole window.
+    pub dma_set: u64,
 }
 
 impl Default for EmulatedConfig {
@@ -57,6 +65,8 @@ impl Default for EmulatedConfig {
             migration_flags: MigrationFlags::XE_VF,
             workload: true,
             seed: 0x5eed,
+            dma_pages: 0,
+            dma_set: 0,
         }
     }
 }

@@ -6,7 +6,7 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 
 /// Creates a close-on-exec memfd of `size` bytes (a hole until written).
@@ -63,6 +63,20 @@ impl Vram {
     pub(crate) fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.check(offset, buf.len())?;
         self.file.write_all_at(buf, offset)
+    }
+
+    /// Allocates every page of LMEM now (zero-filled): device memory is
+    /// always there, and a benchmark should not count page allocation as
+    /// device cost.
+    pub(crate) fn prefault(&self) -> io::Result<()> {
+        let len = libc::off_t::try_from(self.size).map_err(io::Error::other)?;
+        // SAFETY: fallocate on a file descriptor we own; no memory is
+        // passed.
+        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, 0, len) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// Zeroes all of LMEM by dropping every page.

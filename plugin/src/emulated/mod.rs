@@ -258,6 +258,19 @@ impl EmulatedXeVf {
         Ok(())
     }
 
+    /// Allocates all of the VF's LMEM up front, as device memory is: a
+    /// destination VF then pays no page allocation while loading (for
+    /// benchmarks; LMEM stays zero).
+    pub fn prefault_vram(&self) -> Result<()> {
+        self.model
+            .vram
+            .prefault()
+            .map_err(|source| DeviceError::Ioctl {
+                op: "pre-fault emulated VRAM",
+                source,
+            })
+    }
+
     /// Checksums of the whole device state, taken while the workload is
     /// held still.
     pub fn digest(&self) -> Result<StateDigest> {

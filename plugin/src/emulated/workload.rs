@@ -218,6 +218,30 @@ fn step(model: &DeviceModel, guest: &Mutex<Option<GuestDmaRegion>>) -> io::Resul
                 .file
                 .write_all_at(&record.encode(), region.offset + slot * DMA_RECORD_LEN)?;
         }
+        // Records at the start of pseudo-random pages of the window, as a
+        // GPU scattering writes over guest memory.
+        let pages = region.len / PAGE;
+        let per_page = PAGE / DMA_RECORD_LEN;
+        let scattered = if pages == 0 {
+            0
+        } else {
+            model.config.dma_pages
+        };
+        let set = match model.config.dma_set / PAGE {
+            0 => pages,
+            n => n.min(pages),
+        };
+        for _ in 0..scattered {
+            // One of `set` pages spread evenly over the window.
+            let page = (rng.next_u64() % set) * pages / set.max(1);
+            let record = DmaRecord {
+                slot: (page * per_page) as u32,
+                generation,
+            };
+            region
+                .file
+                .write_all_at(&record.encode(), region.offset + page * PAGE)?;
+        }
     }
     Ok(())
 }

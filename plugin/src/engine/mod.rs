@@ -21,7 +21,7 @@ use std::time::Duration;
 use serde::Serialize;
 use thiserror::Error;
 
-pub use pump::{DeadlineFd, ReadAhead};
+pub use pump::{Chunk, DeadlineFd, ReadAhead};
 pub use restore::{restore, RestoreReport};
 pub use save::{save, SaveReport};
 

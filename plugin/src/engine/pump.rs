@@ -90,38 +90,58 @@ enum Reader<'scope> {
 /// Reads `reader` to EOF on a thread of its own into a bounded buffer pool.
 pub struct ReadAhead<'scope> {
     filled: Option<Filled>,
-    empty: Option<SyncSender<Vec<u8>>>,
+    empty: Option<SyncSender<Chunk>>,
     thread: Option<Reader<'scope>>,
 }
 
+/// One buffer of the pool and how much of it holds data.
+///
+/// The buffer keeps its full length for its whole life, so handing it
+/// back and forth never re-initialises it (truncating and growing a
+/// `Vec` again zero-fills the regrown part: a memset of the whole stream
+/// on the destination).
+pub struct Chunk {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+impl std::ops::Deref for Chunk {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
 /// Where the consumer takes filled buffers (or the reader's error).
-type Filled = Receiver<io::Result<Vec<u8>>>;
+type Filled = Receiver<io::Result<Chunk>>;
 
 /// Both ends of the buffer pool, and the loop the reading thread runs.
 struct Pool {
-    filled_tx: SyncSender<io::Result<Vec<u8>>>,
-    empty_rx: Receiver<Vec<u8>>,
+    filled_tx: SyncSender<io::Result<Chunk>>,
+    empty_rx: Receiver<Chunk>,
     fill: usize,
-    capacity: usize,
 }
 
 impl Pool {
     /// The pool and the consumer's ends of it.
-    fn new(fill: usize, headroom: usize, depth: usize) -> (Self, Filled, SyncSender<Vec<u8>>) {
+    fn new(fill: usize, headroom: usize, depth: usize) -> (Self, Filled, SyncSender<Chunk>) {
         let depth = depth.max(1);
         let fill = fill.max(1);
         let capacity = fill.saturating_add(headroom);
-        let (filled_tx, filled) = sync_channel::<io::Result<Vec<u8>>>(depth);
-        let (empty, empty_rx) = sync_channel::<Vec<u8>>(depth);
+        let (filled_tx, filled) = sync_channel::<io::Result<Chunk>>(depth);
+        let (empty, empty_rx) = sync_channel::<Chunk>(depth);
         for _ in 0..depth {
             // Cannot block: the channel holds `depth` items.
-            let _ = empty.try_send(vec![0u8; capacity]);
+            let _ = empty.try_send(Chunk {
+                buf: vec![0u8; capacity],
+                len: 0,
+            });
         }
         let pool = Pool {
             filled_tx,
             empty_rx,
             fill,
-            capacity,
         };
         (pool, filled, empty)
     }
@@ -130,13 +150,14 @@ impl Pool {
     /// going away.
     fn run<R: Read>(self, mut reader: R) {
         let mut at_eof = false;
-        while let Ok(mut buf) = self.empty_rx.recv() {
+        while let Ok(mut chunk) = self.empty_rx.recv() {
+            chunk.len = 0;
             if at_eof {
-                buf.clear();
-                let _ = self.filled_tx.send(Ok(buf));
+                let _ = self.filled_tx.send(Ok(chunk));
                 return;
             }
-            buf.resize(self.capacity, 0);
+            // Every chunk is made by `new` with `capacity` bytes.
+            let buf = &mut chunk.buf[..];
             let mut len = 0;
             let result = loop {
                 if len >= self.fill {
@@ -154,9 +175,9 @@ impl Pool {
             };
             match result {
                 Ok(()) => {
-                    buf.truncate(len);
+                    chunk.len = len;
                     let end = len == 0;
-                    if self.filled_tx.send(Ok(buf)).is_err() || end {
+                    if self.filled_tx.send(Ok(chunk)).is_err() || end {
                         return;
                     }
                 }
@@ -221,7 +242,7 @@ impl<'scope> ReadAhead<'scope> {
     }
 
     /// Next chunk; an empty chunk means EOF.
-    pub fn next_chunk(&mut self) -> io::Result<Vec<u8>> {
+    pub fn next_chunk(&mut self) -> io::Result<Chunk> {
         match self.filled.as_ref().map(Receiver::recv) {
             Some(Ok(r)) => r,
             _ => Err(io::Error::new(
@@ -232,9 +253,9 @@ impl<'scope> ReadAhead<'scope> {
     }
 
     /// Hands a drained buffer back to the reader.
-    pub fn recycle(&self, buf: Vec<u8>) {
+    pub fn recycle(&self, chunk: Chunk) {
         if let Some(empty) = &self.empty {
-            let _ = empty.try_send(buf);
+            let _ = empty.try_send(chunk);
         }
     }
 
@@ -265,5 +286,51 @@ impl<'scope> ReadAhead<'scope> {
 impl Drop for ReadAhead<'_> {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Returns at most `step` bytes per read, as a socket does.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        step: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.data.len().min(buf.len()).min(self.step);
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn recycled_chunks_carry_every_byte_in_order() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        let mut out = Vec::new();
+        std::thread::scope(|s| {
+            let reader = Trickle {
+                data: &data,
+                step: 3000,
+            };
+            let mut ra = ReadAhead::spawn_scoped(s, reader, 8192, 4096, 2).unwrap();
+            loop {
+                let chunk = ra.next_chunk().unwrap();
+                if chunk.is_empty() {
+                    break;
+                }
+                // Filled to at least `fill` unless the reader ended, never
+                // beyond `fill + headroom`.
+                assert!(chunk.len() <= 8192 + 4096);
+                assert!(chunk.len() >= 8192 || out.len() + chunk.len() == data.len());
+                out.extend_from_slice(&chunk);
+                ra.recycle(chunk);
+            }
+        });
+        assert!(out == data);
     }
 }

@@ -10,10 +10,10 @@
 //! last memory pass is acknowledged; the destination accepts them from
 //! Config until State.
 //!
-//! Roles other than `PrecopyMemory` are dropped with a warning (CH hands
-//! `Fault` to postcopy, which the host does not do); a future role, e.g.
-//! device state on its own connection, is one more arm in
-//! [`ReceiveLanes::classify`].
+//! A `DeviceState` connection (our feature, see [`super::device_lanes`])
+//! carries one VF's state, served by [`super::device_lanes::Targets`].
+//! Other roles are dropped with a warning (CH hands `Fault` to postcopy,
+//! which the host does not do).
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -27,6 +27,15 @@ use xe_vf_glue::error_chain::Chain;
 use xe_vf_glue::protocol::{Command, ConnectionRole, MemoryRangeTable, Request, Response};
 
 use super::conn::{connect, Conn, Listener, MigrationUrl};
+use super::device_lanes::Targets;
+use super::verify_pass::ROLE_DEVICE_STATE;
+
+/// What an accepted extra connection carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lane {
+    Memory,
+    DeviceState,
+}
 use super::expect_ok;
 use crate::error::{HostError, HostResult};
 use crate::memory::{GuestMemory, COPY_CHUNK};
@@ -167,7 +176,7 @@ pub struct ReceiveLanes {
 }
 
 /// Waits until `fd` is readable or `stop` is set; `Ok(false)` on stop.
-fn wait_readable(fd: i32, stop: &AtomicBool) -> io::Result<bool> {
+pub(super) fn wait_readable(fd: i32, stop: &AtomicBool) -> io::Result<bool> {
     loop {
         if stop.load(Ordering::Relaxed) {
             return Ok(false);
@@ -196,6 +205,7 @@ impl ReceiveLanes {
     pub fn start(
         listener: Arc<Listener>,
         memory: Arc<GuestMemory>,
+        devices: Arc<Targets>,
         timeout: Duration,
     ) -> HostResult<Self> {
         let stop = Arc::new(AtomicBool::new(false));
@@ -203,7 +213,7 @@ impl ReceiveLanes {
         let (s, st) = (stop.clone(), stats.clone());
         let accept = std::thread::Builder::new()
             .name("migrate-accept".into())
-            .spawn(move || Self::accept_loop(&listener, &memory, &s, &st, timeout))
+            .spawn(move || Self::accept_loop(&listener, &memory, &devices, &s, &st, timeout))
             .map_err(|e| HostError::failed("extra connections", e))?;
         Ok(ReceiveLanes {
             stop,
@@ -215,6 +225,7 @@ impl ReceiveLanes {
     fn accept_loop(
         listener: &Listener,
         memory: &Arc<GuestMemory>,
+        devices: &Arc<Targets>,
         stop: &Arc<AtomicBool>,
         stats: &Arc<LaneStats>,
         timeout: Duration,
@@ -243,11 +254,25 @@ impl ReceiveLanes {
                 );
                 return workers;
             }
-            let Some(conn) = Self::classify(conn, timeout) else {
+            let Some((role, conn)) = Self::classify(conn, timeout) else {
                 continue;
             };
-            let (m, halt, st) = (memory.clone(), stop.clone(), stats.clone());
             let n = workers.len() + 1;
+            if role == Lane::DeviceState {
+                let (d, halt) = (devices.clone(), stop.clone());
+                match std::thread::Builder::new()
+                    .name(format!("migrate-dev-{n}"))
+                    .spawn(move || d.serve(conn, &halt))
+                {
+                    Ok(w) => workers.push(w),
+                    Err(e) => {
+                        Self::fail(stats, HostError::failed("extra connections", e));
+                        return workers;
+                    }
+                }
+                continue;
+            }
+            let (m, halt, st) = (memory.clone(), stop.clone(), stats.clone());
             match std::thread::Builder::new()
                 .name(format!("migrate-recv-{n}"))
                 .spawn(move || {
@@ -264,20 +289,33 @@ impl ReceiveLanes {
         }
     }
 
-    /// Reads the role of an accepted connection; the memory ones are kept.
-    fn classify(mut conn: Conn, timeout: Duration) -> Option<Conn> {
+    /// Reads the role of an accepted connection; memory and device-state
+    /// ones are kept.
+    fn classify(mut conn: Conn, timeout: Duration) -> Option<(Lane, Conn)> {
         conn.set_timeouts(ROLE_TIMEOUT).ok()?;
-        let role = match ConnectionRole::read_from(&mut conn) {
+        // Our device-state role is not one of the series' crate's, so
+        // the word is read raw first.
+        let mut word = [0u8; 2];
+        if let Err(e) = std::io::Read::read_exact(&mut conn, &mut word) {
+            warn!("migration: dropping a connection: no role ({e})");
+            return None;
+        }
+        let word = u16::from_le_bytes(word);
+        if word == ROLE_DEVICE_STATE {
+            conn.set_timeouts(timeout).ok()?;
+            return Some((Lane::DeviceState, conn));
+        }
+        let role = match ConnectionRole::try_from(word) {
             Ok(r) => r,
             Err(e) => {
-                warn!("migration: dropping a connection: no role ({})", Chain(&e));
+                warn!("migration: dropping a connection: {}", Chain(&e));
                 return None;
             }
         };
         match role {
             ConnectionRole::PrecopyMemory => {
                 conn.set_timeouts(timeout).ok()?;
-                Some(conn)
+                Some((Lane::Memory, conn))
             }
             other => {
                 warn!("migration: dropping a connection with role {other:?} (not supported)");

@@ -17,10 +17,12 @@
 //! it). Any failure before Switchover went out resumes the source.
 
 pub mod conn;
+pub mod device_lanes;
 pub mod lanes;
 pub mod receive;
 pub mod send;
 pub mod switchover;
+pub mod verify_pass;
 
 use std::io::{self, Read, Write};
 

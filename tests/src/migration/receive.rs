@@ -11,7 +11,8 @@
 //! two-step switch-over it runs only on the source's `Switchover` (see
 //! [`super::switchover`]), and stays paused if the source is lost before.
 
-use std::io::Read;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,8 +28,10 @@ use xe_vf_plugin::device_config::DeviceConfig;
 use xe_vf_plugin::engine::TransferOptions;
 
 use super::conn::{Conn, Listener, MigrationUrl};
+use super::device_lanes::{Target, Targets};
 use super::lanes::ReceiveLanes;
 use super::switchover::{self, Failure, Go};
+use super::verify_pass::{self, Incoming};
 use super::{is_eof, read_json_payload, streamed_order, write_error, MigrationConfig};
 use crate::error::{HostError, HostResult};
 use crate::fault::{self, FaultyStream, MigrationFault, MigrationTestOptions};
@@ -48,6 +51,12 @@ pub struct ReceiveReport {
     /// With `verify`: the VM as it was right before it resumed (as the
     /// destination got ready, with two steps).
     pub at_switchover: Option<VmFingerprint>,
+    /// With `verify`: how long taking `at_switchover` held the switch-over
+    /// (part of the source's downtime; benchmarks subtract it).
+    pub fingerprint_ms: f64,
+    /// Verify pass: bytes checked by digest, and those that differed.
+    pub verified_bytes: u64,
+    pub differing_bytes: u64,
     /// Whether the switch-over had two steps (the source announced it).
     pub two_step_switchover: bool,
 }
@@ -58,6 +67,8 @@ struct Receiver<'a> {
     conn: Conn,
     listener: Arc<Listener>,
     lanes: Option<ReceiveLanes>,
+    /// VFs that device-state connections may load (from Config on).
+    device_targets: Option<Arc<Targets>>,
     vm: Option<Vm>,
     fault: Option<MigrationFault>,
     /// Optional protocol features both sides announced.
@@ -121,6 +132,7 @@ fn receive_one(
         conn,
         listener,
         lanes: None,
+        device_targets: None,
         vm: None,
         fault: req.fault.clone(),
         features: ProtocolFeatures::empty(),
@@ -134,6 +146,9 @@ fn receive_one(
             memory_passes: 0,
             memory_connection_bytes: 0,
             at_switchover: None,
+            fingerprint_ms: 0.0,
+            verified_bytes: 0,
+            differing_bytes: 0,
             two_step_switchover: false,
         },
     };
@@ -212,12 +227,69 @@ impl Receiver<'_> {
             .ok_or_else(|| HostError::bad_request(phase, "command before Config"))
     }
 
-    /// Serves commands until Complete; returns the VM, checked and paused,
-    /// and whether it is to run (Complete, not CompletePaused).
+    /// Stops the extra connections (device-state ones end when the source
+    /// closes them) and returns the first failure of a device-state one.
+    fn device_lane_error(&mut self) -> Option<HostError> {
+        if let Some(mut lanes) = self.lanes.take() {
+            let _ = lanes.finish();
+        }
+        self.device_targets.take().and_then(|t| t.outcome().2)
+    }
+
+    /// Serves commands until Complete; returns the VM to install.
     fn run(&mut self) -> HostResult<(Vm, bool)> {
+        let result = self.serve_commands();
+        if matches!(&result, Err(e) if e.phase == "abandon") {
+            // The source gave up; a VF that failed on its own connection
+            // is why.
+            if let Some(e) = self.device_lane_error() {
+                return Err(e);
+            }
+        }
+        result
+    }
+
+    /// Waits for the next command; while VF state streams in on its own
+    /// connections, the main connection may be silent for longer than
+    /// the timeout.
+    fn wait_for_command(&self) -> HostResult<()> {
+        let timeout = Duration::from_secs(self.req.timeout_s.clamp(1, 3600));
+        loop {
+            let mut pfd = libc::pollfd {
+                fd: self.conn.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+            // SAFETY: one valid pollfd on our stack, count 1.
+            let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+            match rc {
+                0 if self.device_targets.as_ref().is_some_and(|t| t.streaming()) => continue,
+                0 => {
+                    return Err(HostError::failed(
+                        "read command",
+                        format!(
+                            "migration socket error: timed out: the peer was silent for {} s",
+                            timeout.as_secs()
+                        ),
+                    ))
+                }
+                n if n > 0 => return Ok(()),
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(HostError::failed("read command", e));
+                    }
+                }
+            }
+        }
+    }
+
+    fn serve_commands(&mut self) -> HostResult<(Vm, bool)> {
         let mut started = false;
         loop {
-            let request = Request::read_from(&mut self.conn).map_err(|e| {
+            self.wait_for_command()?;
+            let incoming = verify_pass::read_request(&mut self.conn).map_err(|e| {
                 if is_eof(&e) {
                     HostError::failed(
                         "read command",
@@ -227,6 +299,31 @@ impl Receiver<'_> {
                     HostError::failed("read command", Chain(&e))
                 }
             })?;
+            let request = match incoming {
+                Incoming::Ch(request) => request,
+                Incoming::VerifySetup { length } if started => {
+                    self.phase("verify setup");
+                    let memory = self.vm("verify setup")?.memory().clone();
+                    verify_pass::receive_setup(&mut self.conn, length, &memory)?;
+                    self.ok("verify setup")?;
+                    continue;
+                }
+                Incoming::Digests { length } if started => {
+                    self.phase("digests");
+                    let memory = self.vm("digests")?.memory().clone();
+                    let (checked, differ) =
+                        verify_pass::answer_digests(&mut self.conn, length, &memory)?;
+                    self.report.verified_bytes += checked;
+                    self.report.differing_bytes += differ;
+                    continue;
+                }
+                _ => {
+                    return Err(HostError::bad_request(
+                        "start",
+                        "first command is an extension command, not Start",
+                    ))
+                }
+            };
             if !started && request.command() != Command::Start {
                 return Err(HostError::bad_request(
                     "start",
@@ -242,9 +339,21 @@ impl Receiver<'_> {
                     started = true;
                     let ours = self.req.protocol_features();
                     self.features = request.sender_features() & ours;
-                    Response::ok_with_features(ours)
-                        .write_to(&mut self.conn)
-                        .map_err(|e| HostError::failed("start", Chain(&e)))?;
+                    let mut extensions =
+                        verify_pass::sender_features(&request) & verify_pass::EXTENSION_FEATURES;
+                    // Test hooks at the device stream work on the main
+                    // connection's path: keep the streams there.
+                    let hooked = self.req.stall_at.as_deref() == Some("device-state")
+                        || self
+                            .fault
+                            .as_ref()
+                            .is_some_and(|f| f.phase == "device-state");
+                    if hooked {
+                        extensions &= !verify_pass::FEATURE_DEVICE_STATE_CONNECTIONS;
+                    }
+                    self.conn
+                        .write_all(&verify_pass::start_answer(ours.bits() | extensions))
+                        .map_err(|e| HostError::failed("start", e))?;
                 }
                 Command::Config => self.config(&request)?,
                 Command::Memory => self.memory(&request)?,
@@ -361,9 +470,27 @@ impl Receiver<'_> {
         }
         self.received = vec![false; config.vm.devices.len()];
         let timeout = Duration::from_secs(self.req.timeout_s.clamp(1, 3600));
+        let targets = {
+            let set = vm.devices();
+            set.devices()
+                .iter()
+                .zip(&config.vm.devices)
+                .map(|(d, entry)| Target {
+                    id: entry.id.clone(),
+                    device: d.device().clone(),
+                    opts: TransferOptions {
+                        device_timeout: timeout,
+                        ..TransferOptions::default()
+                    },
+                })
+                .collect()
+        };
+        let targets = Arc::new(Targets::new(targets));
+        self.device_targets = Some(targets.clone());
         self.lanes = Some(ReceiveLanes::start(
             self.listener.clone(),
             vm.memory().clone(),
+            targets,
             timeout,
         )?);
         self.vm = Some(vm);
@@ -471,7 +598,19 @@ impl Receiver<'_> {
         self.phase("state");
         // All memory is in: the extra connections have closed (CH's cleanup).
         if let Some(mut lanes) = self.lanes.take() {
-            let bytes = lanes.finish()?;
+            let bytes = lanes.finish();
+            if let Some(targets) = self.device_targets.take() {
+                let (got, device_bytes, error) = targets.outcome();
+                if let Some(e) = error {
+                    return Err(e);
+                }
+                for (mine, theirs) in self.received.iter_mut().zip(got) {
+                    *mine |= theirs;
+                }
+                self.report.device_bytes += device_bytes;
+                Counters::add(&self.vmm.counters.device_bytes_received, device_bytes);
+            }
+            let bytes = bytes?;
             self.report.memory_connection_bytes = bytes;
             self.report.memory_bytes += bytes;
             Counters::add(&self.vmm.counters.memory_bytes_received, bytes);
@@ -520,6 +659,7 @@ impl Receiver<'_> {
             .take()
             .ok_or_else(|| HostError::bad_request("complete", "no VM"))?;
         if self.req.verify {
+            let t = Instant::now();
             match vm.fingerprint() {
                 Ok(f) => self.report.at_switchover = Some(f),
                 Err(e) => {
@@ -527,6 +667,7 @@ impl Receiver<'_> {
                     return Err(e);
                 }
             }
+            self.report.fingerprint_ms = t.elapsed().as_secs_f64() * 1e3;
         }
         Ok((vm, resume))
     }

@@ -22,18 +22,23 @@ use xe_vf_glue::protocol::{MemoryRangeTable, ProtocolFeatures, Request};
 use xe_vf_plugin::engine::TransferOptions;
 
 use super::conn::{connect, Conn, MigrationUrl};
+use super::device_lanes::{self, DeviceLanes};
 use super::lanes::SendLanes;
 use super::switchover::{self, Failure, Unconfirmed};
-use super::{expect_ok, peer_refusal, read_ok, streamed_order, CountingWriter, MigrationConfig};
+use super::verify_pass::{self, VerifyOutcome, VerifyPlan};
+use super::{expect_ok, peer_refusal, streamed_order, CountingWriter, MigrationConfig};
 use crate::api_bodies::{SendMigrationData, TimeoutStrategy};
 use crate::error::{HostError, HostResult};
-use crate::fault::{self, FaultyStream, MigrationFault, MigrationTestOptions};
+use crate::fault::{self, FaultyStream, FinalPassMode, MigrationFault, MigrationTestOptions};
 use crate::memory::{COPY_CHUNK, PAGE_SIZE};
 use crate::vm::{Vm, VmFingerprint};
 use crate::vmm::{Counters, VmState, Vmm};
 
 /// Memory bytes per `Memory` command on the main connection.
 const MEMORY_CHUNK: u64 = 64 << 20;
+/// Share of the DMA-reachable bytes the verify estimate expects to
+/// differ (the VF's writes during the last round).
+const EXPECTED_DMA_SHARE: f64 = 0.02;
 /// Longest wait for the destination to listen (CH does not wait; the
 /// host does, as tests start both sides at once).
 const CONNECT_RETRY: Duration = Duration::from_secs(10);
@@ -57,6 +62,32 @@ pub struct SendReport {
     /// Whether the switch-over had two steps (the destination announced
     /// it); with one, a lost answer to Complete could run the VM twice.
     pub two_step_switchover: bool,
+    /// Where the downtime went.
+    pub downtime: DowntimeBreakdown,
+}
+
+/// The downtime by phase, in milliseconds from the pause.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DowntimeBreakdown {
+    /// Final memory pass: CPU-dirty pages, then the DMA-reachable pages
+    /// resent or verified (digests and the pages that differ).
+    pub final_memory_ms: f64,
+    /// Every VF's state streamed and loaded.
+    pub device_state_ms: f64,
+    /// State and Complete, until the destination's Ok.
+    pub switchover_ms: f64,
+    /// CPU-dirty bytes sent in the final pass.
+    pub cpu_dirty_bytes: u64,
+    /// DMA-reachable bytes the CPU dirty log did not cover.
+    pub dma_bytes: u64,
+    /// `resend` (QEMU style), `verify`, or `none` (no DMA pages).
+    pub dma_pages: &'static str,
+    /// VF states that went over connections of their own, concurrently
+    /// with the final memory pass (0: in turn on the main connection).
+    pub device_state_connections: usize,
+    /// How the choice was made (rates, estimates), when verify was offered.
+    pub decision: Option<verify_pass::FinalPassChoice>,
+    pub verify: Option<VerifyOutcome>,
 }
 
 /// Everything that must be undone if the migration fails.
@@ -78,6 +109,11 @@ struct Sender<'a> {
     url: &'a MigrationUrl,
     conn: Conn,
     lanes: SendLanes,
+    /// One connection per VF when the destination takes device state
+    /// concurrently with the final memory pass.
+    device_lanes: DeviceLanes,
+    /// Features both sides agreed to in Start.
+    agreed: u32,
     buf: Vec<u8>,
     undo: Undo,
     fault: Option<MigrationFault>,
@@ -88,6 +124,14 @@ struct Sender<'a> {
     memory_bytes: AtomicU64,
     device_bytes: u64,
     passes: u32,
+    final_pass: FinalPassMode,
+    /// Whether VF state may take connections of its own.
+    device_state_connections: bool,
+    /// Set when the destination speaks the verify pass and it was set up.
+    verify: Option<VerifyPlan>,
+    /// Memory bytes per second of the last pre-copy pass.
+    link_rate: Option<f64>,
+    breakdown: DowntimeBreakdown,
 }
 
 /// `vm.send-migration`: checks the request, then migrates in a worker
@@ -179,6 +223,8 @@ fn send(
         url,
         conn,
         lanes: SendLanes::default(),
+        device_lanes: DeviceLanes::default(),
+        agreed: 0,
         buf: vec![0u8; COPY_CHUNK],
         undo: Undo::default(),
         fault: options.fault.clone(),
@@ -187,9 +233,15 @@ fn send(
         memory_bytes: AtomicU64::new(0),
         device_bytes: 0,
         passes: 0,
+        final_pass: options.final_pass,
+        device_state_connections: options.device_state_connections,
+        verify: None,
+        link_rate: None,
+        breakdown: DowntimeBreakdown::default(),
     };
     let result = sender.run(started, initial);
     sender.lanes.close();
+    sender.device_lanes.close();
     // Back to the defaults for what follows (snapshots, a next attempt).
     for d in vm.devices().devices_mut() {
         d.set_transfer_options(TransferOptions::default());
@@ -232,6 +284,10 @@ fn send(
     }
 }
 
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
 /// The VM's device ids, in config order.
 fn device_ids(set: &XeVfSet) -> Vec<String> {
     set.devices().iter().map(Snapshottable::id).collect()
@@ -240,19 +296,24 @@ fn device_ids(set: &XeVfSet) -> Vec<String> {
 impl Sender<'_> {
     fn run(&mut self, started: Instant, initial: VmState) -> HostResult<SendReport> {
         self.phase("start");
-        Request::start_with_features(self.features)
-            .write_to(&mut self.conn)
-            .map_err(|e| HostError::failed("start", Chain(&e)))?;
-        let answered = read_ok(&mut self.conn, "start")?.features();
+        // The series' features (as the test options allow) and ours.
+        let announced = self.features.bits() | verify_pass::EXTENSION_FEATURES;
+        std::io::Write::write_all(&mut self.conn, &verify_pass::start_request(announced))
+            .map_err(|e| HostError::failed("start", e))?;
+        let answered_bits = verify_pass::read_start_answer(&mut self.conn)?;
+        let answered = ProtocolFeatures::from_bits_truncate(answered_bits);
         let agreed = answered & self.features;
-        debug!("protocol features: {agreed:?}");
+        debug!("protocol features: {agreed:?}, extensions {answered_bits:#x}");
         self.refuse_without_device_state(agreed)?;
         self.two_step = switchover::negotiated(self.features, answered);
+        let agreed = answered_bits & announced;
+        self.agreed = agreed;
 
         // The destination checks compatibility here; nothing has been
         // touched on this side yet.
         self.phase("config");
         self.send_config()?;
+        self.set_up_verify(agreed)?;
 
         self.phase("start dirty log");
         {
@@ -270,6 +331,20 @@ impl Sender<'_> {
         self.vm.memory().clear_dirty();
         self.phase("connections");
         self.lanes = SendLanes::open(self.url, self.req.connections.get(), self.req.timeout())?;
+        // A fault armed for the device stream is injected on the main
+        // connection's path, so it keeps that path.
+        let stream_fault = self
+            .fault
+            .as_ref()
+            .is_some_and(|f| f.phase == "device-state");
+        let vfs = self.vm.devices().devices().len();
+        if self.device_state_connections
+            && self.agreed & verify_pass::FEATURE_DEVICE_STATE_CONNECTIONS != 0
+            && vfs > 0
+            && !stream_fault
+        {
+            self.device_lanes = DeviceLanes::open(self.url, vfs, self.req.timeout())?;
+        }
 
         let leftover = self.precopy()?;
 
@@ -283,20 +358,32 @@ impl Sender<'_> {
         }
         self.inject("pause");
 
-        let mut bitmap = self.vm.memory().take_dirty_bitmap();
-        for (w, l) in bitmap.iter_mut().zip(&leftover) {
-            *w |= l;
-        }
-        self.merge_device_dirty(&mut bitmap)?;
-        let final_table = MemoryRangeTable::from_dirty_bitmap(bitmap, 0, PAGE_SIZE);
-        let final_pass_bytes = final_table.effective_size();
-        self.send_memory(final_table, true)?;
-        // Memory is all there: the extra connections end (CH's cleanup).
-        self.lanes.close();
-
-        self.inject("state");
-        self.send_state()?;
-        self.send_device_states()?;
+        let mut dma = vec![
+            0u64;
+            leftover
+                .len()
+                .max(self.vm.memory().pages().div_ceil(64) as usize)
+        ];
+        self.merge_device_dirty(&mut dma)?;
+        let final_pass_bytes = if self.device_lanes.is_empty() {
+            let bytes = self.final_memory_pass(&leftover, dma)?;
+            // Memory is all there: the extra connections end (CH's cleanup).
+            self.lanes.close();
+            self.breakdown.final_memory_ms = ms_since(downtime_started);
+            self.inject("state");
+            self.send_state()?;
+            let devices_started = Instant::now();
+            self.send_device_states()?;
+            self.breakdown.device_state_ms = ms_since(devices_started);
+            bytes
+        } else {
+            let bytes = self.final_pass_with_device_lanes(&leftover, dma, downtime_started)?;
+            self.lanes.close();
+            self.inject("state");
+            self.send_state()?;
+            bytes
+        };
+        let switchover_started = Instant::now();
 
         self.phase("complete");
         self.inject("complete");
@@ -315,6 +402,7 @@ impl Sender<'_> {
             self.hand_over()?;
         }
         let downtime = downtime_started.elapsed();
+        self.breakdown.switchover_ms = ms_since(switchover_started);
 
         // The destination runs the VM now: this side stays stopped.
         {
@@ -341,7 +429,93 @@ impl Sender<'_> {
             connections: self.req.connections.get(),
             at_stop,
             two_step_switchover: self.two_step,
+            downtime: std::mem::take(&mut self.breakdown),
         })
+    }
+
+    /// With the destination agreeing to the verify pass (and the test
+    /// options not forcing a resend), chooses the digest function and
+    /// key and sends them, so that the destination hashes every page of
+    /// pre-copy as it arrives.
+    fn set_up_verify(&mut self, agreed: u32) -> HostResult<()> {
+        let wanted = self.final_pass != FinalPassMode::Resend;
+        let has_devices = !self.vm.devices().devices().is_empty();
+        if agreed & verify_pass::FEATURE_DIGEST_VERIFY == 0 || !wanted || !has_devices {
+            return Ok(());
+        }
+        self.phase("verify setup");
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let plan = VerifyPlan::prepare(threads)?;
+        verify_pass::send_setup(&mut self.conn, &plan)?;
+        self.verify = Some(plan);
+        Ok(())
+    }
+
+    /// The final pass: CPU-dirty pages (and what pre-copy left over),
+    /// then the pages the VFs may have DMA'd into, resent or, with the
+    /// verify pass, checked by digest and only the differing ones sent.
+    /// Returns the memory bytes this pass put on the wire.
+    fn final_memory_pass(&mut self, leftover: &[u64], dma: Vec<u64>) -> HostResult<u64> {
+        let mut cpu = self.vm.memory().take_dirty_bitmap();
+        for (w, l) in cpu.iter_mut().zip(leftover) {
+            *w |= l;
+        }
+        let dma_runs = verify_pass::dma_only_runs(&dma, &cpu);
+        let dma_bytes: u64 = dma_runs.iter().map(|r| r.pages * PAGE_SIZE).sum();
+        let cpu_table = MemoryRangeTable::from_dirty_bitmap(cpu.iter().copied(), 0, PAGE_SIZE);
+        self.breakdown.cpu_dirty_bytes = cpu_table.effective_size();
+        self.breakdown.dma_bytes = dma_bytes;
+        let verify = match (&self.verify, dma_bytes) {
+            (_, 0) | (None, _) => false,
+            (Some(plan), _) => {
+                let link_rate = self.link_rate.unwrap_or(f64::MAX);
+                let decision = xe_vf_glue::verify::decide(
+                    dma_bytes,
+                    plan.hash_rate(),
+                    link_rate,
+                    EXPECTED_DMA_SHARE,
+                );
+                let forced = match self.final_pass {
+                    FinalPassMode::Verify => true,
+                    FinalPassMode::Resend => false,
+                    FinalPassMode::Auto => decision.is_verify(),
+                };
+                self.breakdown.decision = Some(verify_pass::FinalPassChoice {
+                    decision,
+                    plan: plan.report.clone(),
+                });
+                forced
+            }
+        };
+        self.breakdown.dma_pages = match (dma_bytes, verify) {
+            (0, _) => "none",
+            (_, true) => "verify",
+            (_, false) => "resend",
+        };
+        if !verify {
+            for (w, d) in cpu.iter_mut().zip(&dma) {
+                *w |= d;
+            }
+            let table = MemoryRangeTable::from_dirty_bitmap(cpu, 0, PAGE_SIZE);
+            let bytes = table.effective_size();
+            self.send_memory(table, true)?;
+            return Ok(bytes);
+        }
+        let cpu_bytes = cpu_table.effective_size();
+        self.send_memory(cpu_table, true)?;
+        self.phase("final memory pass (digests)");
+        let Some(plan) = self.verify.as_ref() else {
+            return Ok(cpu_bytes);
+        };
+        let memory = self.vm.memory().clone();
+        let (resend, outcome) =
+            verify_pass::exchange_digests(&mut self.conn, &memory, &dma_runs, plan)?;
+        let resent = resend.effective_size();
+        if resent > 0 {
+            self.send_memory(resend, true)?;
+        }
+        self.breakdown.verify = Some(outcome);
+        Ok(cpu_bytes + resent)
     }
 
     /// A destination that does not take streamed device state cannot
@@ -454,6 +628,7 @@ impl Sender<'_> {
             self.send_memory(table, false)?;
             let elapsed_ms = pass_started.elapsed().as_secs_f64() * 1e3;
             rate = Some(bytes as f64 / elapsed_ms.max(0.001));
+            self.link_rate = rate.map(|r| r * 1e3);
             iteration += 1;
         }
     }
@@ -567,6 +742,69 @@ impl Sender<'_> {
             expect_ok(&mut self.conn, phase)?;
         }
         Ok(())
+    }
+
+    /// The final memory pass on the main connection while every VF's
+    /// state streams over its own connection, all at once. Returns the
+    /// memory bytes of the final pass.
+    fn final_pass_with_device_lanes(
+        &mut self,
+        leftover: &[u64],
+        dma: Vec<u64>,
+        paused: Instant,
+    ) -> HostResult<u64> {
+        self.vmm
+            .set_phase("send: final memory pass and device state");
+        let conns = self.device_lanes.take();
+        self.breakdown.device_state_connections = conns.len();
+        let vm = self.vm.clone();
+        let set = vm.devices();
+        let (memory, devices) = std::thread::scope(|s| {
+            let streams: Vec<_> = conns
+                .into_iter()
+                .zip(set.devices())
+                .enumerate()
+                .map(|(index, (conn, device))| {
+                    s.spawn(move || {
+                        let r = device_lanes::send_one(conn, index, device);
+                        (r, ms_since(paused))
+                    })
+                })
+                .collect();
+            let memory = self.final_memory_pass(leftover, dma);
+            self.breakdown.final_memory_ms = ms_since(paused);
+            let devices: Vec<(HostResult<u64>, f64)> = streams
+                .into_iter()
+                .map(|t| {
+                    t.join().unwrap_or_else(|_| {
+                        (
+                            Err(HostError::failed("device-state", "sending thread panicked")),
+                            0.0,
+                        )
+                    })
+                })
+                .collect();
+            (memory, devices)
+        });
+        drop(set);
+        let mut first_error = None;
+        for (result, done_ms) in devices {
+            self.breakdown.device_state_ms = self.breakdown.device_state_ms.max(done_ms);
+            match result {
+                Ok(bytes) => {
+                    self.device_bytes += bytes;
+                    Counters::add(&self.vmm.counters.device_bytes_sent, bytes);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        let bytes = memory?;
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(bytes),
+        }
     }
 
     /// Each stopped VF's state, streamed straight into the socket, in the
