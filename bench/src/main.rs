@@ -224,17 +224,9 @@ fn main() {
             case_timeout,
             out_dir,
         } => (|| {
-            let mut rams = Vec::new();
-            for r in &ram {
-                rams.push(xe_vf_plugin::device_config::parse_size(r).map_err(anyhow::Error::msg)?);
-            }
-            let mut vrams = Vec::new();
-            for v in &vram {
-                vrams.push(xe_vf_plugin::device_config::parse_size(v).map_err(anyhow::Error::msg)?);
-            }
             vm::run(&vm::VmPlan {
-                rams,
-                vrams,
+                rams: orchestrate::parse_sizes(&ram)?,
+                vrams: orchestrate::parse_sizes(&vram)?,
                 vfs,
                 transports,
                 methods,

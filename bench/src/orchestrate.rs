@@ -85,6 +85,13 @@ fn catch_interrupts() {
     }
 }
 
+/// Sizes as the command line gives them (`256M`, `1G`, ...), in bytes.
+pub fn parse_sizes(list: &[String]) -> Result<Vec<u64>> {
+    list.iter()
+        .map(|s| parse_size(s).map_err(|e| anyhow::anyhow!("size '{s}': {e}")))
+        .collect()
+}
+
 pub fn run(plan: &Plan) -> Result<()> {
     let started = Instant::now();
     if plan
@@ -94,10 +101,7 @@ pub fn run(plan: &Plan) -> Result<()> {
     {
         catch_interrupts();
     }
-    let mut sizes = Vec::new();
-    for s in &plan.sizes {
-        sizes.push(parse_size(s).map_err(anyhow::Error::msg)?);
-    }
+    let sizes = parse_sizes(&plan.sizes)?;
     if let Some(z) = plan.zeros.iter().find(|z| **z > 100) {
         bail!("zero share {z} is not a percentage");
     }
