@@ -15,9 +15,10 @@
 
 use std::collections::BTreeMap;
 use std::env;
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use xe_vf_guest_support::qemu_skip_reason;
 
 /// Whether the patched flavour (our series in
 /// `vmm-glue/cloud-hypervisor/patches`) runs: `require` fails without it,
@@ -113,33 +114,8 @@ fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("..")
 }
 
-fn on_path(tool: &str) -> bool {
-    env::var_os("PATH")
-        .map(|path| env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
-        .unwrap_or(false)
-}
-
-/// Effective uid 0, read from procfs to avoid `unsafe` for `geteuid`.
-fn is_root() -> bool {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("Uid:"))
-                .and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))
-        })
-        .unwrap_or(false)
-}
-
 fn skip_reason() -> Option<String> {
-    if env::var("XE_SKIP_NESTED").is_ok_and(|v| v == "1") {
-        return Some("XE_SKIP_NESTED=1".to_string());
-    }
-    if !on_path("qemu-system-x86_64") && !is_root() {
-        return Some("qemu-system-x86_64 is missing and installing it needs root".to_string());
-    }
-    None
+    qemu_skip_reason("XE_SKIP_NESTED")
 }
 
 /// One `CHECK <flavour>/<scenario>/<step> pass|fail <detail>` line.
