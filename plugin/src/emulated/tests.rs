@@ -647,57 +647,52 @@ fn drop_with_open_streams_does_not_hang() {
     drop(resume_fd);
 }
 
-#[test]
-fn dma_pages_scatter_records_over_the_window() {
-    let dev = EmulatedXeVf::new(EmulatedConfig {
-        dma_pages: 8,
-        ..small(14)
-    })
-    .unwrap();
+/// Runs a VF's scattered DMA over a 64-page guest window until it has
+/// written 33+ iterations, then returns each page (past the first, which
+/// holds the sequential records) that got a record, with that record.
+fn scattered_dma_records(config: EmulatedConfig) -> Vec<(u64, DmaRecord)> {
+    let dev = EmulatedXeVf::new(config).unwrap();
     let pages = 64u64;
     let region = guest_region(pages * 4096);
     let view = region.file.try_clone().unwrap();
     dev.attach_guest_memory(region);
     wait_for("scattered DMA", || dev.generation() > 32);
     walk(&dev, &[RunningP2p]);
-    let mut touched = 0;
+    let mut records = Vec::new();
     for page in 1..pages {
         let mut raw = [0u8; DMA_RECORD_LEN as usize];
         std::os::unix::fs::FileExt::read_exact_at(&view, &mut raw, 4096 + page * 4096).unwrap();
         if let Some(r) = DmaRecord::decode(&raw) {
-            assert_eq!(u64::from(r.slot), page * 4096 / DMA_RECORD_LEN);
-            touched += 1;
+            records.push((page, r));
         }
     }
-    // 33+ iterations x 8 pages over 63 candidate pages.
-    assert!(touched > 16, "only {touched} pages got a record");
     let _ = dev.detach_guest_memory();
+    records
+}
+
+#[test]
+fn dma_pages_scatter_records_over_the_window() {
+    let records = scattered_dma_records(EmulatedConfig {
+        dma_pages: 8,
+        ..small(14)
+    });
+    for (page, r) in &records {
+        assert_eq!(u64::from(r.slot), page * 4096 / DMA_RECORD_LEN);
+    }
+    // 33+ iterations x 8 pages over 63 candidate pages.
+    let touched = records.len();
+    assert!(touched > 16, "only {touched} pages got a record");
 }
 
 #[test]
 fn dma_set_keeps_the_scattered_records_in_a_working_set() {
-    let dev = EmulatedXeVf::new(EmulatedConfig {
+    let records = scattered_dma_records(EmulatedConfig {
         dma_pages: 8,
         dma_set: 4 * 4096,
         ..small(15)
-    })
-    .unwrap();
-    let pages = 64u64;
-    let region = guest_region(pages * 4096);
-    let view = region.file.try_clone().unwrap();
-    dev.attach_guest_memory(region);
-    wait_for("scattered DMA", || dev.generation() > 32);
-    walk(&dev, &[RunningP2p]);
-    let mut touched = Vec::new();
-    for page in 1..pages {
-        let mut raw = [0u8; DMA_RECORD_LEN as usize];
-        std::os::unix::fs::FileExt::read_exact_at(&view, &mut raw, 4096 + page * 4096).unwrap();
-        if DmaRecord::decode(&raw).is_some() {
-            touched.push(page);
-        }
-    }
+    });
+    let touched: Vec<u64> = records.iter().map(|(page, _)| *page).collect();
     // Four pages spread over the window: 16, 32 and 48 (0 also holds
     // the sequential records).
     assert_eq!(touched, [16, 32, 48]);
-    let _ = dev.detach_guest_memory();
 }
