@@ -35,9 +35,10 @@
 # With --test, the patched tree's tests then run: Cloud Hypervisor's own
 # tests of the crates the series touches (vm-migration, pci, vmm's unit
 # tests with the --device parsing and the series' own tests, the
-# cloud-hypervisor binary's CLI tests), and xe-vf-glue's tests compiled
-# against the patched tree's real vm-migration crate instead of our
-# stand-in (a scratch workspace holding copies of plugin/ and vmm-glue/).
+# cloud-hypervisor binary's CLI tests), and xe-vf-glue's and
+# migration-ext's tests compiled against the patched tree's real
+# vm-migration crate instead of our stand-in (a scratch workspace holding
+# copies of plugin/ and vmm-glue/).
 #
 # To work on the series: --dev-tree DIR lays out DIR/cloud-hypervisor as a
 # git repository at the pinned commit with one commit per patch (and this
@@ -60,7 +61,7 @@ SERIES_DIR="$REPO/vmm-glue/cloud-hypervisor"
 . "$SERIES_DIR/sources.env"
 
 # Bumped when this script changes how a build is made (part of every key).
-RECIPE=4
+RECIPE=5
 
 FLAVOR=all
 SOURCE=auto
@@ -287,6 +288,28 @@ tree_cargo() {
         CARGO_TARGET_DIR="$CACHE/target" cargo "$@")
 }
 
+# rust-vmm crates (and CH's vm-migration) of which the patched binary must
+# link one copy: our crates take CH's versions, so that one VFIO stack and
+# one set of migration traits serve both.
+SINGLE_COPY_CRATES=(vfio-ioctls vfio-bindings iommufd-bindings iommufd-ioctls vm-migration
+    vm-memory vmm-sys-util kvm-ioctls kvm-bindings mshv-ioctls mshv-bindings linux-loader
+    vhost virtio-bindings virtio-queue event-manager acpi_tables vm-fdt)
+
+# Fails when the patched tree depends on a second copy of one of them.
+check_single_copies() {
+    local tree=$1 duplicates name found=()
+    duplicates=$(tree_cargo "$tree" tree --locked --duplicates --depth 0 --edges normal,build \
+        --format '{p}' | sed -n 's/^\([^ ]*\) v.*/\1/p' | sort -u) ||
+        die "patched: cargo tree --duplicates failed"
+    for name in "${SINGLE_COPY_CRATES[@]}"; do
+        grep -qx "$name" <<<"$duplicates" && found+=("$name")
+    done
+    if [ "${#found[@]}" -gt 0 ]; then
+        die "patched: more than one version of ${found[*]} in the tree (cargo tree -d -i ${found[0]} shows why); our crates must use Cloud Hypervisor's"
+    fi
+    log "patched: one copy each of the rust-vmm crates (${#SINGLE_COPY_CRATES[@]} checked)"
+}
+
 build_flavor() {
     local flavor=$1 key=$2 bin="$CACHE/bin/$1-$2"
     if [ -x "$bin/cloud-hypervisor" ] && [ -x "$bin/ch-remote" ]; then
@@ -295,11 +318,15 @@ build_flavor() {
         local started tree
         started=$(now)
         tree=$(ensure_tree "$flavor")
+        [ "$flavor" = patched ] && check_single_copies "$tree"
         local extra=()
         [ "$flavor" = patched ] && extra=(--config "env.CH_EXTRA_VERSION=\"xe-vf\"")
-        log "$flavor: cargo build --locked --profile $PROFILE (cloud-hypervisor, ch-remote)"
+        log "$flavor: cargo build --locked --profile $PROFILE --features ivshmem (cloud-hypervisor, ch-remote)"
+        # ivshmem (CH's optional --ivshmem device): the xe-vfio-pci nested
+        # test gives its L2 guest the VF's "VRAM" BAR through it. Inert
+        # unless --ivshmem is given.
         tree_cargo "$tree" build --locked --profile "$PROFILE" "${extra[@]}" \
-            --bin cloud-hypervisor --bin ch-remote ||
+            --features ivshmem --bin cloud-hypervisor --bin ch-remote ||
             die "$flavor: cargo build failed"
         local built="$CACHE/target/$PROFILE"
         [ "$PROFILE" = dev ] && built="$CACHE/target/debug"
@@ -348,7 +375,7 @@ run_tests() {
     tree_cargo "$tree" test --locked -p cloud-hypervisor --bin cloud-hypervisor ||
         die "patched: cloud-hypervisor CLI tests failed"
 
-    log "patched: xe-vf-glue's tests against the patched tree's vm-migration"
+    log "patched: xe-vf-glue's and migration-ext's tests against the patched tree's vm-migration"
     local ws
     ws="$(dirname "$tree")/glue-real"
     rm -rf "$ws" && mkdir -p "$ws"
@@ -359,14 +386,14 @@ run_tests() {
         echo '# Written by build-cloud-hypervisor.sh: xe-vf-glue against CH'"'"'s vm-migration.'
         echo '[workspace]'
         echo 'resolver = "2"'
-        echo 'members = ["plugin", "vmm-glue"]'
+        echo 'members = ["plugin", "vmm-glue", "vmm-glue/migration-ext"]'
         echo
         sed -n '/^\[workspace.package\]/,/^\[patch.crates-io\]/p' "$REPO/Cargo.toml" | sed '$d'
         echo '[patch.crates-io]'
         echo "vm-migration = { path = \"$tree/vm-migration\" }"
     } >"$ws/Cargo.toml"
-    (cd "$ws" && CARGO_TARGET_DIR="$CACHE/target-glue" cargo test -p xe-vf-glue) ||
-        die "xe-vf-glue's tests against the real vm-migration failed"
+    (cd "$ws" && CARGO_TARGET_DIR="$CACHE/target-glue" cargo test -p xe-vf-glue -p migration-ext) ||
+        die "xe-vf-glue's and migration-ext's tests against the real vm-migration failed"
     log "patched: tests passed in $(($(now) - started)) s"
 }
 

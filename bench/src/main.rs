@@ -166,7 +166,7 @@ enum Command {
 
 /// Prints the measured digest rates as the migration sees them.
 fn hash_rates(threads: usize) -> anyhow::Result<()> {
-    use xe_vf_glue::verify::{rates, DigestKey, PageDigester};
+    use migration_ext::verify::{rates, DigestKey, PageDigester};
     let key = DigestKey::random()?;
     let ranked = rates::measure_functions(&key);
     for r in &ranked {

@@ -11,8 +11,8 @@
 //!
 //! - **qemu**: the final pass resends every page the VFs may have DMA'd
 //!   into, then each VF's state in turn on the main connection
-//!   (`final_pass: resend`, `device_state_connections: false`);
-//! - **ours**: the verify pass where it pays (`final_pass: auto`), every
+//!   (`final_pass: Resend`, `device_state_connections: false`);
+//! - **ours**: the verify pass where it pays (`final_pass: Auto`), every
 //!   VF's state on its own connection while the final pass runs;
 //! - **limit**: what really changed since the last pre-copy pass (the
 //!   CPU-dirty bytes, the pages the verify pass found changed, the VF
@@ -58,8 +58,8 @@ impl VmMethod {
 
     fn final_pass(self) -> &'static str {
         match self {
-            VmMethod::Qemu => "resend",
-            VmMethod::Ours => "auto",
+            VmMethod::Qemu => "Resend",
+            VmMethod::Ours => "Auto",
         }
     }
 }
@@ -256,10 +256,7 @@ fn run_one(
     )?;
     src.put(
         "vm.arm-migration",
-        json!({
-            "final_pass": method.final_pass(),
-            "device_state_connections": method == VmMethod::Ours,
-        }),
+        json!({ "device_state_connections": method == VmMethod::Ours }),
     )?;
     let receiver = {
         let api = dst.api.clone();
@@ -275,7 +272,12 @@ fn run_one(
     std::thread::sleep(Duration::from_millis(500));
     src.put(
         "vm.send-migration",
-        json!({ "destination_url": url, "downtime_ms": 300, "timeout_s": timeout_s }),
+        json!({
+            "destination_url": url,
+            "downtime_ms": 300,
+            "timeout_s": timeout_s,
+            "final_pass": method.final_pass(),
+        }),
     )?;
     let deadline = Instant::now() + plan.case_timeout;
     let sent = loop {

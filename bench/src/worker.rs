@@ -126,7 +126,7 @@ fn emulated_config(case: &Case) -> EmulatedConfig {
 
 /// Device bytes every method moves for this case.
 pub fn device_bytes(case: &Case) -> u64 {
-    emulated_config(case).stop_copy_size()
+    emulated_config(case).stream_len()
 }
 
 /// Runs one side; the report goes to stdout as one JSON line.

@@ -101,7 +101,9 @@ pub trait MigrationDevice: Send + Sync {
     fn state(&self) -> Result<DeviceState>;
     /// `VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE` SET of one arc.
     fn set_state(&self, new_state: DeviceState) -> Result<Option<File>>;
-    /// `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`: bytes STOP_COPY will produce.
+    /// `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`: an estimate of the bytes
+    /// STOP_COPY will produce (xe's is short of its stream by the
+    /// descriptor, the trailer and all but one VRAM chunk header per tile).
     fn stop_copy_size(&self) -> Result<u64>;
     /// `VFIO_DEVICE_RESET`: the only way out of ERROR; state is lost.
     fn reset(&self) -> Result<()>;

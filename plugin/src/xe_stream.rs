@@ -696,6 +696,28 @@ impl XeStreamParser {
             PacketType::Trailer if header.size != 0 => {
                 return Err(XeStreamError::TrailerNotEmpty { size: header.size })
             }
+            // xe_sriov_pf_migration.c: pf_handle_descriptor() and
+            // pf_handle_trailer() refuse (EINVAL) any other tile or GT, and
+            // a TRAILER with an offset.
+            PacketType::Descriptor | PacketType::Trailer
+                if header.tile_id != 0 || header.gt_id != 0 =>
+            {
+                return Err(XeStreamError::Rejected {
+                    kind: header.kind,
+                    reason: format!(
+                        "tile_id {} / gt_id {}: the driver takes it only on tile 0, GT 0",
+                        header.tile_id, header.gt_id
+                    ),
+                    errno: libc::EINVAL,
+                });
+            }
+            PacketType::Trailer if header.offset != 0 => {
+                return Err(XeStreamError::Rejected {
+                    kind: header.kind,
+                    reason: format!("offset {:#x}, the driver requires 0", header.offset),
+                    errno: libc::EINVAL,
+                });
+            }
             PacketType::Descriptor | PacketType::Trailer => {}
             _ => self.check_placement(&header, end)?,
         }
@@ -1312,6 +1334,56 @@ mod tests {
                     s.push(0);
                 }),
                 |e| matches!(e, XeStreamError::TrailerNotEmpty { size: 1 }),
+                libc::EINVAL,
+            ),
+            (
+                "trailer on another GT",
+                patched(|s| {
+                    let n = s.len();
+                    s.truncate(n - HEADER_LEN);
+                    s.extend(PacketHeader::new(PacketType::Trailer, 0, 1, 0, 0).encode());
+                }),
+                |e| {
+                    matches!(
+                        e,
+                        XeStreamError::Rejected {
+                            kind: PacketType::Trailer,
+                            ..
+                        }
+                    )
+                },
+                libc::EINVAL,
+            ),
+            (
+                "trailer with an offset",
+                patched(|s| {
+                    let n = s.len();
+                    s.truncate(n - HEADER_LEN);
+                    s.extend(PacketHeader::new(PacketType::Trailer, 0, 0, 8, 0).encode());
+                }),
+                |e| {
+                    matches!(
+                        e,
+                        XeStreamError::Rejected {
+                            kind: PacketType::Trailer,
+                            ..
+                        }
+                    )
+                },
+                libc::EINVAL,
+            ),
+            (
+                "descriptor on another tile",
+                patched(|s| s[2] = 1),
+                |e| {
+                    matches!(
+                        e,
+                        XeStreamError::Rejected {
+                            kind: PacketType::Descriptor,
+                            ..
+                        }
+                    )
+                },
                 libc::EINVAL,
             ),
             (

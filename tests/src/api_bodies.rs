@@ -11,6 +11,7 @@ use std::num::{NonZeroU32, NonZeroU64};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use migration_ext::final_pass::FinalPassMode;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -79,6 +80,16 @@ pub struct SendMigrationData {
     /// Postcopy: refused.
     #[serde(default)]
     pub memory_mode: MigrationMode,
+    /// How the final memory pass covers the pages a VF may have written
+    /// without logging them (our series' field, `final_pass=` of the
+    /// patched ch-remote): honoured.
+    #[serde(default)]
+    pub final_pass: FinalPassMode,
+    /// After a migration whose outcome is unknown: the user checked that
+    /// the VM does not run on the other host (our series' field,
+    /// `outcome_checked=on` of the patched ch-remote): honoured.
+    #[serde(default)]
+    pub outcome_checked: bool,
 }
 
 fn invalid(message: impl std::fmt::Display) -> HostError {

@@ -23,7 +23,7 @@ use xe_vf_plugin::uapi::DeviceState;
 
 use crate::error::{HostError, HostResult};
 use crate::migration::conn::Conn;
-use crate::migration::SUPPORTED_FEATURES;
+use migration_ext::SUPPORTED_FEATURES;
 
 /// Longest stall a request may ask for.
 const MAX_STALL_MS: u64 = 600_000;
@@ -204,7 +204,8 @@ pub struct MigrationTestOptions {
     /// Announce only these optional protocol features in Start (source)
     /// or in its answer (destination), as an older peer does: `[]` for
     /// none, `["device-state"]` for a peer without the two-step
-    /// switch-over. Absent: all this host speaks.
+    /// switch-over (also `device-state-connections`, `verify`). Absent:
+    /// all this host speaks.
     #[serde(default)]
     pub features: Option<Vec<Feature>>,
     /// Destination: device id -> spec used instead of the source's (to
@@ -227,11 +228,6 @@ pub struct MigrationTestOptions {
     /// id) as soon as they exist, e.g. a failing RESUMING -> STOP.
     #[serde(default)]
     pub device_faults: BTreeMap<String, Vec<DeviceFault>>,
-    /// Source: how the final pass covers the pages VFs may have DMA'd
-    /// into when the destination speaks the verify pass: `auto` (decided
-    /// from the measured hash and link rates), `verify` or `resend`.
-    #[serde(default)]
-    pub final_pass: FinalPassMode,
     /// Source: send VF state over connections of its own when the
     /// destination takes them (default), or in turn on the main
     /// connection after the final memory pass (QEMU style).
@@ -243,22 +239,14 @@ fn yes() -> bool {
     true
 }
 
-/// See [`MigrationTestOptions::final_pass`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum FinalPassMode {
-    #[default]
-    Auto,
-    Verify,
-    Resend,
-}
-
 /// An optional protocol feature, by the name the test hooks use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Feature {
     DeviceState,
     Switchover,
+    DeviceStateConnections,
+    Verify,
 }
 
 impl Feature {
@@ -266,6 +254,8 @@ impl Feature {
         match self {
             Feature::DeviceState => ProtocolFeatures::DEVICE_STATE,
             Feature::Switchover => ProtocolFeatures::SWITCHOVER,
+            Feature::DeviceStateConnections => ProtocolFeatures::DEVICE_STATE_CONNECTIONS,
+            Feature::Verify => ProtocolFeatures::VERIFY,
         }
     }
 }
@@ -292,7 +282,6 @@ impl Default for MigrationTestOptions {
             stall_at: None,
             timeout_s: default_receive_timeout_s(),
             device_faults: BTreeMap::new(),
-            final_pass: FinalPassMode::Auto,
             device_state_connections: true,
         }
     }

@@ -10,11 +10,9 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
 
+use migration_ext::verify::{Arrivals, PageSource};
 use xe_vf_glue::protocol::{MemoryRange, MemoryRangeTable};
-use xe_vf_glue::verify::wire::{push_page, DigestBatch, PageRun};
-use xe_vf_glue::verify::{DigestTable, PageDigester, PageSource};
 use xe_vf_glue::wire::range_end;
 use xe_vf_plugin::emulated::create_memfd;
 
@@ -29,14 +27,8 @@ pub struct GuestMemory {
     size: u64,
     dirty: Vec<AtomicU64>,
     /// Destination of a migration with the verify pass: the digest of
-    /// every page as it arrived.
-    arrivals: OnceLock<Arrivals>,
-}
-
-/// How arriving pages are hashed, and their digests.
-struct Arrivals {
-    digester: PageDigester,
-    table: DigestTable,
+    /// every page as it arrived (off until `VerifySetup`).
+    arrivals: Arrivals,
 }
 
 impl PageSource for GuestMemory {
@@ -68,41 +60,22 @@ impl GuestMemory {
             file: create_memfd("guest-memory", size)?,
             size,
             dirty: (0..words).map(|_| AtomicU64::new(0)).collect(),
-            arrivals: OnceLock::new(),
+            arrivals: Arrivals::new(),
         })
     }
 
-    /// From now on every page that arrives through
-    /// [`GuestMemory::receive_range`] is hashed with `digester` into a
-    /// table of 16 bytes + 1 bit per page. Only the first call counts.
-    pub fn hash_arrivals(&self, digester: PageDigester) -> bool {
-        self.arrivals
-            .set(Arrivals {
-                digester,
-                table: DigestTable::new(self.size),
-            })
-            .is_ok()
+    /// The digests of arriving pages, which every range
+    /// [`GuestMemory::receive_range`] writes feeds once enabled.
+    pub fn arrivals(&self) -> &Arrivals {
+        &self.arrivals
     }
 
-    /// Bytes the arrival digests take, if they are kept.
-    pub fn arrival_table_bytes(&self) -> u64 {
-        self.arrivals.get().map_or(0, |a| a.table.heap_bytes())
-    }
-
-    /// The pages of `batch` whose content here differs from what the
-    /// source hashed (all of them without arrival digests).
-    pub fn mismatches(&self, batch: &DigestBatch) -> Vec<PageRun> {
-        let mut out = Vec::new();
-        for (page, digest) in batch.pages() {
-            let same = self
-                .arrivals
-                .get()
-                .is_some_and(|a| a.table.matches(page, &digest));
-            if !same {
-                push_page(&mut out, page);
-            }
-        }
-        out
+    /// Guest memory as the regions a VMM has (one, here).
+    pub fn regions(&self) -> Vec<MemoryRange> {
+        vec![MemoryRange {
+            gpa: 0,
+            length: self.size,
+        }]
     }
 
     pub fn size(&self) -> u64 {
@@ -227,24 +200,8 @@ impl GuestMemory {
             let n = ((end - at) as usize).min(buf.len());
             input.read_exact(&mut buf[..n])?;
             self.file.write_all_at(&buf[..n], at)?;
-            if let Some(a) = self.arrivals.get() {
-                // Hashed while the bytes are still in cache. A piece that
-                // starts mid-page leaves that page's digest stale, so it
-                // is dropped: the page then counts as changed.
-                let first = at / PAGE_SIZE;
-                if !at.is_multiple_of(PAGE_SIZE) {
-                    a.table.invalidate(first);
-                }
-                let skip = ((PAGE_SIZE - at % PAGE_SIZE) % PAGE_SIZE) as usize;
-                let pages = buf[skip.min(n)..n].chunks(PAGE_SIZE as usize);
-                for (page, chunk) in (at.div_ceil(PAGE_SIZE)..).zip(pages) {
-                    if chunk.len() == PAGE_SIZE as usize {
-                        a.table.set(page, &a.digester.digest(chunk));
-                    } else {
-                        a.table.invalidate(page);
-                    }
-                }
-            }
+            // Hashed while the bytes are still in cache.
+            self.arrivals.record(at, &buf[..n]);
             at += n as u64;
         }
         Ok(())
@@ -331,54 +288,35 @@ mod tests {
     }
 
     #[test]
-    fn arrival_digests_find_exactly_the_pages_that_changed_since() {
-        use xe_vf_glue::verify::{DigestFunction, DigestKey};
-        let key = DigestKey::random().unwrap();
-        let digester = PageDigester::new(DigestFunction::Nh128, &key);
+    fn every_received_range_is_hashed_once_verify_is_set_up() {
+        use migration_ext::verify::wire::{DigestBatch, PageRun, VerifySetup};
+        use migration_ext::verify::{DigestFunction, DigestKey, PageDigester};
+        let setup = VerifySetup {
+            function: DigestFunction::Nh128,
+            key: DigestKey::random().unwrap(),
+        };
         let src = GuestMemory::new(1 << 20).unwrap();
         src.write_dirty(&[7u8; 1 << 20], 0).unwrap();
-        let dst = GuestMemory::new(1 << 20).unwrap();
-        assert!(dst.hash_arrivals(digester.clone()));
-        assert!(!dst.hash_arrivals(digester.clone()), "only once");
         let mut image = Vec::new();
         src.save_to(&mut image).unwrap();
+        let dst = GuestMemory::new(1 << 20).unwrap();
         let mut buf = vec![0u8; 64 * 1024];
+        // Before the setup nothing is hashed.
         dst.receive_range(&src.whole().regions()[0], &mut &image[..], &mut buf)
             .unwrap();
-        // The source changes two pages after sending them (a DMA write).
-        src.write_dirty(b"dma", 5 * PAGE_SIZE + 100).unwrap();
-        src.write_dirty(b"dma", 200 * PAGE_SIZE).unwrap();
-        let runs = [PageRun {
-            gpa: 0,
-            pages: src.pages(),
-        }];
-        let mut differ = Vec::new();
-        xe_vf_glue::verify::hash_ranges::<io::Error>(&src, &digester, &runs, 2, 64, &mut |b| {
-            differ.extend(dst.mismatches(&b));
-            Ok(())
-        })
-        .unwrap();
-        differ.sort_by_key(|r| r.gpa);
-        assert_eq!(
-            differ,
-            [
-                PageRun {
-                    gpa: 5 * PAGE_SIZE,
-                    pages: 1
-                },
-                PageRun {
-                    gpa: 200 * PAGE_SIZE,
-                    pages: 1
-                }
-            ]
-        );
-        // Without arrival digests every page differs.
-        let blank = GuestMemory::new(1 << 20).unwrap();
+        assert!(dst.arrivals().enable(&setup, &dst.regions()));
+        let digester = PageDigester::new(setup.function, &setup.key);
+        let mut digests = Vec::new();
+        digester.digest_pages(&image[..8 * 4096], &mut digests);
         let batch = DigestBatch {
-            runs: vec![PageRun { gpa: 0, pages: 2 }],
-            digests: vec![[0u8; 16]; 2],
+            runs: vec![PageRun { gpa: 0, pages: 8 }],
+            digests,
         };
-        assert_eq!(blank.mismatches(&batch), [PageRun { gpa: 0, pages: 2 }]);
+        assert_eq!(dst.arrivals().mismatches(&batch), batch.runs);
+        // Arriving again (through 64 KiB pieces), every page is known.
+        dst.receive_range(&src.whole().regions()[0], &mut &image[..], &mut buf)
+            .unwrap();
+        assert!(dst.arrivals().mismatches(&batch).is_empty());
     }
 
     #[test]

@@ -8,6 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use log::info;
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -95,6 +96,9 @@ pub struct Vmm {
     migration_attempts: AtomicU64,
     /// Test hooks armed for the next migration (`vm.arm-migration`).
     test_options: Mutex<MigrationTestOptions>,
+    /// Why the last migration's outcome is unknown, until the operator
+    /// decided (resumed the VM here, or shut it down or deleted it).
+    outcome_unknown: Mutex<Option<String>>,
 }
 
 impl Default for Vmm {
@@ -109,6 +113,7 @@ impl Default for Vmm {
             last_migration: Mutex::new(None),
             migration_attempts: AtomicU64::new(0),
             test_options: Mutex::new(MigrationTestOptions::default()),
+            outcome_unknown: Mutex::new(None),
         }
     }
 }
@@ -196,6 +201,25 @@ impl Vmm {
         *lock(&self.last_migration) = Some(outcome);
     }
 
+    /// The last migration's outcome is unknown (`reason`): the VM may run
+    /// on the other host, so no new migration starts until the operator
+    /// decided ([`migration_ext::switchover::check_outcome_known`]).
+    pub fn set_outcome_unknown(&self, reason: String) {
+        *lock(&self.outcome_unknown) = Some(reason);
+    }
+
+    /// Why the last migration's outcome is unknown, if it is.
+    pub fn outcome_unknown(&self) -> Option<String> {
+        lock(&self.outcome_unknown).clone()
+    }
+
+    /// The operator decided where the VM is.
+    fn outcome_decided(&self) {
+        if lock(&self.outcome_unknown).take().is_some() {
+            info!("the operator decided the last migration's unknown outcome");
+        }
+    }
+
     /// `{"phase", "attempts", "last", "state"}`: what a migration does
     /// now, how the last one ended, and the VM's state as `vm.info` shows
     /// it (null without a VM), without `vm.info`'s checksums: cheap
@@ -268,6 +292,8 @@ impl Vmm {
         let vm = self.vm_in("resume", VmState::Paused)?;
         self.resume_vm(&vm)?;
         Counters::add(&self.counters.resumes, 1);
+        // The VM runs here.
+        self.outcome_decided();
         Ok(())
     }
 
@@ -307,6 +333,8 @@ impl Vmm {
         };
         vm.shut_down();
         self.set_state(VmState::Shutdown);
+        // This copy is gone: the other one is the VM.
+        self.outcome_decided();
         Ok(())
     }
 
@@ -318,6 +346,7 @@ impl Vmm {
         }
         *lock(&self.created) = None;
         self.set_state(VmState::Created);
+        self.outcome_decided();
         Ok(())
     }
 

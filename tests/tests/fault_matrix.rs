@@ -283,6 +283,9 @@ struct Cell {
     src: Host,
     dst: Host,
     url: String,
+    /// Appended to the send-migration config (our fields need the
+    /// patched ch-remote: [`Host::speak_patched`]).
+    send_extra: String,
     before: Value,
     gen1: u64,
     src_usage: Usage,
@@ -340,6 +343,7 @@ impl Cell {
             src,
             dst,
             url,
+            send_extra: String::new(),
             before,
             gen1,
             src_usage,
@@ -359,8 +363,8 @@ impl Cell {
     /// pass: the cells are about faults, not convergence.
     fn send_config(&self) -> String {
         format!(
-            "destination_url={},downtime_ms=300,timeout_s={TIMEOUT_S},timeout_strategy=ignore",
-            self.url
+            "destination_url={},downtime_ms=300,timeout_s={TIMEOUT_S},timeout_strategy=ignore{}",
+            self.url, self.send_extra
         )
     }
 
@@ -929,6 +933,14 @@ fn around_switchover(
     for pair in held.windows(2) {
         assert_same_fingerprint(&pair[0].1, &pair[1].1);
     }
+    // Until the operator decides, a side that cannot tell refuses to
+    // migrate its copy elsewhere.
+    if sent.as_ref().is_some_and(|s| s.unknown) {
+        assert_new_migration_refused(c, &c.src);
+    }
+    if received.as_ref().is_some_and(|r| r.unknown) {
+        assert_new_migration_refused(c, &c.dst);
+    }
     let side = operator_decides(c);
     check_one_runs(c, side);
     watch.assert_never_both_running(["Running", "none"]);
@@ -938,6 +950,37 @@ fn around_switchover(
         receive_output,
         side,
     }
+}
+
+/// `send-migration` (to where nobody listens) is refused at once, saying
+/// why and what to do, and nothing changes: the VM stays Paused.
+fn assert_new_migration_refused(c: &Cell, host: &Host) {
+    let before = host.migration_status()["attempts"].clone();
+    let out = host.ch(&["send-migration", &nowhere(c)]);
+    let said = format!("{}{}", out.stdout, out.stderr);
+    assert!(
+        !out.success(),
+        "{}: send-migration accepted: {said}",
+        host.name
+    );
+    assert!(
+        said.contains("Refusing to migrate: the last migration's outcome is unknown")
+            && said.contains("outcome_checked=on")
+            && said.contains("ch-remote resume"),
+        "{}: {said}",
+        host.name
+    );
+    let status = host.migration_status();
+    assert_eq!(status["attempts"], before, "{}: {status}", host.name);
+    assert_eq!(status["state"], "Paused", "{}: {status}", host.name);
+}
+
+/// A send-migration config whose connection fails at once.
+fn nowhere(c: &Cell) -> String {
+    format!(
+        "destination_url=unix:{},timeout_s=1",
+        c.dir.path().join("nobody-listens.sock").display()
+    )
 }
 
 /// The source's outcome is unknown: it stayed Paused, and its error and
@@ -1134,6 +1177,40 @@ fn destination_killed_after_switchover() {
     );
     assert_source_unknown(&c, a.sent.as_ref().unwrap(), "switchover");
     assert_eq!(a.side, Side::Source);
+}
+
+#[test]
+fn an_unknown_outcome_holds_off_migrations_until_the_operator_decides() {
+    // The destination dies after Switchover left: the source cannot know.
+    let mut c = Cell::new();
+    c.src.speak_patched();
+    let receiver = c.receive(json!({ "fault": fault("switchover", "stall", 0) }));
+    let attempt = c.start_send(None);
+    wait_stalled(&c.dst, "switchover");
+    c.dst.kill();
+    let _ = receiver.join();
+    let s = c.src.wait_outcome(attempt);
+    assert_source_unknown(&c, &s, "switchover");
+    assert_new_migration_refused(&c, &c.src);
+
+    // The user checked the other host: migrating the paused VM as it is
+    // passes (and fails at connect: nobody listens there), the VM stays
+    // Paused, and the outcome is still undecided.
+    let attempt = c
+        .src
+        .start_send(&format!("{},outcome_checked=on", nowhere(&c)));
+    let s = c.src.wait_outcome(attempt);
+    assert!(!s.ok && !s.unknown, "{s:?}");
+    assert!(s.error.contains("connect"), "{}", s.error);
+    assert_eq!(c.src.info()["state"], "Paused");
+    assert_new_migration_refused(&c, &c.src);
+
+    // Resumed here, the VM is here: migrations go again.
+    c.src.ch_ok(&["resume"]);
+    let attempt = c.src.start_send(&nowhere(&c));
+    let s = c.src.wait_outcome(attempt);
+    assert!(s.error.contains("connect"), "{}", s.error);
+    assert_eq!(c.src.info()["state"], "Running");
 }
 
 #[test]
@@ -1381,8 +1458,9 @@ fn stalled_destination_in_final_memory_pass() {
     // final pass is all of memory and the source is mid-write when the
     // destination stops reading (with the verify pass the second Memory
     // is only the CPU-dirty pages).
-    let c = Cell::new();
-    c.src.arm(&json!({ "final_pass": "resend" }));
+    let mut c = Cell::new();
+    c.src.speak_patched();
+    c.send_extra = ",final_pass=resend".into();
     let (s, r) = c.failed_migration(None, json!({ "fault": fault("memory#2", "stall", 0) }));
     c.check_source(&s, "final memory pass", "timed out");
     c.check_destination(&r, "memory", "closed the connection mid-transfer");
@@ -1694,7 +1772,23 @@ impl RawPeer {
 fn empty_vm_config() -> Value {
     json!({
         "vm": { "memory_size": 16u64 << 20, "vcpu_workload": false, "devices": [] },
-        "devices": [],
+        "streamed": [],
+    })
+}
+
+/// A Config with gpu0 as the real source would send it.
+fn one_vf_config() -> Value {
+    use xe_vf_glue::migration::StreamedState;
+    let dev = xe_vf_glue::XeVfDevice::new(
+        "gpu0",
+        xe_vf_plugin::device_config::DeviceConfig::parse("emulated=on,vram=4M,id=gpu0").unwrap(),
+    )
+    .unwrap();
+    let description = serde_json::to_value(dev.describe().unwrap()).unwrap();
+    json!({
+        "vm": { "memory_size": 16u64 << 20, "vcpu_workload": false,
+                "devices": [{ "id": "gpu0", "spec": "emulated=on,vram=4M,id=gpu0" }] },
+        "streamed": [{ "id": "gpu0", "description": description }],
     })
 }
 
@@ -1749,20 +1843,8 @@ fn hostile_memory_range_outside() {
 
 #[test]
 fn hostile_device_state_header() {
-    // A Config with gpu0 as the real source would send it.
-    let dev = xe_vf_glue::XeVfDevice::new(
-        "gpu0",
-        xe_vf_plugin::device_config::DeviceConfig::parse("emulated=on,vram=4M,id=gpu0").unwrap(),
-    )
-    .unwrap();
-    let info = serde_json::to_value(dev.migration_info().unwrap()).unwrap();
-    let config = json!({
-        "vm": { "memory_size": 16u64 << 20, "vcpu_workload": false,
-                "devices": [{ "id": "gpu0", "spec": "emulated=on,vram=4M,id=gpu0" }] },
-        "devices": [info],
-    });
     hostile_cell(
-        config,
+        one_vf_config(),
         |p| {
             let tree = json!({ "snapshots": { "gpu0": { "snapshots": {}, "snapshot_data": null } },
                                "snapshot_data": null })
@@ -1796,19 +1878,8 @@ fn hostile_complete_before_state() {
 
 #[test]
 fn hostile_device_state_before_state() {
-    let dev = xe_vf_glue::XeVfDevice::new(
-        "gpu0",
-        xe_vf_plugin::device_config::DeviceConfig::parse("emulated=on,vram=4M,id=gpu0").unwrap(),
-    )
-    .unwrap();
-    let info = serde_json::to_value(dev.migration_info().unwrap()).unwrap();
-    let config = json!({
-        "vm": { "memory_size": 16u64 << 20, "vcpu_workload": false,
-                "devices": [{ "id": "gpu0", "spec": "emulated=on,vram=4M,id=gpu0" }] },
-        "devices": [info],
-    });
     hostile_cell(
-        config,
+        one_vf_config(),
         |p| {
             let mut cmd = Vec::new();
             xe_vf_glue::protocol::Request::device_state(0)

@@ -13,17 +13,49 @@
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 
-use iommufd_bindings::iommufd as b;
+use iommufd_bindings::iommufd::IOMMUFD_TYPE;
 
 /// `_IO(IOMMUFD_TYPE, IOMMUFD_CMD_HWPT_SET_DIRTY_TRACKING)`.
-pub const IOMMU_HWPT_SET_DIRTY_TRACKING: u64 = io_nr(b::IOMMUFD_CMD_HWPT_SET_DIRTY_TRACKING);
+pub const IOMMU_HWPT_SET_DIRTY_TRACKING: u64 = io_nr(IOMMUFD_CMD_HWPT_SET_DIRTY_TRACKING);
 /// `_IO(IOMMUFD_TYPE, IOMMUFD_CMD_HWPT_GET_DIRTY_BITMAP)`.
-pub const IOMMU_HWPT_GET_DIRTY_BITMAP: u64 = io_nr(b::IOMMUFD_CMD_HWPT_GET_DIRTY_BITMAP);
+pub const IOMMU_HWPT_GET_DIRTY_BITMAP: u64 = io_nr(IOMMUFD_CMD_HWPT_GET_DIRTY_BITMAP);
 /// A bitmap covers at most this many bytes (512 GiB of IOVA at 4 KiB).
 pub const MAX_BITMAP_BYTES: u64 = 16 << 20;
 
 const fn io_nr(cmd: u32) -> u64 {
-    ((b::IOMMUFD_TYPE as u64) << 8) | cmd as u64
+    ((IOMMUFD_TYPE as u64) << 8) | cmd as u64
+}
+
+// HWPT dirty tracking came with Linux 6.7, after the uAPI that
+// iommufd-bindings 0.1 (the version Cloud Hypervisor pins, so one copy
+// serves both) was generated from; these restate
+// `include/uapi/linux/iommufd.h`.
+const IOMMUFD_CMD_HWPT_SET_DIRTY_TRACKING: u32 = 0x8b;
+const IOMMUFD_CMD_HWPT_GET_DIRTY_BITMAP: u32 = 0x8c;
+const IOMMU_HWPT_DIRTY_TRACKING_ENABLE: u32 = 1;
+
+/// `struct iommu_hwpt_set_dirty_tracking`.
+#[repr(C)]
+#[derive(Debug, Default)]
+struct HwptSetDirtyTracking {
+    size: u32,
+    flags: u32,
+    hwpt_id: u32,
+    reserved: u32,
+}
+
+/// `struct iommu_hwpt_get_dirty_bitmap`.
+#[repr(C)]
+#[derive(Debug, Default)]
+struct HwptGetDirtyBitmap {
+    size: u32,
+    hwpt_id: u32,
+    flags: u32,
+    reserved: u32,
+    iova: u64,
+    length: u64,
+    page_size: u64,
+    data: u64,
 }
 
 /// The syscall seam, so the encodings are tested without a kernel.
@@ -69,15 +101,15 @@ impl HwptDirtyTracker {
 
     /// Turns IOMMU dirty tracking of the HWPT on or off.
     pub fn set_tracking(&self, enable: bool) -> io::Result<()> {
-        let mut arg = b::iommu_hwpt_set_dirty_tracking {
-            size: std::mem::size_of::<b::iommu_hwpt_set_dirty_tracking>() as u32,
+        let mut arg = HwptSetDirtyTracking {
+            size: std::mem::size_of::<HwptSetDirtyTracking>() as u32,
             flags: if enable {
-                b::iommufd_hwpt_set_dirty_tracking_flags_IOMMU_HWPT_DIRTY_TRACKING_ENABLE
+                IOMMU_HWPT_DIRTY_TRACKING_ENABLE
             } else {
                 0
             },
             hwpt_id: self.hwpt_id,
-            __reserved: 0,
+            reserved: 0,
         };
         // SAFETY: `arg` is a complete iommu_hwpt_set_dirty_tracking on our
         // stack, alive for the call.
@@ -105,11 +137,11 @@ impl HwptDirtyTracker {
         }
         // Bounded by MAX_BITMAP_BYTES just above.
         let mut bitmap = vec![0u64; words as usize];
-        let mut arg = b::iommu_hwpt_get_dirty_bitmap {
-            size: std::mem::size_of::<b::iommu_hwpt_get_dirty_bitmap>() as u32,
+        let mut arg = HwptGetDirtyBitmap {
+            size: std::mem::size_of::<HwptGetDirtyBitmap>() as u32,
             hwpt_id: self.hwpt_id,
             flags: 0,
-            __reserved: 0,
+            reserved: 0,
             iova,
             length,
             page_size,
@@ -159,7 +191,7 @@ mod tests {
             let bytes = unsafe { std::slice::from_raw_parts(arg as *const u8, len) }.to_vec();
             if request == IOMMU_HWPT_GET_DIRTY_BITMAP {
                 // SAFETY: as above; the struct is an iommu_hwpt_get_dirty_bitmap.
-                let a = unsafe { &*(arg as *const b::iommu_hwpt_get_dirty_bitmap) };
+                let a = unsafe { &*(arg as *const HwptGetDirtyBitmap) };
                 // SAFETY: `data` points at the caller's bitmap of at least
                 // one word; mark pages 0 and 3 dirty.
                 unsafe { *(a.data as *mut u64) = 0b1001 };

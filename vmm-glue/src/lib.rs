@@ -16,10 +16,9 @@ pub mod dirty;
 pub mod error_chain;
 pub mod iommufd_dirty;
 pub mod snapshot;
-pub mod verify;
 pub mod wire;
 pub mod xe_vf;
 
 pub use vm_migration as migration;
 pub use vm_migration::protocol;
-pub use xe_vf::{check_placement, DeviceMigrationInfo, XeVfDevice};
+pub use xe_vf::{DeviceMigrationInfo, XeVfDevice, XeVfIncoming};

@@ -29,8 +29,10 @@ pub struct XeVfSnapshotState {
     /// The VF the state was taken from; a restore target must match.
     pub identity: DeviceIdentity,
     pub migration_flags: u64,
-    /// `MIG_DATA_SIZE` at snapshot time (0 if not exact).
-    pub expected_size: u64,
+    /// `MIG_DATA_SIZE` at snapshot time, an estimate of the device data's
+    /// length (0 if unknown); the data file's END record has the real one.
+    #[serde(alias = "expected_size")]
+    pub estimated_size: u64,
     /// File name of the device data, relative to the snapshot directory.
     pub data_file: String,
 }
@@ -222,6 +224,22 @@ mod tests {
         let pending = PendingDataFile::create(dir.path(), "xe-vf-b.bin").unwrap();
         pending.discard();
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn section_written_with_the_old_expected_size_name_reads() {
+        let section: XeVfSnapshotState = serde_json::from_str(
+            r#"{"format_version": 1, "device_kind": "xe-vf",
+                "identity": {"vendor_id": 32902, "device_id": 57867,
+                             "revision_id": 0, "vram_size": 8388608},
+                "migration_flags": 5, "expected_size": 4242,
+                "data_file": "xe-vf-gpu0.bin"}"#,
+        )
+        .unwrap();
+        assert_eq!(section.estimated_size, 4242);
+        let json = serde_json::to_value(&section).unwrap();
+        assert_eq!(json["estimated_size"], 4242);
+        assert!(json.get("expected_size").is_none());
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! the source stops.
 
 use std::io::{BufReader, BufWriter, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -25,7 +25,7 @@ use xe_vf_plugin::engine::{
 };
 use xe_vf_plugin::fsm;
 use xe_vf_plugin::state_format::{DEVICE_KIND_XE_VF, FORMAT_VERSION};
-use xe_vf_plugin::vfio::{Placement, VfioMigrationDevice};
+use xe_vf_plugin::vfio::{cdev, Placement, VfioMigrationDevice};
 use xe_vf_plugin::{DeviceIdentity, DeviceState, MigrationDevice, MigrationFlags};
 
 use crate::dirty::{self, DirtyMode, DirtyTracker};
@@ -34,7 +34,8 @@ use crate::iommufd_dirty::HwptDirtyTracker;
 use crate::snapshot::{self, PendingDataFile, XeVfSnapshotState};
 use vm_migration::protocol::{MemoryRange, MemoryRangeTable};
 use vm_migration::{
-    Migratable, MigratableError, Pausable, Snapshot, Snapshottable, StreamedState, Transportable,
+    IncomingState, Migratable, MigratableError, Pausable, Snapshot, SnapshotData, Snapshottable,
+    StreamedState, Transportable,
 };
 
 /// What a destination needs to know of a source VF before anything stops.
@@ -44,43 +45,13 @@ pub struct DeviceMigrationInfo {
     pub device_kind: String,
     pub identity: DeviceIdentity,
     pub migration_flags: u64,
-    pub expected_size: u64,
-    /// What sysfs says about the source device, for a destination that
-    /// has not opened its own device yet ([`check_placement`]).
+    /// `MIG_DATA_SIZE` of the source, an estimate (0 if unknown).
+    #[serde(alias = "expected_size")]
+    pub estimated_size: u64,
+    /// What sysfs says about the source device (PCI ids, mdev type), which
+    /// the destination compares with its own ([`XeVfIncoming::check`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<Placement>,
-}
-
-/// Destination side, before its device is opened: can the state of the
-/// source device `source` describes load into the device at `sysfs_dir`
-/// (or behind the VFIO cdev `cdev_fd`)? Checks what sysfs tells (PCI ids,
-/// mdev type); the engine checks the full identity again before loading.
-pub fn check_placement(
-    source: &DeviceMigrationInfo,
-    sysfs_dir: Option<&Path>,
-    cdev_fd: Option<RawFd>,
-) -> anyhow::Result<()> {
-    let Some(src) = &source.placement else {
-        return Ok(());
-    };
-    let local = match (sysfs_dir, cdev_fd) {
-        (Some(dir), _) => Placement::of_sysfs_dir(dir),
-        (None, Some(fd)) => match Placement::of_cdev_fd(fd) {
-            Some(p) => p,
-            None => {
-                warn!(
-                    "device {}: fd {fd} is not a VFIO cdev with a sysfs entry; \
-                     its compatibility is checked when the state arrives",
-                    source.id
-                );
-                return Ok(());
-            }
-        },
-        (None, None) => Placement::default(),
-    };
-    local
-        .check_source(src)
-        .map_err(|e| anyhow!("device {}: {e}", source.id))
 }
 
 /// One Xe VF passed through to a VM.
@@ -260,24 +231,21 @@ impl XeVfDevice {
             device_kind: header.device_kind,
             identity: header.identity,
             migration_flags: header.migration_flags,
-            expected_size: header.expected_size,
+            estimated_size: header.estimated_size,
             placement: self.placement.clone(),
         })
     }
 
-    /// Destination side: can the source's state load into this VF?
-    pub fn check_incoming(&self, source: &DeviceMigrationInfo) -> Result<(), MigratableError> {
-        self.require_migration(MigratableError::MigrateReceive)?;
-        if source.device_kind != self.opts.device_kind {
-            return Err(MigratableError::MigrateReceive(anyhow!(
-                "device {}: source sends '{}' state, this VF takes '{}'",
-                self.id,
-                source.device_kind,
-                self.opts.device_kind
-            )));
+    /// The destination's handle on this VF for a live migration: what
+    /// checks the source's description and loads its state.
+    pub fn incoming(&self) -> XeVfIncoming {
+        XeVfIncoming {
+            id: self.id.clone(),
+            device: self.device.clone(),
+            opts: self.opts.clone(),
+            migration: self.config.migration,
+            placement: self.placement.clone(),
         }
-        engine::check_compatible(&source.identity, &self.device.identity())
-            .map_err(|e| MigratableError::MigrateReceive(anyhow!("device {}: {e}", self.id)))
     }
 
     /// Source side: streams the stopped VF's state into `out`, reporting
@@ -294,16 +262,13 @@ impl XeVfDevice {
     }
 
     /// Destination side: loads a streamed state from `input`, reporting
-    /// progress; the VF is left in STOP. (`StreamedState::receive_state`
-    /// is the same for CH's VMM.)
+    /// progress; the VF is left in STOP.
     pub fn load_state_from<R: Read + Send>(
         &self,
         input: R,
         progress: &mut dyn FnMut(u64),
     ) -> Result<RestoreReport, MigratableError> {
-        self.require_migration(MigratableError::MigrateReceive)?;
-        engine::restore(&*self.device, input, &self.opts, progress)
-            .map_err(|e| MigratableError::MigrateReceive(anyhow!("device {}: {e}", self.id)))
+        self.incoming().load(input, progress)
     }
 
     /// Loads the state a snapshot in `source_url` (`file:///dir`) holds.
@@ -418,7 +383,7 @@ impl Snapshottable for XeVfDevice {
             device_kind: info.device_kind,
             identity: info.identity,
             migration_flags: info.migration_flags,
-            expected_size: info.expected_size,
+            estimated_size: info.estimated_size,
             data_file: snapshot::data_file_name(&self.id),
         })
     }
@@ -571,14 +536,13 @@ impl Migratable for XeVfDevice {
 }
 
 impl StreamedState for XeVfDevice {
+    fn describe(&self) -> Result<SnapshotData, MigratableError> {
+        SnapshotData::new_from_state(&self.migration_info()?)
+    }
+
     fn send_state(&mut self, out: &mut (dyn Write + Send)) -> Result<u64, MigratableError> {
         self.save_state_to(out, &mut |_| {})
             .map(|r| r.encoded_bytes)
-    }
-
-    fn receive_state(&mut self, input: &mut (dyn Read + Send)) -> Result<u64, MigratableError> {
-        self.load_state_from(input, &mut |_| {})
-            .map(|r| r.decoded.encoded_bytes)
     }
 
     fn restore_state(
@@ -587,6 +551,94 @@ impl StreamedState for XeVfDevice {
         source_url: &str,
     ) -> Result<(), MigratableError> {
         self.restore_from_snapshot(snapshot, source_url).map(|_| ())
+    }
+}
+
+/// The destination's handle on a VF in a live migration
+/// ([`IncomingState`]): opened when the migration's `Config` arrives,
+/// before the VMM creates the VF's device, so the source's description is
+/// checked before the source pauses and its state loads as soon as it
+/// comes (also on a connection of its own, concurrently with others).
+pub struct XeVfIncoming {
+    id: String,
+    device: Arc<dyn MigrationDevice>,
+    opts: TransferOptions,
+    migration: bool,
+    /// What sysfs says about this VF, when it has a sysfs entry.
+    placement: Option<Placement>,
+}
+
+impl XeVfIncoming {
+    /// The handle of a VMM receiving a migrated VF as a VFIO cdev fd and an
+    /// iommufd fd (Cloud Hypervisor's `receive-migration vfio_fds=...,
+    /// iommufd_fd=...`), before it creates the device: binds `device` (the
+    /// VMM's fd or a duplicate of it) to `iommufd`, which the VMM's own
+    /// later use of the fd then finds done.
+    pub fn from_vmm_cdev(
+        id: &str,
+        device: OwnedFd,
+        iommufd: BorrowedFd<'_>,
+        dirty_tracking: DirtyTracking,
+    ) -> anyhow::Result<Self> {
+        cdev::bind_to_iommufd(device.as_fd(), iommufd)
+            .map_err(|e| anyhow!("device {id}: binding its cdev to the iommufd: {e}"))?;
+        Ok(XeVfDevice::from_vmm_device_fd(id, device, None, dirty_tracking)?.incoming())
+    }
+
+    fn refuse(&self, e: impl std::fmt::Display) -> MigratableError {
+        MigratableError::MigrateReceive(anyhow!("device {}: {e}", self.id))
+    }
+
+    /// Whether the state of the source VF `source` describes can load
+    /// into this one: migration on, same kind of state, compatible
+    /// identity (the engine reads the full one from the device), and the
+    /// same placement where sysfs tells (PCI ids, mdev type).
+    pub fn check(&self, source: &DeviceMigrationInfo) -> Result<(), MigratableError> {
+        if !self.migration {
+            return Err(self.refuse("migration=off in its --device options"));
+        }
+        if source.device_kind != self.opts.device_kind {
+            return Err(self.refuse(format!(
+                "source sends '{}' state, this VF takes '{}'",
+                source.device_kind, self.opts.device_kind
+            )));
+        }
+        engine::check_compatible(&source.identity, &self.device.identity())
+            .map_err(|e| self.refuse(e))?;
+        if let (Some(src), Some(local)) = (&source.placement, &self.placement) {
+            local.check_source(src).map_err(|e| self.refuse(e))?;
+        }
+        Ok(())
+    }
+
+    /// Loads a streamed state from `input`, reporting progress; the VF is
+    /// left in STOP, and a failed load leaves no partial state.
+    pub fn load<R: Read + Send>(
+        &self,
+        input: R,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<RestoreReport, MigratableError> {
+        if !self.migration {
+            return Err(self.refuse("migration=off in its --device options"));
+        }
+        engine::restore(&*self.device, input, &self.opts, progress).map_err(|e| self.refuse(e))
+    }
+}
+
+impl IncomingState for XeVfIncoming {
+    fn check_description(&self, description: &SnapshotData) -> Result<(), MigratableError> {
+        let source: DeviceMigrationInfo = description
+            .to_state()
+            .map_err(|e| self.refuse(format!("source description: {}", Chain(&e))))?;
+        if source.id != self.id {
+            return Err(self.refuse(format!("the source describes device {}", source.id)));
+        }
+        self.check(&source)
+    }
+
+    fn receive_state(&mut self, input: &mut (dyn Read + Send)) -> Result<u64, MigratableError> {
+        self.load(input, &mut |_| {})
+            .map(|r| r.decoded.encoded_bytes)
     }
 }
 

@@ -10,7 +10,8 @@ use std::time::Duration;
 use xe_vf_glue::device_set::XeVfSet;
 use xe_vf_glue::error_chain::chain;
 use xe_vf_glue::migration::{
-    Migratable, MigratableError, Pausable, Snapshottable, StreamedState, Transportable,
+    IncomingState, Migratable, MigratableError, Pausable, Snapshottable, StreamedState,
+    Transportable,
 };
 use xe_vf_glue::protocol::MemoryRange;
 use xe_vf_glue::snapshot::XeVfSnapshotState;
@@ -73,7 +74,11 @@ fn snapshot_is_a_small_json_section_and_a_streamed_file() {
         &url,
     )
     .unwrap();
-    assert_eq!(report.decoded.decoded_bytes, section.expected_size);
+    // The section records MIG_DATA_SIZE, an estimate; the file has what
+    // the device wrote.
+    let emulated = src.backend().emulated().unwrap();
+    assert_eq!(section.estimated_size, emulated.config().stop_copy_size());
+    assert_eq!(report.decoded.decoded_bytes, emulated.config().stream_len());
     assert_eq!(dst.state().unwrap(), DeviceState::Stop);
     assert_eq!(digest(&dst), saved);
     dst.resume().unwrap();
@@ -147,7 +152,9 @@ fn failed_snapshot_write_leaves_no_file_and_the_vf_intact() {
 fn migration_stream_between_two_devices() {
     let mut src = dev("gpu0", "emulated=on,vram=4M,workload=on");
     let dst = dev("gpu0", "emulated=on,vram=4M,workload=off");
-    dst.check_incoming(&src.migration_info().unwrap()).unwrap();
+    dst.incoming()
+        .check_description(&src.describe().unwrap())
+        .unwrap();
     src.pause().unwrap();
     let (tx, rx) = UnixStream::pair().unwrap();
     let receiver = std::thread::spawn(move || {
@@ -163,8 +170,9 @@ fn migration_stream_between_two_devices() {
     dst.resume().unwrap();
 }
 
-/// The same stream through CH's `StreamedState`, as the patched VMM moves
-/// it: byte counts on both sides, the state itself arrives whole.
+/// The same stream through CH's `StreamedState` and `IncomingState`, as
+/// the patched VMM moves it: byte counts on both sides, the state itself
+/// arrives whole.
 #[test]
 fn streamed_state_through_the_trait() {
     let mut src = dev("gpu0", "emulated=on,vram=4M,workload=on");
@@ -174,8 +182,9 @@ fn streamed_state_through_the_trait() {
     src.pause().unwrap();
     dst.pause().unwrap();
     let (mut tx, mut rx) = UnixStream::pair().unwrap();
+    let mut incoming = dst.incoming();
     let receiver = std::thread::spawn(move || {
-        let r = StreamedState::receive_state(&mut dst, &mut rx);
+        let r = IncomingState::receive_state(&mut incoming, &mut rx);
         (dst, r)
     });
     let sent = StreamedState::send_state(&mut src, &mut tx).unwrap();
@@ -191,8 +200,15 @@ fn streamed_state_through_the_trait() {
 fn incompatible_destination_is_refused_early() {
     let src = dev("gpu0", "emulated=on,vram=8M,workload=off");
     let dst = dev("gpu0", "emulated=on,vram=4M,workload=off");
-    let err = failure(dst.check_incoming(&src.migration_info().unwrap()));
+    let err = failure(dst.incoming().check_description(&src.describe().unwrap()));
     assert!(err.contains("smaller"), "{err}");
+    // A description of another device, or of no device at all.
+    let other = dev("gpu1", "emulated=on,vram=8M,workload=off");
+    let err = failure(dst.incoming().check_description(&other.describe().unwrap()));
+    assert!(err.contains("describes device gpu1"), "{err}");
+    let garbage = xe_vf_glue::migration::SnapshotData::new_from_state(&7u32).unwrap();
+    let err = failure(dst.incoming().check_description(&garbage));
+    assert!(err.contains("source description"), "{err}");
 }
 
 #[test]

@@ -52,7 +52,7 @@ fn mixed_data() -> Vec<u8> {
     raw
 }
 
-fn encode(raw: &[u8], expected: u64, chunk_size: u32, zero_elision: bool) -> Result<Vec<u8>> {
+fn encode(raw: &[u8], estimated: u64, chunk_size: u32, zero_elision: bool) -> Result<Vec<u8>> {
     let identity = DeviceIdentity {
         vendor_id: 0x8086,
         device_id: 0xe20b,
@@ -63,7 +63,7 @@ fn encode(raw: &[u8], expected: u64, chunk_size: u32, zero_elision: bool) -> Res
         DEVICE_KIND_XE_VF,
         identity,
         MigrationFlags::XE_VF.bits(),
-        expected,
+        estimated,
     );
     let options = EncoderOptions {
         chunk_size,
@@ -89,6 +89,7 @@ fn state_seeds(dir: &Path) -> Result<()> {
     let mixed = encode(&raw, len, 4096, true)?;
     put(dir, "zero-data-zero", &mixed)?;
     put(dir, "size-unknown", &encode(&raw, 0, 4096, true)?)?;
+    // The header's MIG_DATA_SIZE is an estimate: one that misses decodes.
     put(
         dir,
         "wrong-announced-size",

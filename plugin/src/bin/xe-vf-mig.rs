@@ -90,6 +90,11 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Parse a saved file's data as an Xe packet stream even when its
+        /// header names another device kind (a VMM that did not take the
+        /// device for an Xe VF carried the stream without parsing it).
+        #[arg(long)]
+        xe: bool,
     },
     /// Find, prepare and check Xe VFs on this host.
     Host {
@@ -191,7 +196,8 @@ fn main() {
             ref file,
             packets,
             json,
-        } => inspect(file, packets, json),
+            xe,
+        } => inspect(file, packets, json, xe),
         Command::Host { root, command } => match host_command(root, command) {
             Ok(0) => Ok(()),
             Ok(code) => std::process::exit(code),
@@ -318,18 +324,36 @@ fn host_command(root: Option<PathBuf>, command: HostCommand) -> Result<i32> {
     }
 }
 
+/// A bar towards `total` bytes, or without a length when `total` is 0
+/// (unknown). `total` may be an estimate: advance it with [`advance`].
 fn progress_bar(total: u64, quiet: bool, what: &str) -> ProgressBar {
     if quiet {
         return ProgressBar::hidden();
     }
-    let bar = ProgressBar::new(total);
-    if let Ok(style) = ProgressStyle::with_template(
-        "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    ) {
+    let (bar, template) = if total == 0 {
+        (ProgressBar::no_length(), "{msg} {bytes} {bytes_per_sec}")
+    } else {
+        (
+            ProgressBar::new(total),
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+    };
+    if let Ok(style) = ProgressStyle::with_template(template) {
         bar.set_style(style.progress_chars("=> "));
     }
     bar.set_message(what.to_string());
     bar
+}
+
+/// Moves `bar` to `done` bytes. `MIG_DATA_SIZE` is an estimate that a
+/// stream can outrun (xe's leaves out the descriptor and trailer): the
+/// length then grows with the position, so the bar stays at most full and
+/// its byte count never passes its total.
+fn advance(bar: &ProgressBar, done: u64) {
+    if bar.length().is_some_and(|len| done > len) {
+        bar.set_length(done);
+    }
+    bar.set_position(done);
 }
 
 fn transfer_options(no_zero_elision: bool) -> TransferOptions {
@@ -383,7 +407,7 @@ fn demo(
         Some(path) => {
             let out =
                 BufWriter::new(File::create(path).with_context(|| format!("{}", path.display()))?);
-            let save = engine::save(&*source, out, &opts, &mut |n| bar.set_position(n))?;
+            let save = engine::save(&*source, out, &opts, &mut |n| advance(&bar, n))?;
             let input = BufReader::new(File::open(path)?);
             let restore = engine::restore(&*destination, input, &opts, &mut |_| {})?;
             (save, restore)
@@ -396,7 +420,7 @@ fn demo(
             let dst_opts = opts.clone();
             let receiver =
                 std::thread::spawn(move || engine::restore(&*dst, rx, &dst_opts, &mut |_| {}));
-            let sent = engine::save(&*source, &tx, &opts, &mut |n| bar.set_position(n));
+            let sent = engine::save(&*source, &tx, &opts, &mut |n| advance(&bar, n));
             drop(tx);
             let received = receiver
                 .join()
@@ -456,7 +480,7 @@ fn save(spec: &str, output: &Path, resume: bool, no_zero_elision: bool, quiet: b
     let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let mut out = BufWriter::new(file);
     let started = Instant::now();
-    let report = engine::save(&*device, &mut out, &opts, &mut |n| bar.set_position(n));
+    let report = engine::save(&*device, &mut out, &opts, &mut |n| advance(&bar, n));
     let report = match report.and_then(|r| {
         out.flush()
             .and_then(|()| out.get_ref().sync_all())
@@ -501,7 +525,7 @@ fn restore(spec: &str, input: &Path, stopped: bool, quiet: bool) -> Result<()> {
         &*device,
         BufReader::new(file),
         &TransferOptions::default(),
-        &mut |n| bar.set_position(n),
+        &mut |n| advance(&bar, n),
     )?;
     bar.finish_and_clear();
     if !stopped {
@@ -519,7 +543,7 @@ fn restore(spec: &str, input: &Path, stopped: bool, quiet: bool) -> Result<()> {
     Ok(())
 }
 
-fn inspect(path: &Path, packets: bool, as_json: bool) -> Result<()> {
+fn inspect(path: &Path, packets: bool, as_json: bool, force_xe: bool) -> Result<()> {
     let mut file =
         BufReader::new(File::open(path).with_context(|| format!("opening {}", path.display()))?);
     let mut magic = [0u8; 8];
@@ -528,7 +552,7 @@ fn inspect(path: &Path, packets: bool, as_json: bool) -> Result<()> {
     let (header, inspection, decoded) = if is_container {
         let mut decoder = StateDecoder::new(file)?;
         let header = decoder.header().clone();
-        if header.device_kind != xe_vf_plugin::state_format::DEVICE_KIND_XE_VF {
+        if header.device_kind != xe_vf_plugin::state_format::DEVICE_KIND_XE_VF && !force_xe {
             let summary = xe_vf_plugin::state_format::verify(BufReader::new(File::open(path)?))?;
             return print_inspection(as_json, Some(&header), None, Some(&summary));
         }
@@ -565,11 +589,11 @@ fn print_inspection(
     }
     if let Some(h) = header {
         println!(
-            "device-state stream: kind {}, device {}, flags {}, expected {} bytes, chunk {} bytes",
+            "device-state stream: kind {}, device {}, flags {}, estimated {} bytes, chunk {} bytes",
             h.device_kind,
             h.identity,
             xe_vf_plugin::MigrationFlags::from_bits(h.migration_flags),
-            h.expected_size,
+            h.estimated_size,
             h.chunk_size
         );
     }
@@ -613,4 +637,24 @@ fn print_inspection(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use indicatif::ProgressDrawTarget;
+
+    use super::*;
+
+    #[test]
+    fn a_stream_longer_than_its_estimate_keeps_the_bar_at_most_full() {
+        let bar = ProgressBar::with_draw_target(Some(100), ProgressDrawTarget::hidden());
+        advance(&bar, 60);
+        assert_eq!((bar.position(), bar.length()), (60, Some(100)));
+        advance(&bar, 136);
+        assert_eq!((bar.position(), bar.length()), (136, Some(136)));
+        // Unknown size: no length, none made up.
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden());
+        advance(&bar, 136);
+        assert_eq!((bar.position(), bar.length()), (136, None));
+    }
 }

@@ -1,7 +1,8 @@
 // Copyright 2026 The xe-vf-migration authors
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Shape of an emulated VF and the stream length that shape implies.
+//! Shape of an emulated VF, the stream length that shape implies and the
+//! `MIG_DATA_SIZE` estimate xe would give for it.
 
 use crate::device::{DeviceError, Result};
 use crate::uapi::MigrationFlags;
@@ -127,6 +128,33 @@ impl EmulatedConfig {
         gt / self.gts_per_tile.max(1)
     }
 
+    /// Whether `gt` is its tile's primary GT (the others are media GTs).
+    pub fn is_primary_gt(&self, gt: u8) -> bool {
+        gt.is_multiple_of(self.gts_per_tile.max(1))
+    }
+
+    /// GGTT bytes a GT saves: xe saves the VF's GGTT only for a tile's
+    /// primary GT (`pf_migration_ggtt_size()` is 0 for a media GT, and a
+    /// component of size 0 has no packet).
+    pub fn ggtt_size_of(&self, gt: u8) -> u64 {
+        if self.is_primary_gt(gt) {
+            self.ggtt_size
+        } else {
+            0
+        }
+    }
+
+    /// VRAM bytes a GT saves: its tile's LMEM on the tile's primary GT
+    /// (`pf_migration_vram_size()` is 0 for a media GT), in packets of at
+    /// most `vram_chunk_size`.
+    pub fn vram_size_of(&self, gt: u8) -> u64 {
+        if self.is_primary_gt(gt) {
+            self.lmem_per_tile()
+        } else {
+            0
+        }
+    }
+
     /// LMEM bytes of each tile.
     pub fn lmem_per_tile(&self) -> u64 {
         self.vram_size / u64::from(self.tiles.max(1))
@@ -137,17 +165,40 @@ impl EmulatedConfig {
         Descriptor::new(self.device_id, self.revision_id)
     }
 
-    /// Exact byte length of the STOP_COPY stream: every packet's header
-    /// and payload, descriptor and trailer included.
+    /// `MIG_DATA_SIZE` as xe computes it, an estimate of the STOP_COPY
+    /// stream: `xe_sriov_pf_migration_size()` sums over the GTs
+    /// `xe_gt_sriov_pf_migration_size()`, each of the GT's GuC, GGTT, MMIO
+    /// and VRAM sizes plus one packet header for each that is not empty.
+    /// It counts one header for all of a tile's VRAM however many chunks
+    /// it takes, and neither the descriptor nor the trailer, so it is
+    /// below [`Self::stream_len`].
     pub fn stop_copy_size(&self) -> u64 {
-        let header = HEADER_LEN as u64;
-        let lmem = self.lmem_per_tile();
-        let chunks = lmem.div_ceil(self.vram_chunk_size.max(1));
-        let per_gt = 3 * header + self.ggtt_size + self.mmio_size + self.guc_size;
-        let per_tile = chunks * header + lmem;
-        (header + self.descriptor().encoded_len())
-            + u64::from(self.gt_count()) * per_gt
-            + u64::from(self.tiles) * per_tile
-            + header
+        let with_header = |size: u64| if size > 0 { size + HEADER } else { 0 };
+        (0..self.gt_count())
+            .map(|gt| {
+                with_header(self.guc_size)
+                    + with_header(self.ggtt_size_of(gt))
+                    + with_header(self.mmio_size)
+                    + with_header(self.vram_size_of(gt))
+            })
+            .sum()
+    }
+
+    /// Exact byte length of the STOP_COPY stream the device writes: every
+    /// packet's header and payload, the descriptor, one header per VRAM
+    /// chunk and the trailer included.
+    pub fn stream_len(&self) -> u64 {
+        let chunk = self.vram_chunk_size.max(1);
+        let descriptor = HEADER + self.descriptor().encoded_len();
+        let trailer = HEADER;
+        // stop_copy_size() has one header per tile's VRAM; each further
+        // chunk has its own.
+        let extra_chunk_headers: u64 = (0..self.gt_count())
+            .map(|gt| self.vram_size_of(gt).div_ceil(chunk).saturating_sub(1) * HEADER)
+            .sum();
+        descriptor + self.stop_copy_size() + extra_chunk_headers + trailer
     }
 }
+
+/// Bytes of one Xe packet header.
+const HEADER: u64 = HEADER_LEN as u64;

@@ -144,7 +144,7 @@ impl XeStreamVisitor for Applier<'_> {
             _ => {}
         }
         let expected = match h.kind {
-            PacketType::Ggtt => config.ggtt_size,
+            PacketType::Ggtt => config.ggtt_size_of(h.gt_id),
             PacketType::Mmio => config.mmio_size,
             _ => config.guc_size,
         };

@@ -188,10 +188,15 @@ fn produce(model: &DeviceModel, sink: &mut Sink<'_>) -> io::Result<u64> {
                 .gt(gt_id)
                 .and_then(|gt| gt.component(kind).map(<[u8]>::to_vec))
                 .unwrap_or_default();
+            // xe saves a component only when it has bytes (a media GT has
+            // no GGTT).
+            if blob.is_empty() {
+                continue;
+            }
             sink.header(&PacketHeader::new(kind, tile, gt_id, 0, blob.len() as u64))?;
             sink.put(&blob)?;
         }
-        if gt_id % config.gts_per_tile == 0 {
+        if config.is_primary_gt(gt_id) {
             save_vram(model, sink, tile, gt_id, &mut buf)?;
         }
     }

@@ -72,9 +72,9 @@ pub(crate) struct DeviceModel {
 impl DeviceModel {
     pub(crate) fn new(config: EmulatedConfig) -> io::Result<Self> {
         let gts = (0..config.gt_count())
-            .map(|_| {
+            .map(|gt| {
                 Mutex::new(GtState {
-                    ggtt: vec![0; config.ggtt_size as usize],
+                    ggtt: vec![0; config.ggtt_size_of(gt) as usize],
                     mmio: vec![0; config.mmio_size as usize],
                     guc: vec![0; config.guc_size as usize],
                 })

@@ -468,7 +468,7 @@ fn check_migration(f: &DeviceFacts, lines: &mut Lines) -> Option<&'static str> {
     };
     let size = p
         .stop_copy_size
-        .map(|s| format!("; a STOP_COPY now would carry {}", lmem::human(s)))
+        .map(|s| format!("; a STOP_COPY now would carry about {}", lmem::human(s)))
         .unwrap_or_default();
     if !flags.contains(MigrationFlags::STOP_COPY) {
         lines.fail(

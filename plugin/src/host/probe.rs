@@ -61,7 +61,8 @@ pub struct MigrationProbe {
     pub migration_flags_names: Option<String>,
     /// `VFIO_DEVICE_FEATURE_DMA_LOGGING_START` probe.
     pub dma_logging: bool,
-    /// `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`, the size of a STOP_COPY now.
+    /// `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`: the estimated size of a
+    /// STOP_COPY now.
     pub stop_copy_size: Option<u64>,
     /// `IOMMU_HW_CAP_DIRTY_TRACKING` of the IOMMU behind the device.
     pub iommu_dirty_tracking: Availability,

@@ -81,11 +81,11 @@ impl<R: Read> StateDecoder<R> {
         let mut offset = 0;
         let header = decode_header(&mut reader, &mut offset)?;
         debug!(
-            "state stream: header {} {} flags {:#x} expected {} chunk {}",
+            "state stream: header {} {} flags {:#x} estimated {} chunk {}",
             header.device_kind,
             header.identity,
             header.migration_flags,
-            header.expected_size,
+            header.estimated_size,
             header.chunk_size
         );
         Ok(StateDecoder {
@@ -163,8 +163,8 @@ impl<R: Read> StateDecoder<R> {
         }
     }
 
-    /// Reads (and verifies) through END, discarding the data, then checks
-    /// the header's expected size.
+    /// Reads (and verifies) through END, discarding the data. The header's
+    /// `estimated_size` is not checked: END's length and CRC are.
     pub fn finish(mut self) -> Result<DecodeSummary> {
         self.pending = Pending::Nothing;
         loop {
@@ -176,14 +176,6 @@ impl<R: Read> StateDecoder<R> {
                     self.pending = Pending::Nothing;
                 }
             }
-        }
-        let expected = self.header.expected_size;
-        if expected != 0 && expected != self.summary.decoded_bytes {
-            return Err(StateFormatError::LengthMismatch {
-                what: "stream size announced in the header",
-                expected,
-                found: self.summary.decoded_bytes,
-            });
         }
         Ok(self.summary)
     }
@@ -382,8 +374,8 @@ impl<R: Read> Read for StateDecoder<R> {
     }
 }
 
-/// Decodes `reader` to the end, discarding the data: checks every record,
-/// END and the announced size. For `inspect` and snapshot checks.
+/// Decodes `reader` to the end, discarding the data: checks every record
+/// and END's length and CRC. For `inspect` and snapshot checks.
 pub fn verify<R: Read>(reader: R) -> Result<DecodeSummary> {
     StateDecoder::new(reader)?.finish()
 }

@@ -26,9 +26,11 @@
 //! header-json: a UTF-8 JSON object (see `StateHeader`)
 //!   { "device_kind": "xe-vf",
 //!     "identity": { "vendor_id", "device_id", "revision_id", "vram_size" },
-//!     "migration_flags": u64, "expected_size": u64 (0 = unknown),
+//!     "migration_flags": u64, "estimated_size": u64 (0 = unknown),
 //!     "chunk_size": u32 }
 //!   Unknown members are ignored; incompatible changes bump the version.
+//!   `estimated_size` is read under its old name `expected_size` too; it
+//!   is informational, the END record carries the real length.
 //!
 //! record header (20 bytes)
 //!   0  u8       type: 1 DATA, 2 ZERO, 3 END
@@ -103,9 +105,11 @@ pub struct StateHeader {
     pub identity: DeviceIdentity,
     /// `VFIO_DEVICE_FEATURE_MIGRATION` flags of the source device.
     pub migration_flags: u64,
-    /// Stream size announced by `MIG_DATA_SIZE`; 0 when unknown. When set,
-    /// [`StateDecoder::finish`] requires the decoded size to equal it.
-    pub expected_size: u64,
+    /// `MIG_DATA_SIZE` at save time, an estimate (the kernel's Xe formula
+    /// leaves out the descriptor and trailer); 0 when unknown. For progress
+    /// and sizing only: the END record carries the real length and CRC.
+    #[serde(alias = "expected_size")]
+    pub estimated_size: u64,
     /// Largest DATA payload; the encoder fills it in from its options.
     pub chunk_size: u32,
 }
@@ -116,13 +120,13 @@ impl StateHeader {
         device_kind: impl Into<String>,
         identity: DeviceIdentity,
         migration_flags: u64,
-        expected_size: u64,
+        estimated_size: u64,
     ) -> Self {
         StateHeader {
             device_kind: device_kind.into(),
             identity,
             migration_flags,
-            expected_size,
+            estimated_size,
             chunk_size: DEFAULT_CHUNK_SIZE,
         }
     }

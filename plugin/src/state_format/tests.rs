@@ -25,7 +25,7 @@ impl Rng {
     }
 }
 
-fn header(expected_size: u64) -> StateHeader {
+fn header(estimated_size: u64) -> StateHeader {
     StateHeader::new(
         DEVICE_KIND_XE_VF,
         DeviceIdentity {
@@ -35,7 +35,7 @@ fn header(expected_size: u64) -> StateHeader {
             vram_size: Some(1 << 30),
         },
         3,
-        expected_size,
+        estimated_size,
     )
 }
 
@@ -309,32 +309,46 @@ fn header_round_trips() {
 }
 
 #[test]
-fn expected_size_is_enforced_by_finish() {
-    let mut out = Vec::new();
-    let mut enc = StateEncoder::new(&mut out, header(100), opts(4096, true)).unwrap();
-    enc.write_all(&[1u8; 99]).unwrap();
-    enc.finish().unwrap();
-    // Reading is fine, finish names the mismatch.
-    let mut dec = StateDecoder::new(&out[..]).unwrap();
-    assert_eq!(dec.copy_decoded(&mut io::sink()).unwrap(), 99);
-    assert!(matches!(
-        dec.finish(),
-        Err(StateFormatError::LengthMismatch {
-            expected: 100,
-            found: 99,
-            ..
-        })
-    ));
-    assert!(matches!(
-        verify(&out[..]),
-        Err(StateFormatError::LengthMismatch { .. })
-    ));
-    // Unknown size (0) is not checked.
-    let mut out = Vec::new();
-    let mut enc = StateEncoder::new(&mut out, header(0), opts(4096, true)).unwrap();
-    enc.write_all(&[1u8; 99]).unwrap();
-    enc.finish().unwrap();
-    assert_eq!(verify(&out[..]).unwrap().decoded_bytes, 99);
+fn estimated_size_is_informational() {
+    // MIG_DATA_SIZE is an estimate (xe's leaves out its descriptor and
+    // trailer): a stream shorter, longer or of unknown size against it
+    // decodes, and the estimate reads back as written.
+    for estimate in [0, 1, 98, 99, 100, 1 << 40] {
+        let mut out = Vec::new();
+        let mut enc = StateEncoder::new(&mut out, header(estimate), opts(4096, true)).unwrap();
+        enc.write_all(&[1u8; 99]).unwrap();
+        enc.finish().unwrap();
+        let mut dec = StateDecoder::new(&out[..]).unwrap();
+        assert_eq!(dec.header().estimated_size, estimate);
+        assert_eq!(dec.copy_decoded(&mut io::sink()).unwrap(), 99);
+        assert_eq!(
+            dec.finish().unwrap().decoded_bytes,
+            99,
+            "estimate {estimate}"
+        );
+        assert_eq!(verify(&out[..]).unwrap().decoded_bytes, 99);
+    }
+}
+
+#[test]
+fn header_written_with_the_old_expected_size_name_reads() {
+    // Streams written before the field was renamed carry `expected_size`.
+    let mut json = serde_json::to_value(header(1234)).unwrap();
+    let object = json.as_object_mut().unwrap();
+    let value = object.remove("estimated_size").unwrap();
+    object.insert("expected_size".into(), value);
+    let json = serde_json::to_vec(&json).unwrap();
+    let mut stream = MAGIC.to_vec();
+    stream.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    stream.extend_from_slice(&0u16.to_le_bytes());
+    stream.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&stream), &json);
+    stream.extend_from_slice(&crc.to_le_bytes());
+    stream.extend_from_slice(&json);
+    stream.extend_from_slice(&record_header(RECORD_END, 0, 0, 0));
+    let dec = StateDecoder::new(&stream[..]).unwrap();
+    assert_eq!(dec.header(), &header(1234));
+    assert_eq!(dec.finish().unwrap().decoded_bytes, 0);
 }
 
 #[test]
@@ -501,6 +515,12 @@ fn forged_end_totals_are_detected() {
         decode_err(&forge_end(&encoded, 1, 0)),
         StateFormatError::LengthMismatch { expected, found, .. }
             if expected == data.len() as u64 + 1 && found == data.len() as u64
+    ));
+    // Whatever the header's estimate: END's length is checked both ways.
+    assert!(matches!(
+        decode_err(&forge_end(&encoded, -1, 0)),
+        StateFormatError::LengthMismatch { expected, found, .. }
+            if expected == data.len() as u64 - 1 && found == data.len() as u64
     ));
     assert!(matches!(
         decode_err(&forge_end(&encoded, 0, 0x10)),

@@ -13,7 +13,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
 use iommufd_bindings::iommufd as iommu;
@@ -28,8 +28,18 @@ pub(crate) const VFIO_DEVICE_BIND_IOMMUFD: c_ulong =
 pub(crate) const IOMMU_GET_HW_INFO: c_ulong =
     ((iommu::IOMMUFD_TYPE as c_ulong) << 8) | iommu::IOMMUFD_CMD_GET_HW_INFO as c_ulong;
 /// `IOMMU_HW_CAP_DIRTY_TRACKING` in `iommu_hw_info::out_capabilities`.
-pub const IOMMU_HW_CAP_DIRTY_TRACKING: u64 =
-    iommu::iommufd_hw_capabilities_IOMMU_HW_CAP_DIRTY_TRACKING as u64;
+pub const IOMMU_HW_CAP_DIRTY_TRACKING: u64 = 1 << 0;
+
+/// `struct iommu_hw_info` as Linux 6.7 extended it with `out_capabilities`.
+/// iommufd-bindings 0.1 (the version Cloud Hypervisor pins, so that one
+/// copy serves both) stops before that field; the ioctl is extensible by
+/// `size`, so a kernel fills the field for a caller that passes this size.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub(crate) struct IommuHwInfo {
+    pub(crate) base: iommu::iommu_hw_info,
+    pub(crate) out_capabilities: u64,
+}
 
 /// A device cdev bound to its own iommufd. Dropping it closes both, which
 /// unbinds the device.
@@ -86,31 +96,40 @@ fn ioctl_error(op: &'static str) -> CdevError {
     }
 }
 
+/// Binds the VFIO device cdev `device` to `iommufd`; returns the device's
+/// iommufd object id. The binding belongs to the open file, so every
+/// duplicate of `device` finds the device bound (and a VMM that receives
+/// an fd, as Cloud Hypervisor does for a migrated device, must not bind it
+/// again).
+pub fn bind_to_iommufd(device: BorrowedFd<'_>, iommufd: BorrowedFd<'_>) -> Result<u32, CdevError> {
+    let mut bind = b::vfio_device_bind_iommufd {
+        argsz: std::mem::size_of::<b::vfio_device_bind_iommufd>() as u32,
+        iommufd: iommufd.as_raw_fd(),
+        ..Default::default()
+    };
+    // SAFETY: `device` is an open fd, borrowed for the call; `bind` is a
+    // complete, initialized vfio_device_bind_iommufd on our stack whose
+    // `argsz` is its size; the kernel reads it and writes `out_devid`
+    // inside it, nothing else. `token_uuid_ptr` is 0 and no flag asks the
+    // kernel to follow it.
+    let ret = unsafe { libc::ioctl(device.as_raw_fd(), VFIO_DEVICE_BIND_IOMMUFD, &raw mut bind) };
+    if ret < 0 {
+        return Err(ioctl_error("VFIO_DEVICE_BIND_IOMMUFD"));
+    }
+    Ok(bind.out_devid)
+}
+
 impl BoundCdev {
     /// Opens `cdev` and `dev_iommu` (normally `/dev/iommu`) read-write and
     /// binds the device to that iommufd.
     pub fn open(cdev: &Path, dev_iommu: &Path) -> Result<Self, CdevError> {
         let iommufd = OwnedFd::from(open_rw(dev_iommu)?);
         let device = OwnedFd::from(open_rw(cdev)?);
-        let mut bind = b::vfio_device_bind_iommufd {
-            argsz: std::mem::size_of::<b::vfio_device_bind_iommufd>() as u32,
-            iommufd: iommufd.as_raw_fd(),
-            ..Default::default()
-        };
-        // SAFETY: `device` is an open fd we own for the call; `bind` is a
-        // complete, initialized vfio_device_bind_iommufd on our stack whose
-        // `argsz` is its size; the kernel reads it and writes `out_devid`
-        // inside it, nothing else. `token_uuid_ptr` is 0 and no flag asks
-        // the kernel to follow it.
-        let ret =
-            unsafe { libc::ioctl(device.as_raw_fd(), VFIO_DEVICE_BIND_IOMMUFD, &raw mut bind) };
-        if ret < 0 {
-            return Err(ioctl_error("VFIO_DEVICE_BIND_IOMMUFD"));
-        }
+        let dev_id = bind_to_iommufd(device.as_fd(), iommufd.as_fd())?;
         Ok(BoundCdev {
             device,
             iommufd,
-            dev_id: bind.out_devid,
+            dev_id,
         })
     }
 
@@ -121,14 +140,17 @@ impl BoundCdev {
 
     /// `out_capabilities` of `IOMMU_GET_HW_INFO` for the bound device.
     pub fn iommu_capabilities(&self) -> Result<u64, CdevError> {
-        let mut info = iommu::iommu_hw_info {
-            size: std::mem::size_of::<iommu::iommu_hw_info>() as u32,
-            dev_id: self.dev_id,
-            ..Default::default()
+        let mut info = IommuHwInfo {
+            base: iommu::iommu_hw_info {
+                size: std::mem::size_of::<IommuHwInfo>() as u32,
+                dev_id: self.dev_id,
+                ..Default::default()
+            },
+            out_capabilities: 0,
         };
         // SAFETY: `iommufd` is open and ours; `info` is a complete,
-        // zero-initialized iommu_hw_info on our stack with `size` set to
-        // its size. `data_len` is 0 so the kernel writes no user buffer
+        // zero-initialized iommu_hw_info (with out_capabilities) on our
+        // stack with `size` set to its size. `data_len` is 0 so the kernel writes no user buffer
         // (`data_uptr` is null); it only fills fields of `info`.
         let ret =
             unsafe { libc::ioctl(self.iommufd.as_raw_fd(), IOMMU_GET_HW_INFO, &raw mut info) };
@@ -168,8 +190,8 @@ mod tests {
         // struct iommu_hw_info: the capabilities word is at 32 on every
         // kernel that has the ioctl.
         assert_eq!(offset_of!(iommu::iommu_hw_info, dev_id), 8);
-        assert_eq!(offset_of!(iommu::iommu_hw_info, out_capabilities), 32);
-        assert_eq!(size_of::<iommu::iommu_hw_info>(), 40);
+        assert_eq!(offset_of!(IommuHwInfo, out_capabilities), 32);
+        assert_eq!(size_of::<IommuHwInfo>(), 40);
     }
 
     #[test]

@@ -101,7 +101,7 @@ impl VfioMigrationDevice {
                 .map_err(|e| vfio_error(sysfs_path, "opening the VFIO container", e))?,
         );
         let ops: Arc<dyn VfioOps> = container.clone();
-        let device = VfioDevice::new(sysfs_path, ops, false).map_err(|e| {
+        let device = VfioDevice::new(sysfs_path, ops).map_err(|e| {
             vfio_error(
                 sysfs_path,
                 &format!("opening {} in VFIO group {}", found.name, found.group),

@@ -130,6 +130,15 @@ impl Conn {
     }
 }
 
+impl migration_ext::Connection for Conn {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match &self.stream {
+            Stream::Unix(s) => s.set_read_timeout(timeout),
+            Stream::Tcp(s) => s.set_read_timeout(timeout),
+        }
+    }
+}
+
 /// Says in words what a socket error means for a migration: a blocking
 /// socket's EAGAIN is its timeout, EPIPE and ECONNRESET a peer gone.
 fn explain(e: io::Error, timeout: Option<Duration>) -> io::Error {

@@ -10,10 +10,10 @@
 //! last memory pass is acknowledged; the destination accepts them from
 //! Config until State.
 //!
-//! A `DeviceState` connection (our feature, see [`super::device_lanes`])
-//! carries one VF's state, served by [`super::device_lanes::Targets`].
-//! Other roles are dropped with a warning (CH hands `Fault` to postcopy,
-//! which the host does not do).
+//! A `DeviceState` connection (`migration_ext::lanes`) carries one VF's
+//! state, loaded by the engine's `IncomingDevices::serve_lane`. Other
+//! roles are dropped with a warning (CH hands `Fault` to postcopy, which
+//! the host does not do).
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -23,20 +23,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
+use migration_ext::connection::{expect_ok, is_eof};
+use migration_ext::streamed::IncomingDevices;
 use xe_vf_glue::error_chain::Chain;
 use xe_vf_glue::protocol::{Command, ConnectionRole, MemoryRangeTable, Request, Response};
 
 use super::conn::{connect, Conn, Listener, MigrationUrl};
-use super::device_lanes::Targets;
-use super::verify_pass::ROLE_DEVICE_STATE;
-
-/// What an accepted extra connection carries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Lane {
-    Memory,
-    DeviceState,
-}
-use super::expect_ok;
+use super::failed;
 use crate::error::{HostError, HostResult};
 use crate::memory::{GuestMemory, COPY_CHUNK};
 
@@ -157,7 +150,7 @@ fn send_chunk(
             .map_err(|e| HostError::failed(phase, e))?;
         sent.fetch_add(r.length, Ordering::Relaxed);
     }
-    expect_ok(conn, phase)
+    expect_ok(conn).map_err(|e| failed(phase, &e))
 }
 
 /// What the destination's lanes took in.
@@ -205,7 +198,7 @@ impl ReceiveLanes {
     pub fn start(
         listener: Arc<Listener>,
         memory: Arc<GuestMemory>,
-        devices: Arc<Targets>,
+        devices: Arc<IncomingDevices>,
         timeout: Duration,
     ) -> HostResult<Self> {
         let stop = Arc::new(AtomicBool::new(false));
@@ -225,7 +218,7 @@ impl ReceiveLanes {
     fn accept_loop(
         listener: &Listener,
         memory: &Arc<GuestMemory>,
-        devices: &Arc<Targets>,
+        devices: &Arc<IncomingDevices>,
         stop: &Arc<AtomicBool>,
         stats: &Arc<LaneStats>,
         timeout: Duration,
@@ -258,11 +251,11 @@ impl ReceiveLanes {
                 continue;
             };
             let n = workers.len() + 1;
-            if role == Lane::DeviceState {
-                let (d, halt) = (devices.clone(), stop.clone());
+            if role == ConnectionRole::DeviceState {
+                let (d, halt, st) = (devices.clone(), stop.clone(), stats.clone());
                 match std::thread::Builder::new()
                     .name(format!("migrate-dev-{n}"))
-                    .spawn(move || d.serve(conn, &halt))
+                    .spawn(move || Self::serve_device_state(conn, &d, &halt, &st))
                 {
                     Ok(w) => workers.push(w),
                     Err(e) => {
@@ -291,21 +284,9 @@ impl ReceiveLanes {
 
     /// Reads the role of an accepted connection; memory and device-state
     /// ones are kept.
-    fn classify(mut conn: Conn, timeout: Duration) -> Option<(Lane, Conn)> {
+    fn classify(mut conn: Conn, timeout: Duration) -> Option<(ConnectionRole, Conn)> {
         conn.set_timeouts(ROLE_TIMEOUT).ok()?;
-        // Our device-state role is not one of the series' crate's, so
-        // the word is read raw first.
-        let mut word = [0u8; 2];
-        if let Err(e) = std::io::Read::read_exact(&mut conn, &mut word) {
-            warn!("migration: dropping a connection: no role ({e})");
-            return None;
-        }
-        let word = u16::from_le_bytes(word);
-        if word == ROLE_DEVICE_STATE {
-            conn.set_timeouts(timeout).ok()?;
-            return Some((Lane::DeviceState, conn));
-        }
-        let role = match ConnectionRole::try_from(word) {
+        let role = match ConnectionRole::read_from(&mut conn) {
             Ok(r) => r,
             Err(e) => {
                 warn!("migration: dropping a connection: {}", Chain(&e));
@@ -313,14 +294,30 @@ impl ReceiveLanes {
             }
         };
         match role {
-            ConnectionRole::PrecopyMemory => {
+            ConnectionRole::PrecopyMemory | ConnectionRole::DeviceState => {
                 conn.set_timeouts(timeout).ok()?;
-                Some((Lane::Memory, conn))
+                Some((role, conn))
             }
             other => {
                 warn!("migration: dropping a connection with role {other:?} (not supported)");
                 None
             }
+        }
+    }
+
+    /// Serves one VF's state once its request comes, which is only once
+    /// the source paused (long after the connection opened): until then
+    /// it waits without a timeout, ending when `stop` is set.
+    fn serve_device_state(
+        mut conn: Conn,
+        devices: &IncomingDevices,
+        stop: &AtomicBool,
+        stats: &LaneStats,
+    ) {
+        match wait_readable(conn.as_raw_fd(), stop) {
+            Ok(true) => devices.serve_lane(&mut conn),
+            Ok(false) => {}
+            Err(e) => Self::fail(stats, HostError::failed("device-state connection", e)),
         }
     }
 
@@ -342,7 +339,7 @@ impl ReceiveLanes {
             }
             let request = match Request::read_from(&mut conn) {
                 Ok(r) => r,
-                Err(e) if super::is_eof(&e) => {
+                Err(e) if is_eof(&e) => {
                     debug!("migration: connection {n} closed by the source");
                     return Ok(());
                 }

@@ -11,16 +11,18 @@
 //! two-step switch-over it runs only on the source's `Switchover` (see
 //! [`super::switchover`]), and stays paused if the source is lost before.
 
-use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
+use migration_ext::connection::{self, chain, is_eof};
+use migration_ext::streamed::{IncomingDevices, LaneError};
+use migration_ext::switchover::{self, Go};
+use migration_ext::{checksum, features, verify};
 use serde::Serialize;
 use serde_json::json;
-use xe_vf_glue::error_chain::Chain;
-use xe_vf_glue::migration::Snapshot;
+use xe_vf_glue::migration::{IncomingState, Snapshot};
 use xe_vf_glue::protocol::{
     Command, MemoryRangeTable, ProtocolFeatures, Request, Response, DEVICE_STATE_SELF_DELIMITED,
 };
@@ -28,11 +30,9 @@ use xe_vf_plugin::device_config::DeviceConfig;
 use xe_vf_plugin::engine::TransferOptions;
 
 use super::conn::{Conn, Listener, MigrationUrl};
-use super::device_lanes::{Target, Targets};
 use super::lanes::ReceiveLanes;
-use super::switchover::{self, Failure, Go};
-use super::verify_pass::{self, Incoming};
-use super::{is_eof, read_json_payload, streamed_order, write_error, MigrationConfig};
+use super::outcome::Failure;
+use super::{failed, read_json_payload, MigrationConfig};
 use crate::error::{HostError, HostResult};
 use crate::fault::{self, FaultyStream, MigrationFault, MigrationTestOptions};
 use crate::memory::COPY_CHUNK;
@@ -67,15 +67,15 @@ struct Receiver<'a> {
     conn: Conn,
     listener: Arc<Listener>,
     lanes: Option<ReceiveLanes>,
-    /// VFs that device-state connections may load (from Config on).
-    device_targets: Option<Arc<Targets>>,
+    /// The VFs' handles, which take their state on the main connection
+    /// or on connections of their own (from Config on).
+    incoming: Arc<IncomingDevices>,
     vm: Option<Vm>,
     fault: Option<MigrationFault>,
-    /// Optional protocol features both sides announced.
+    /// Optional protocol features both sides agreed to.
     features: ProtocolFeatures,
     /// State arrived (DeviceState and Complete come after it).
     state_received: bool,
-    received: Vec<bool>,
     buf: Vec<u8>,
     report: ReceiveReport,
 }
@@ -104,6 +104,9 @@ pub fn receive(vmm: &Vmm, url: &MigrationUrl, req: &MigrationTestOptions) -> Hos
             Ok(())
         }
         Err(f) => {
+            if f.unknown {
+                vmm.set_outcome_unknown(f.error.to_string());
+            }
             vmm.set_last_migration(attempt, f.outcome());
             Err(f.error)
         }
@@ -132,12 +135,11 @@ fn receive_one(
         conn,
         listener,
         lanes: None,
-        device_targets: None,
+        incoming: Arc::new(IncomingDevices::none()),
         vm: None,
         fault: req.fault.clone(),
         features: ProtocolFeatures::empty(),
         state_received: false,
-        received: Vec::new(),
         buf: vec![0u8; COPY_CHUNK],
         report: ReceiveReport {
             total_ms: 0.0,
@@ -194,11 +196,19 @@ fn receive_one(
                 f.error.phase, f.error.cause
             );
             // Best effort: the source may already be gone.
-            let _ = write_error(&mut receiver.conn, &f.error.to_string());
+            let _ = connection::write_error(&mut receiver.conn, &f.error.to_string());
             receiver.vm.take();
             Counters::add(&vmm.counters.migrations_failed, 1);
             Err(f)
         }
+    }
+}
+
+/// A failure on a VF's connection of its own, named by its VF.
+fn lane_failure(e: LaneError) -> HostError {
+    match e.id {
+        Some(id) => failed(format!("device-state {id}"), &e.error),
+        None => failed("device-state connection", &e.error),
     }
 }
 
@@ -218,7 +228,7 @@ impl Receiver<'_> {
     fn ok(&mut self, phase: &str) -> HostResult<()> {
         Response::ok()
             .write_to(&mut self.conn)
-            .map_err(|e| HostError::failed(phase, Chain(&e)))
+            .map_err(|e| failed(phase, &e))
     }
 
     fn vm(&self, phase: &str) -> HostResult<&Vm> {
@@ -233,7 +243,7 @@ impl Receiver<'_> {
         if let Some(mut lanes) = self.lanes.take() {
             let _ = lanes.finish();
         }
-        self.device_targets.take().and_then(|t| t.outcome().2)
+        self.incoming.take_lane_error().map(lane_failure)
     }
 
     /// Serves commands until Complete; returns the VM to install.
@@ -264,7 +274,7 @@ impl Receiver<'_> {
             // SAFETY: one valid pollfd on our stack, count 1.
             let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
             match rc {
-                0 if self.device_targets.as_ref().is_some_and(|t| t.streaming()) => continue,
+                0 if self.incoming.streaming() => continue,
                 0 => {
                     return Err(HostError::failed(
                         "read command",
@@ -289,41 +299,16 @@ impl Receiver<'_> {
         let mut started = false;
         loop {
             self.wait_for_command()?;
-            let incoming = verify_pass::read_request(&mut self.conn).map_err(|e| {
+            let request = Request::read_from(&mut self.conn).map_err(|e| {
                 if is_eof(&e) {
                     HostError::failed(
                         "read command",
                         "the source closed the connection before Complete",
                     )
                 } else {
-                    HostError::failed("read command", Chain(&e))
+                    failed("read command", &e)
                 }
             })?;
-            let request = match incoming {
-                Incoming::Ch(request) => request,
-                Incoming::VerifySetup { length } if started => {
-                    self.phase("verify setup");
-                    let memory = self.vm("verify setup")?.memory().clone();
-                    verify_pass::receive_setup(&mut self.conn, length, &memory)?;
-                    self.ok("verify setup")?;
-                    continue;
-                }
-                Incoming::Digests { length } if started => {
-                    self.phase("digests");
-                    let memory = self.vm("digests")?.memory().clone();
-                    let (checked, differ) =
-                        verify_pass::answer_digests(&mut self.conn, length, &memory)?;
-                    self.report.verified_bytes += checked;
-                    self.report.differing_bytes += differ;
-                    continue;
-                }
-                _ => {
-                    return Err(HostError::bad_request(
-                        "start",
-                        "first command is an extension command, not Start",
-                    ))
-                }
-            };
             if !started && request.command() != Command::Start {
                 return Err(HostError::bad_request(
                     "start",
@@ -333,14 +318,8 @@ impl Receiver<'_> {
             match request.command() {
                 Command::Start => {
                     self.phase("start");
-                    request
-                        .sender_protocol_version()
-                        .map_err(|e| HostError::bad_request("start", Chain(&e)))?;
                     started = true;
-                    let ours = self.req.protocol_features();
-                    self.features = request.sender_features() & ours;
-                    let mut extensions =
-                        verify_pass::sender_features(&request) & verify_pass::EXTENSION_FEATURES;
+                    let mut accepts = self.req.protocol_features();
                     // Test hooks at the device stream work on the main
                     // connection's path: keep the streams there.
                     let hooked = self.req.stall_at.as_deref() == Some("device-state")
@@ -349,14 +328,19 @@ impl Receiver<'_> {
                             .as_ref()
                             .is_some_and(|f| f.phase == "device-state");
                     if hooked {
-                        extensions &= !verify_pass::FEATURE_DEVICE_STATE_CONNECTIONS;
+                        accepts -= ProtocolFeatures::DEVICE_STATE_CONNECTIONS;
                     }
-                    self.conn
-                        .write_all(&verify_pass::start_answer(ours.bits() | extensions))
-                        .map_err(|e| HostError::failed("start", e))?;
+                    let (answer, agreed) = features::answer(&request, accepts)
+                        .map_err(|e| HostError::bad_request("start", chain(&e)))?;
+                    self.features = agreed;
+                    answer
+                        .write_to(&mut self.conn)
+                        .map_err(|e| failed("start", &e))?;
                 }
                 Command::Config => self.config(&request)?,
+                Command::VerifySetup => self.verify_setup(&request)?,
                 Command::Memory => self.memory(&request)?,
+                Command::Digests => self.digests(&request)?,
                 Command::DeviceState => self.device_state(&request)?,
                 Command::State => self.state(&request)?,
                 Command::Complete | Command::CompletePaused => {
@@ -385,7 +369,41 @@ impl Receiver<'_> {
         }
     }
 
-    /// Builds the VM (VFs stopped) and checks each source VF against ours.
+    /// `VerifySetup` (agreed as `VERIFY`): from now on every page that
+    /// arrives is hashed.
+    fn verify_setup(&mut self, request: &Request) -> HostResult<()> {
+        let phase = "verify setup";
+        self.phase(phase);
+        if !self.features.contains(ProtocolFeatures::VERIFY) {
+            return Err(HostError::bad_request(phase, "VerifySetup without VERIFY"));
+        }
+        let memory = self.vm(phase)?.memory().clone();
+        verify::receive_setup(
+            &mut self.conn,
+            request.length(),
+            memory.arrivals(),
+            &memory.regions(),
+        )
+        .map_err(|e| HostError::bad_request(phase, chain(&e)))?;
+        self.ok(phase)
+    }
+
+    /// `Digests`: answered with the pages whose digest differs here.
+    fn digests(&mut self, request: &Request) -> HostResult<()> {
+        let phase = "digests";
+        self.phase(phase);
+        let memory = self.vm(phase)?.memory().clone();
+        let (checked, differ) =
+            verify::answer_digests(&mut self.conn, request.length(), memory.arrivals())
+                .map_err(|e| HostError::bad_request(phase, chain(&e)))?;
+        self.report.verified_bytes += checked;
+        self.report.differing_bytes += differ;
+        Ok(())
+    }
+
+    /// Builds the VM (VFs stopped) and checks each source VF's description
+    /// against its own (`IncomingDevices::check`), before the source
+    /// pauses anything.
     fn config(&mut self, request: &Request) -> HostResult<()> {
         self.phase("config");
         if self.vm.is_some() {
@@ -394,16 +412,6 @@ impl Receiver<'_> {
         let mut config: MigrationConfig =
             read_json_payload(&mut self.conn, request.length(), "config")?;
         config.vm.validate()?;
-        if config.devices.len() != config.vm.devices.len() {
-            return Err(HostError::bad_request(
-                "config",
-                format!(
-                    "{} device infos for {} devices",
-                    config.devices.len(),
-                    config.vm.devices.len()
-                ),
-            ));
-        }
         for entry in &mut config.vm.devices {
             if let Some(spec) = self.req.device_overrides.get(&entry.id) {
                 info!(
@@ -418,17 +426,6 @@ impl Receiver<'_> {
                 return Err(HostError::bad_request(
                     format!("config: device {}", entry.id),
                     "fd= names a descriptor of the source process; map the device with device_overrides",
-                ));
-            }
-        }
-        for (entry, info) in config.vm.devices.iter().zip(&config.devices) {
-            if entry.id != info.id {
-                return Err(HostError::bad_request(
-                    "config",
-                    format!(
-                        "device info '{}' does not match device '{}'",
-                        info.id, entry.id
-                    ),
                 ));
             }
         }
@@ -450,47 +447,28 @@ impl Receiver<'_> {
                 vm.inject_fault(id, f.to_fault()?)?;
             }
         }
-        {
-            let timeout = Duration::from_secs(self.req.timeout_s.clamp(1, 3600));
-            let mut set = vm.devices();
-            for d in set.devices_mut() {
-                d.set_transfer_options(TransferOptions {
-                    device_timeout: timeout,
-                    ..TransferOptions::default()
-                });
-            }
-        }
-        {
-            let set = vm.devices();
-            for (d, info) in set.devices().iter().zip(&config.devices) {
-                d.check_incoming(info).map_err(|e| {
-                    HostError::conflict(format!("config: device {}", info.id), Chain(&e))
-                })?;
-            }
-        }
-        self.received = vec![false; config.vm.devices.len()];
         let timeout = Duration::from_secs(self.req.timeout_s.clamp(1, 3600));
-        let targets = {
-            let set = vm.devices();
-            set.devices()
-                .iter()
-                .zip(&config.vm.devices)
-                .map(|(d, entry)| Target {
-                    id: entry.id.clone(),
-                    device: d.device().clone(),
-                    opts: TransferOptions {
+        let handles: Vec<(String, Box<dyn IncomingState>)> = {
+            let mut set = vm.devices();
+            set.devices_mut()
+                .iter_mut()
+                .map(|d| {
+                    d.set_transfer_options(TransferOptions {
                         device_timeout: timeout,
                         ..TransferOptions::default()
-                    },
+                    });
+                    let handle: Box<dyn IncomingState> = Box::new(d.incoming());
+                    (xe_vf_glue::migration::Snapshottable::id(d), handle)
                 })
                 .collect()
         };
-        let targets = Arc::new(Targets::new(targets));
-        self.device_targets = Some(targets.clone());
+        let incoming = IncomingDevices::check(handles, &config.streamed)
+            .map_err(|e| HostError::conflict("config", chain(&e)))?;
+        self.incoming = Arc::new(incoming);
         self.lanes = Some(ReceiveLanes::start(
             self.listener.clone(),
             vm.memory().clone(),
-            targets,
+            self.incoming.clone(),
             timeout,
         )?);
         self.vm = Some(vm);
@@ -506,7 +484,7 @@ impl Receiver<'_> {
         // second is the final pass).
         self.inject(&format!("memory#{}", self.report.memory_passes));
         let table = MemoryRangeTable::read_from(&mut self.conn, request.length())
-            .map_err(|e| HostError::bad_request(phase, Chain(&e)))?;
+            .map_err(|e| HostError::bad_request(phase, chain(&e)))?;
         let memory = self.vm(phase)?.memory().clone();
         for r in table.regions() {
             memory
@@ -524,6 +502,8 @@ impl Receiver<'_> {
         self.ok(phase)
     }
 
+    /// One VF's state on the main connection, after State, into its
+    /// handle (`IncomingDevices::receive`).
     fn device_state(&mut self, request: &Request) -> HostResult<()> {
         if !self.features.contains(ProtocolFeatures::DEVICE_STATE) {
             return Err(HostError::bad_request(
@@ -537,60 +517,38 @@ impl Receiver<'_> {
                 "DeviceState before State",
             ));
         }
-        // The wire numbers devices in the order of their ids.
-        let wire_index = usize::from(request.device_index());
-        // CH's sender announces no length (the stream ends itself); a
-        // length, if one is given, must match the stream exactly.
-        let self_delimited = request.length() == DEVICE_STATE_SELF_DELIMITED;
-        let devices = &self.vm("device-state")?.config().devices;
-        let ids: Vec<&str> = devices.iter().map(|d| d.id.as_str()).collect();
-        let index = streamed_order(&ids)
-            .get(wire_index)
-            .copied()
-            .ok_or_else(|| {
-                HostError::bad_request("device-state", format!("no device with index {wire_index}"))
-            })?;
-        let id = devices[index].id.clone();
+        // The stream ends itself: a DeviceState that announces a length
+        // is not ours.
+        if request.length() != DEVICE_STATE_SELF_DELIMITED {
+            return Err(HostError::bad_request(
+                "device-state",
+                format!(
+                    "DeviceState announcing {} bytes (the stream delimits itself)",
+                    request.length()
+                ),
+            ));
+        }
+        let index = request.device_index();
+        let id = self.incoming.id(index).unwrap_or("?").to_string();
         let phase = format!("device-state {id}");
         self.phase(&phase);
-        if self.received.get(index).copied().unwrap_or(true) {
-            return Err(HostError::bad_request(&phase, "state sent twice"));
-        }
         if self.req.stall_at.as_deref() == Some("device-state") {
             self.vmm.set_phase("receive: stalled");
             std::thread::sleep(Duration::from_secs(self.req.timeout_s.clamp(1, 3600)));
             return Err(HostError::failed(&phase, "stalled on request (stall_at)"));
         }
         let stream_fault = fault::take_for(&mut self.fault, "device-state");
-        let reader = self
+        let mut reader = self
             .conn
             .try_clone()
             .and_then(|c| Ok(FaultyStream::new(c, self.conn.try_clone()?, stream_fault)))
             .map_err(|e| HostError::failed(&phase, e))?;
-        let vm = self.vm(&phase)?;
-        let report = {
-            let set = vm.devices();
-            let device = &set.devices()[index];
-            if self_delimited {
-                device.load_state_from(reader, &mut |_| {})
-            } else {
-                device.load_state_from(reader.take(request.length()), &mut |_| {})
-            }
-        }
-        .map_err(|e| HostError::failed(&phase, Chain(&e)))?;
-        let bytes = report.decoded.encoded_bytes;
-        if !self_delimited && bytes != request.length() {
-            return Err(HostError::bad_request(
-                &phase,
-                format!(
-                    "stream of {bytes} bytes, request announced {}",
-                    request.length()
-                ),
-            ));
-        }
+        let bytes = self
+            .incoming
+            .receive(index, &mut reader)
+            .map_err(|e| failed(&phase, &e))?;
         self.report.device_bytes += bytes;
         Counters::add(&self.vmm.counters.device_bytes_received, bytes);
-        self.received[index] = true;
         self.ok(&phase)
     }
 
@@ -599,17 +557,12 @@ impl Receiver<'_> {
         // All memory is in: the extra connections have closed (CH's cleanup).
         if let Some(mut lanes) = self.lanes.take() {
             let bytes = lanes.finish();
-            if let Some(targets) = self.device_targets.take() {
-                let (got, device_bytes, error) = targets.outcome();
-                if let Some(e) = error {
-                    return Err(e);
-                }
-                for (mine, theirs) in self.received.iter_mut().zip(got) {
-                    *mine |= theirs;
-                }
-                self.report.device_bytes += device_bytes;
-                Counters::add(&self.vmm.counters.device_bytes_received, device_bytes);
+            if let Some(e) = self.incoming.take_lane_error() {
+                return Err(lane_failure(e));
             }
+            let device_bytes = self.incoming.lane_bytes();
+            self.report.device_bytes += device_bytes;
+            Counters::add(&self.vmm.counters.device_bytes_received, device_bytes);
             let bytes = bytes?;
             self.report.memory_connection_bytes = bytes;
             self.report.memory_bytes += bytes;
@@ -640,24 +593,17 @@ impl Receiver<'_> {
         if !self.state_received {
             return Err(HostError::bad_request("complete", "Complete before State"));
         }
-        let missing = self
-            .vm("complete")?
-            .config()
-            .devices
-            .iter()
-            .zip(&self.received)
-            .find(|(_, got)| !**got)
-            .map(|(d, _)| d.id.clone());
-        if let Some(id) = missing {
-            return Err(HostError::bad_request(
-                "complete",
-                format!("device {id} received no state"),
-            ));
-        }
+        self.incoming
+            .check_all_received()
+            .map_err(|e| HostError::bad_request("complete", chain(&e)))?;
         let vm = self
             .vm
             .take()
             .ok_or_else(|| HostError::bad_request("complete", "no VM"))?;
+        {
+            let memory = vm.memory();
+            checksum::log_if_enabled("when ready", &**memory, &memory.regions());
+        }
         if self.req.verify {
             let t = Instant::now();
             match vm.fingerprint() {
@@ -711,7 +657,7 @@ impl Receiver<'_> {
         self.phase("ready");
         self.inject("ready");
         let go = switchover::await_go(&mut self.conn)
-            .map_err(|e| Failure::unknown(e.context(switchover::DESTINATION_KEPT)))?;
+            .map_err(|e| Failure::unknown(failed("switchover", &e)))?;
         if let Go::Abandon = go {
             self.discard();
             let _ = self.ok("abandon");

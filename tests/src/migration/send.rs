@@ -1,44 +1,45 @@
 // Copyright 2026 The xe-vf-migration authors
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Source side of a live migration.
+//! Source side of a live migration: the protocol extensions come from
+//! `migration_ext` (the code the patched Cloud Hypervisor runs); what is
+//! here stands in for CH: its pre-copy loop, its memory transport and its
+//! state machine around them.
 //!
-//! The two-step switch-over (when both sides announce it) is in
-//! [`super::switchover`]; here the rule it gives the source: once
-//! `Switchover` may have reached the destination, the VM never resumes
-//! by itself.
+//! The two-step switch-over's rule for the source: once `Switchover` may
+//! have reached the destination, the VM never resumes by itself.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
+use migration_ext::final_pass::{self, FinalPassMode, FinalPassReport};
+use migration_ext::lanes::DeviceLanes;
+use migration_ext::streamed::{self, Component};
+use migration_ext::verify::{self, VerifyPlan};
+use migration_ext::{checksum, connection, features, switchover};
 use serde::Serialize;
 use serde_json::json;
 use xe_vf_glue::device_set::XeVfSet;
 use xe_vf_glue::error_chain::{chain, Chain};
-use xe_vf_glue::migration::{Migratable, Snapshot, Snapshottable};
+use xe_vf_glue::migration::{Migratable, MigratableError, Snapshot, Snapshottable};
 use xe_vf_glue::protocol::{MemoryRangeTable, ProtocolFeatures, Request};
 use xe_vf_plugin::engine::TransferOptions;
 
 use super::conn::{connect, Conn, MigrationUrl};
-use super::device_lanes::{self, DeviceLanes};
 use super::lanes::SendLanes;
-use super::switchover::{self, Failure, Unconfirmed};
-use super::verify_pass::{self, VerifyOutcome, VerifyPlan};
-use super::{expect_ok, peer_refusal, streamed_order, CountingWriter, MigrationConfig};
+use super::outcome::Failure;
+use super::{failed, MigrationConfig};
 use crate::api_bodies::{SendMigrationData, TimeoutStrategy};
 use crate::error::{HostError, HostResult};
-use crate::fault::{self, FaultyStream, FinalPassMode, MigrationFault, MigrationTestOptions};
+use crate::fault::{self, FaultyStream, MigrationFault, MigrationTestOptions};
 use crate::memory::{COPY_CHUNK, PAGE_SIZE};
 use crate::vm::{Vm, VmFingerprint};
 use crate::vmm::{Counters, VmState, Vmm};
 
 /// Memory bytes per `Memory` command on the main connection.
 const MEMORY_CHUNK: u64 = 64 << 20;
-/// Share of the DMA-reachable bytes the verify estimate expects to
-/// differ (the VF's writes during the last round).
-const EXPECTED_DMA_SHARE: f64 = 0.02;
 /// Longest wait for the destination to listen (CH does not wait; the
 /// host does, as tests start both sides at once).
 const CONNECT_RETRY: Duration = Duration::from_secs(10);
@@ -76,18 +77,12 @@ pub struct DowntimeBreakdown {
     pub device_state_ms: f64,
     /// State and Complete, until the destination's Ok.
     pub switchover_ms: f64,
-    /// CPU-dirty bytes sent in the final pass.
-    pub cpu_dirty_bytes: u64,
-    /// DMA-reachable bytes the CPU dirty log did not cover.
-    pub dma_bytes: u64,
-    /// `resend` (QEMU style), `verify`, or `none` (no DMA pages).
-    pub dma_pages: &'static str,
     /// VF states that went over connections of their own, concurrently
     /// with the final memory pass (0: in turn on the main connection).
     pub device_state_connections: usize,
-    /// How the choice was made (rates, estimates), when verify was offered.
-    pub decision: Option<verify_pass::FinalPassChoice>,
-    pub verify: Option<VerifyOutcome>,
+    /// What the final pass sent, and why (`migration_ext::final_pass`).
+    #[serde(flatten)]
+    pub final_pass: FinalPassReport,
 }
 
 /// Everything that must be undone if the migration fails.
@@ -111,13 +106,13 @@ struct Sender<'a> {
     lanes: SendLanes,
     /// One connection per VF when the destination takes device state
     /// concurrently with the final memory pass.
-    device_lanes: DeviceLanes,
+    device_lanes: DeviceLanes<Conn>,
     /// Features both sides agreed to in Start.
-    agreed: u32,
+    agreed: ProtocolFeatures,
     buf: Vec<u8>,
     undo: Undo,
     fault: Option<MigrationFault>,
-    /// Optional protocol features announced in Start.
+    /// Optional protocol features offered in Start.
     features: ProtocolFeatures,
     /// Whether the switch-over has two steps (both announced it).
     two_step: bool,
@@ -142,6 +137,8 @@ struct Sender<'a> {
 /// an unknown outcome it stays Paused for an operator to decide.
 pub fn start(vmm: &Arc<Vmm>, req: SendMigrationData) -> HostResult<()> {
     let url = req.check()?;
+    switchover::check_outcome_known(vmm.outcome_unknown().as_deref(), req.outcome_checked)
+        .map_err(|e| HostError::failed("", chain(&e)))?;
     let op = vmm.begin("send-migration")?;
     let vm = vmm.vm().ok_or_else(HostError::vm_not_running)?;
     let initial = vmm.state();
@@ -175,7 +172,12 @@ pub fn start(vmm: &Arc<Vmm>, req: SendMigrationData) -> HostResult<()> {
                 Ok(report) => serde_json::to_value(&report)
                     .map(|r| json!({ "sent": r }))
                     .unwrap_or_else(|e| json!({ "failed": { "error": [e.to_string()] } })),
-                Err(f) => f.outcome(),
+                Err(f) => {
+                    if f.unknown {
+                        vmm.set_outcome_unknown(f.error.to_string());
+                    }
+                    f.outcome()
+                }
             };
             vmm.set_last_migration(attempt, outcome);
         });
@@ -223,8 +225,8 @@ fn send(
         url,
         conn,
         lanes: SendLanes::default(),
-        device_lanes: DeviceLanes::default(),
-        agreed: 0,
+        device_lanes: DeviceLanes::none(),
+        agreed: ProtocolFeatures::empty(),
         buf: vec![0u8; COPY_CHUNK],
         undo: Undo::default(),
         fault: options.fault.clone(),
@@ -233,7 +235,7 @@ fn send(
         memory_bytes: AtomicU64::new(0),
         device_bytes: 0,
         passes: 0,
-        final_pass: options.final_pass,
+        final_pass: req.final_pass,
         device_state_connections: options.device_state_connections,
         verify: None,
         link_rate: None,
@@ -269,7 +271,7 @@ fn send(
                 e.phase, e.cause
             );
             sender.stay_paused();
-            Err(Failure::unknown(e.context(switchover::SOURCE_UNKNOWN)))
+            Err(Failure::unknown(e))
         }
         Err(mut e) => {
             error!("send-migration failed in {}: {}", e.phase, e.cause);
@@ -288,63 +290,57 @@ fn ms_since(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
-/// The VM's device ids, in config order.
-fn device_ids(set: &XeVfSet) -> Vec<String> {
-    set.devices().iter().map(Snapshottable::id).collect()
+/// The VM's VFs as the protocol extensions see them, in wire order.
+fn components(set: &mut XeVfSet) -> Vec<Component<'_>> {
+    let mut components: Vec<Component> = set
+        .devices_mut()
+        .iter_mut()
+        .map(|d| Component {
+            id: Snapshottable::id(d),
+            state: d,
+        })
+        .collect();
+    streamed::wire_order(&mut components, |c| &c.id);
+    components
 }
 
 impl Sender<'_> {
     fn run(&mut self, started: Instant, initial: VmState) -> HostResult<SendReport> {
         self.phase("start");
-        // The series' features (as the test options allow) and ours.
-        let announced = self.features.bits() | verify_pass::EXTENSION_FEATURES;
-        std::io::Write::write_all(&mut self.conn, &verify_pass::start_request(announced))
-            .map_err(|e| HostError::failed("start", e))?;
-        let answered_bits = verify_pass::read_start_answer(&mut self.conn)?;
-        let answered = ProtocolFeatures::from_bits_truncate(answered_bits);
-        let agreed = answered & self.features;
-        debug!("protocol features: {agreed:?}, extensions {answered_bits:#x}");
-        self.refuse_without_device_state(agreed)?;
-        self.two_step = switchover::negotiated(self.features, answered);
-        let agreed = answered_bits & announced;
+        let agreed =
+            features::start(&mut self.conn, self.features).map_err(|e| failed("start", &e))?;
         self.agreed = agreed;
+        {
+            let mut set = self.vm.devices();
+            let ids: Vec<String> = components(&mut set).into_iter().map(|c| c.id).collect();
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            streamed::require_device_state(agreed, &ids).map_err(|e| failed("start", &e))?;
+        }
+        self.two_step = switchover::negotiated(self.features, agreed);
 
         // The destination checks compatibility here; nothing has been
         // touched on this side yet.
         self.phase("config");
         self.send_config()?;
-        self.set_up_verify(agreed)?;
+        self.set_up_verify()?;
 
         self.phase("start dirty log");
         {
             let mut set = self.vm.devices();
             for d in set.devices_mut() {
                 d.start_migration()
-                    .map_err(|e| HostError::failed("start migration", Chain(&e)))?;
+                    .map_err(|e| failed("start migration", &e))?;
             }
             self.undo.dirty_log_started = true;
             for d in set.devices_mut() {
                 d.start_dirty_log()
-                    .map_err(|e| HostError::failed("start dirty log", Chain(&e)))?;
+                    .map_err(|e| failed("start dirty log", &e))?;
             }
         }
         self.vm.memory().clear_dirty();
         self.phase("connections");
         self.lanes = SendLanes::open(self.url, self.req.connections.get(), self.req.timeout())?;
-        // A fault armed for the device stream is injected on the main
-        // connection's path, so it keeps that path.
-        let stream_fault = self
-            .fault
-            .as_ref()
-            .is_some_and(|f| f.phase == "device-state");
-        let vfs = self.vm.devices().devices().len();
-        if self.device_state_connections
-            && self.agreed & verify_pass::FEATURE_DEVICE_STATE_CONNECTIONS != 0
-            && vfs > 0
-            && !stream_fault
-        {
-            self.device_lanes = DeviceLanes::open(self.url, vfs, self.req.timeout())?;
-        }
+        self.open_device_lanes()?;
 
         let leftover = self.precopy()?;
 
@@ -358,18 +354,13 @@ impl Sender<'_> {
         }
         self.inject("pause");
 
-        let mut dma = vec![
-            0u64;
-            leftover
-                .len()
-                .max(self.vm.memory().pages().div_ceil(64) as usize)
-        ];
-        self.merge_device_dirty(&mut dma)?;
+        let devices = self.device_dirty()?;
         let final_pass_bytes = if self.device_lanes.is_empty() {
-            let bytes = self.final_memory_pass(&leftover, dma)?;
+            let bytes = self.final_memory_pass(&leftover, devices)?;
             // Memory is all there: the extra connections end (CH's cleanup).
             self.lanes.close();
             self.breakdown.final_memory_ms = ms_since(downtime_started);
+            self.log_checksum();
             self.inject("state");
             self.send_state()?;
             let devices_started = Instant::now();
@@ -377,8 +368,9 @@ impl Sender<'_> {
             self.breakdown.device_state_ms = ms_since(devices_started);
             bytes
         } else {
-            let bytes = self.final_pass_with_device_lanes(&leftover, dma, downtime_started)?;
+            let bytes = self.final_pass_with_device_lanes(&leftover, devices, downtime_started)?;
             self.lanes.close();
+            self.log_checksum();
             self.inject("state");
             self.send_state()?;
             bytes
@@ -394,9 +386,9 @@ impl Sender<'_> {
         };
         complete
             .write_to(&mut self.conn)
-            .map_err(|e| HostError::failed("complete", Chain(&e)))?;
+            .map_err(|e| failed("complete", &e))?;
         // Two steps: the destination is ready, the VM paused there too.
-        expect_ok(&mut self.conn, "complete")?;
+        connection::expect_ok(&mut self.conn).map_err(|e| failed("complete", &e))?;
         if self.two_step {
             self.inject("ready");
             self.hand_over()?;
@@ -433,111 +425,93 @@ impl Sender<'_> {
         })
     }
 
-    /// With the destination agreeing to the verify pass (and the test
-    /// options not forcing a resend), chooses the digest function and
-    /// key and sends them, so that the destination hashes every page of
-    /// pre-copy as it arrives.
-    fn set_up_verify(&mut self, agreed: u32) -> HostResult<()> {
+    /// One connection per VF for its state, when both sides agreed and
+    /// the test options allow (a fault armed for the device stream is
+    /// injected on the main connection's path, so it keeps that path).
+    fn open_device_lanes(&mut self) -> HostResult<()> {
+        let stream_fault = self
+            .fault
+            .as_ref()
+            .is_some_and(|f| f.phase == "device-state");
+        let vfs = self.vm.devices().devices().len();
+        if !self.device_state_connections
+            || !self
+                .agreed
+                .contains(ProtocolFeatures::DEVICE_STATE_CONNECTIONS)
+            || vfs == 0
+            || stream_fault
+        {
+            return Ok(());
+        }
+        let (url, timeout) = (self.url.clone(), self.req.timeout());
+        self.device_lanes = DeviceLanes::open(vfs, || {
+            let conn = connect(&url, Instant::now() + timeout)
+                .and_then(|c| c.set_timeouts(timeout).map(|()| c))
+                .map_err(MigratableError::MigrateSocket)?;
+            Ok(conn)
+        })
+        .map_err(|e| failed("device-state connections", &e))?;
+        Ok(())
+    }
+
+    /// With the destination agreeing to the verify pass (and the user not
+    /// forcing a resend), chooses the digest function and key and sends
+    /// them, so that the destination hashes every page of pre-copy as it
+    /// arrives.
+    fn set_up_verify(&mut self) -> HostResult<()> {
         let wanted = self.final_pass != FinalPassMode::Resend;
         let has_devices = !self.vm.devices().devices().is_empty();
-        if agreed & verify_pass::FEATURE_DIGEST_VERIFY == 0 || !wanted || !has_devices {
+        if !self.agreed.contains(ProtocolFeatures::VERIFY) || !wanted || !has_devices {
             return Ok(());
         }
         self.phase("verify setup");
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let plan = VerifyPlan::prepare(threads)?;
-        verify_pass::send_setup(&mut self.conn, &plan)?;
+        let plan = VerifyPlan::prepare(threads).map_err(|e| failed("verify setup", &e))?;
+        verify::send_setup(&mut self.conn, &plan).map_err(|e| failed("verify setup", &e))?;
         self.verify = Some(plan);
         Ok(())
     }
 
     /// The final pass: CPU-dirty pages (and what pre-copy left over),
     /// then the pages the VFs may have DMA'd into, resent or, with the
-    /// verify pass, checked by digest and only the differing ones sent.
-    /// Returns the memory bytes this pass put on the wire.
-    fn final_memory_pass(&mut self, leftover: &[u64], dma: Vec<u64>) -> HostResult<u64> {
+    /// verify pass, checked by digest and only the differing ones sent
+    /// (`migration_ext::final_pass`). Returns the memory bytes this pass
+    /// put on the wire.
+    fn final_memory_pass(
+        &mut self,
+        leftover: &[u64],
+        devices: MemoryRangeTable,
+    ) -> HostResult<u64> {
         let mut cpu = self.vm.memory().take_dirty_bitmap();
         for (w, l) in cpu.iter_mut().zip(leftover) {
             *w |= l;
         }
-        let dma_runs = verify_pass::dma_only_runs(&dma, &cpu);
-        let dma_bytes: u64 = dma_runs.iter().map(|r| r.pages * PAGE_SIZE).sum();
-        let cpu_table = MemoryRangeTable::from_dirty_bitmap(cpu.iter().copied(), 0, PAGE_SIZE);
-        self.breakdown.cpu_dirty_bytes = cpu_table.effective_size();
-        self.breakdown.dma_bytes = dma_bytes;
-        let verify = match (&self.verify, dma_bytes) {
-            (_, 0) | (None, _) => false,
-            (Some(plan), _) => {
-                let link_rate = self.link_rate.unwrap_or(f64::MAX);
-                let decision = xe_vf_glue::verify::decide(
-                    dma_bytes,
-                    plan.hash_rate(),
-                    link_rate,
-                    EXPECTED_DMA_SHARE,
-                );
-                let forced = match self.final_pass {
-                    FinalPassMode::Verify => true,
-                    FinalPassMode::Resend => false,
-                    FinalPassMode::Auto => decision.is_verify(),
-                };
-                self.breakdown.decision = Some(verify_pass::FinalPassChoice {
-                    decision,
-                    plan: plan.report.clone(),
-                });
-                forced
+        let cpu = MemoryRangeTable::from_dirty_bitmap(cpu, 0, PAGE_SIZE);
+        let pass = final_pass::plan(
+            cpu,
+            devices,
+            self.verify.as_ref(),
+            self.final_pass,
+            self.link_rate,
+        );
+        let mut report = pass.report;
+        let mut bytes = pass.send.effective_size();
+        self.send_memory(pass.send, true)?;
+        if let (false, Some(plan)) = (pass.verify.is_empty(), self.verify.take()) {
+            let phase = "final memory pass (digests)";
+            self.phase(phase);
+            let memory = self.vm.memory().clone();
+            let exchanged = verify::exchange_digests(&mut self.conn, &*memory, &pass.verify, &plan);
+            self.verify = Some(plan);
+            let (differ, outcome) = exchanged.map_err(|e| failed(phase, &e))?;
+            report.verify = Some(outcome);
+            bytes += differ.effective_size();
+            if !differ.is_empty() {
+                self.send_memory(differ, true)?;
             }
-        };
-        self.breakdown.dma_pages = match (dma_bytes, verify) {
-            (0, _) => "none",
-            (_, true) => "verify",
-            (_, false) => "resend",
-        };
-        if !verify {
-            for (w, d) in cpu.iter_mut().zip(&dma) {
-                *w |= d;
-            }
-            let table = MemoryRangeTable::from_dirty_bitmap(cpu, 0, PAGE_SIZE);
-            let bytes = table.effective_size();
-            self.send_memory(table, true)?;
-            return Ok(bytes);
         }
-        let cpu_bytes = cpu_table.effective_size();
-        self.send_memory(cpu_table, true)?;
-        self.phase("final memory pass (digests)");
-        let Some(plan) = self.verify.as_ref() else {
-            return Ok(cpu_bytes);
-        };
-        let memory = self.vm.memory().clone();
-        let (resend, outcome) =
-            verify_pass::exchange_digests(&mut self.conn, &memory, &dma_runs, plan)?;
-        let resent = resend.effective_size();
-        if resent > 0 {
-            self.send_memory(resend, true)?;
-        }
-        self.breakdown.verify = Some(outcome);
-        Ok(cpu_bytes + resent)
-    }
-
-    /// A destination that does not take streamed device state cannot
-    /// receive a VF: refused before anything stops.
-    fn refuse_without_device_state(&self, agreed: ProtocolFeatures) -> HostResult<()> {
-        if agreed.contains(ProtocolFeatures::DEVICE_STATE) {
-            return Ok(());
-        }
-        let ids = device_ids(&self.vm.devices());
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let cause = if self.features.contains(ProtocolFeatures::DEVICE_STATE) {
-            "the destination does not take streamed device state (DEVICE_STATE): it cannot \
-             receive"
-        } else {
-            "streamed device state (DEVICE_STATE) is not announced: this host cannot send"
-        };
-        Err(HostError::failed(
-            "start",
-            format!("{cause} {}", ids.join(", ")),
-        ))
+        self.breakdown.final_pass = report;
+        Ok(bytes)
     }
 
     /// The second step: sends Switchover and reads the answer. From the
@@ -545,15 +519,17 @@ impl Sender<'_> {
     /// itself, unless the destination says it does not run it.
     fn hand_over(&mut self) -> HostResult<()> {
         self.phase("switchover");
-        switchover::send(&mut self.conn)?;
+        let unconfirmed =
+            |e: &MigratableError| matches!(e, MigratableError::SwitchoverUnconfirmed(_));
+        if let Err(e) = switchover::send_switchover(&mut self.conn) {
+            self.undo.destination_may_run = unconfirmed(&e);
+            return Err(failed("switchover", &e));
+        }
         self.undo.destination_may_run = true;
         self.inject("switchover-sent");
-        switchover::confirmation(&mut self.conn).map_err(|e| match e {
-            Unconfirmed::Refused(e) => {
-                self.undo.destination_may_run = false;
-                e
-            }
-            Unconfirmed::NoAnswer(e) => e,
+        switchover::read_confirmation(&mut self.conn).map_err(|e| {
+            self.undo.destination_may_run = unconfirmed(&e);
+            failed("switchover", &e)
         })
     }
 
@@ -586,7 +562,8 @@ impl Sender<'_> {
                 (self.vm.memory().whole(), Vec::new())
             } else {
                 let mut bitmap = self.vm.memory().take_dirty_bitmap();
-                self.merge_device_dirty(&mut bitmap)?;
+                let devices = self.device_dirty()?;
+                self.vm.memory().merge_into_bitmap(&mut bitmap, &devices);
                 let table =
                     MemoryRangeTable::from_dirty_bitmap(bitmap.iter().copied(), 0, PAGE_SIZE);
                 (table, bitmap)
@@ -640,7 +617,7 @@ impl Sender<'_> {
     /// A write to the destination failed: names the destination's
     /// refusal as the cause if it sent one, else the write error.
     fn write_failed(&mut self, phase: &str, e: impl std::fmt::Display) -> HostError {
-        match peer_refusal(&mut self.conn) {
+        match connection::refusal(&mut self.conn) {
             Some(reason) => {
                 HostError::failed(phase, format!("{e}; the destination said: {reason}"))
             }
@@ -656,39 +633,40 @@ impl Sender<'_> {
         }
     }
 
+    /// Logs the guest memory checksum at the stop, when asked
+    /// (`migration_ext::checksum`).
+    fn log_checksum(&self) {
+        let memory = self.vm.memory();
+        checksum::log_if_enabled("at the stop", &**memory, &memory.regions());
+    }
+
     fn send_config(&mut self) -> HostResult<()> {
-        let devices = {
-            let set = self.vm.devices();
-            set.devices()
-                .iter()
-                .map(|d| d.migration_info())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| HostError::failed("config", Chain(&e)))?
+        let streamed = {
+            let mut set = self.vm.devices();
+            streamed::describe(&components(&mut set)).map_err(|e| failed("config", &e))?
         };
         let config = MigrationConfig {
             vm: self.vm.config().clone(),
-            devices,
+            streamed,
         };
         let payload = serde_json::to_vec(&config).map_err(|e| HostError::failed("config", e))?;
         Request::config(payload.len() as u64)
             .write_to(&mut self.conn)
-            .map_err(|e| HostError::failed("config", Chain(&e)))?;
+            .map_err(|e| failed("config", &e))?;
         std::io::Write::write_all(&mut self.conn, &payload)
             .map_err(|e| HostError::failed("config", e))?;
-        expect_ok(&mut self.conn, "config")
+        connection::expect_ok(&mut self.conn).map_err(|e| failed("config", &e))
     }
 
-    /// Adds what the VFs report dirty (for `dirty_tracking=all`: nothing
-    /// while they run, every DMA range once they are stopped).
-    fn merge_device_dirty(&mut self, bitmap: &mut [u64]) -> HostResult<()> {
+    /// What the VFs report dirty (for `dirty_tracking=all`: nothing while
+    /// they run, every DMA range once they are stopped), each page once.
+    fn device_dirty(&mut self) -> HostResult<MemoryRangeTable> {
         let mut set = self.vm.devices();
+        let mut tables = Vec::new();
         for d in set.devices_mut() {
-            let table = d
-                .dirty_log()
-                .map_err(|e| HostError::failed("dirty log", Chain(&e)))?;
-            self.vm.memory().merge_into_bitmap(bitmap, &table);
+            tables.push(d.dirty_log().map_err(|e| failed("dirty log", &e))?);
         }
-        Ok(())
+        Ok(migration_ext::ranges::union(tables))
     }
 
     fn send_memory(&mut self, table: MemoryRangeTable, final_pass: bool) -> HostResult<()> {
@@ -739,64 +717,47 @@ impl Sender<'_> {
                 }
                 self.memory_bytes.fetch_add(r.length, Ordering::Relaxed);
             }
-            expect_ok(&mut self.conn, phase)?;
+            connection::expect_ok(&mut self.conn).map_err(|e| failed(phase, &e))?;
         }
         Ok(())
     }
 
     /// The final memory pass on the main connection while every VF's
-    /// state streams over its own connection, all at once. Returns the
-    /// memory bytes of the final pass.
+    /// state streams over its own connection, all at once
+    /// (`migration_ext::lanes`). Returns the memory bytes of the final
+    /// pass.
     fn final_pass_with_device_lanes(
         &mut self,
         leftover: &[u64],
-        dma: Vec<u64>,
+        devices: MemoryRangeTable,
         paused: Instant,
     ) -> HostResult<u64> {
         self.vmm
             .set_phase("send: final memory pass and device state");
-        let conns = self.device_lanes.take();
-        self.breakdown.device_state_connections = conns.len();
+        let lanes = std::mem::replace(&mut self.device_lanes, DeviceLanes::none());
+        self.breakdown.device_state_connections = lanes.len();
         let vm = self.vm.clone();
-        let set = vm.devices();
-        let (memory, devices) = std::thread::scope(|s| {
-            let streams: Vec<_> = conns
-                .into_iter()
-                .zip(set.devices())
-                .enumerate()
-                .map(|(index, (conn, device))| {
-                    s.spawn(move || {
-                        let r = device_lanes::send_one(conn, index, device);
-                        (r, ms_since(paused))
-                    })
-                })
-                .collect();
-            let memory = self.final_memory_pass(leftover, dma);
+        let mut set = vm.devices();
+        let mut components = components(&mut set);
+        let lanes_started = ms_since(paused);
+        let (memory, outcomes) = lanes.send(&mut components, || {
+            let memory = self.final_memory_pass(leftover, devices);
             self.breakdown.final_memory_ms = ms_since(paused);
-            let devices: Vec<(HostResult<u64>, f64)> = streams
-                .into_iter()
-                .map(|t| {
-                    t.join().unwrap_or_else(|_| {
-                        (
-                            Err(HostError::failed("device-state", "sending thread panicked")),
-                            0.0,
-                        )
-                    })
-                })
-                .collect();
-            (memory, devices)
+            memory
         });
+        drop(components);
         drop(set);
         let mut first_error = None;
-        for (result, done_ms) in devices {
+        for o in outcomes {
+            let done_ms = lanes_started + o.elapsed.as_secs_f64() * 1e3;
             self.breakdown.device_state_ms = self.breakdown.device_state_ms.max(done_ms);
-            match result {
+            match o.result {
                 Ok(bytes) => {
                     self.device_bytes += bytes;
                     Counters::add(&self.vmm.counters.device_bytes_sent, bytes);
                 }
                 Err(e) => {
-                    first_error.get_or_insert(e);
+                    first_error.get_or_insert(failed(format!("device-state {}", o.id), &e));
                 }
             }
         }
@@ -807,41 +768,23 @@ impl Sender<'_> {
         }
     }
 
-    /// Each stopped VF's state, streamed straight into the socket, in the
-    /// order of their ids (which numbers them on the wire).
+    /// Each stopped VF's state, streamed straight into the socket, in
+    /// wire order, after State.
     fn send_device_states(&mut self) -> HostResult<()> {
-        let set = self.vm.devices();
-        let ids = device_ids(&set);
-        for (index, &at) in streamed_order(&ids).iter().enumerate() {
-            let d = &set.devices()[at];
-            let phase = format!("device-state {}", Snapshottable::id(d));
+        let vm = self.vm.clone();
+        let mut set = vm.devices();
+        for (position, c) in components(&mut set).iter_mut().enumerate() {
+            let phase = format!("device-state {}", c.id);
             self.vmm.set_phase(format!("send: {phase}"));
-            Request::device_state(index as u16)
-                .write_to(&mut self.conn)
-                .map_err(|e| HostError::failed(&phase, Chain(&e)))?;
-            self.undo.mid_stream = true;
             let stream_fault = fault::take_for(&mut self.fault, "device-state");
-            let fault_conn = self
-                .conn
-                .try_clone()
-                .map_err(|e| HostError::failed(&phase, e))?;
-            let mut out = FaultyStream::new(
-                CountingWriter {
-                    inner: &mut self.conn,
-                    count: 0,
-                },
-                fault_conn,
-                stream_fault,
-            );
-            let sent = d.save_state_to(&mut out, &mut |_| {});
-            let count = out.inner.count;
-            self.device_bytes += count;
-            Counters::add(&self.vmm.counters.device_bytes_sent, count);
-            if let Err(e) = sent {
-                return Err(self.write_failed(&phase, Chain(&e)));
-            }
+            let clone = |c: &Conn| c.try_clone().map_err(|e| HostError::failed(&phase, e));
+            let mut out = FaultyStream::new(clone(&self.conn)?, clone(&self.conn)?, stream_fault);
+            self.undo.mid_stream = true;
+            let bytes = streamed::send_one(&mut self.conn, position, c, Some(&mut out))
+                .map_err(|e| failed(&phase, &e))?;
             self.undo.mid_stream = false;
-            expect_ok(&mut self.conn, &phase)?;
+            self.device_bytes += bytes;
+            Counters::add(&self.vmm.counters.device_bytes_sent, bytes);
         }
         Ok(())
     }
@@ -853,19 +796,17 @@ impl Sender<'_> {
         {
             let mut set = self.vm.devices();
             for d in set.devices_mut() {
-                let section = d
-                    .snapshot()
-                    .map_err(|e| HostError::failed("state", Chain(&e)))?;
+                let section = d.snapshot().map_err(|e| failed("state", &e))?;
                 root.add_snapshot(Snapshottable::id(d), section);
             }
         }
         let payload = serde_json::to_vec(&root).map_err(|e| HostError::failed("state", e))?;
         Request::state(payload.len() as u64)
             .write_to(&mut self.conn)
-            .map_err(|e| HostError::failed("state", Chain(&e)))?;
+            .map_err(|e| failed("state", &e))?;
         std::io::Write::write_all(&mut self.conn, &payload)
             .map_err(|e| HostError::failed("state", e))?;
-        expect_ok(&mut self.conn, "state")
+        connection::expect_ok(&mut self.conn).map_err(|e| failed("state", &e))
     }
 
     /// Abandon if the connection can still carry it, then run on here.

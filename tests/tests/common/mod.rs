@@ -55,6 +55,18 @@ pub fn ch_remote() -> PathBuf {
     path
 }
 
+/// The patched build's `ch-remote` (our series), which knows our fields
+/// (`send-migration final_pass=`); missing is a failure naming the script.
+pub fn patched_ch_remote() -> PathBuf {
+    let path = repo().join("target/cloud-hypervisor/patched/ch-remote");
+    assert!(
+        path.is_file(),
+        "{} is needed: build it with `scripts/build-cloud-hypervisor.sh --flavor patched`",
+        path.display()
+    );
+    path
+}
+
 /// A file of the pinned upstream build (`cloud-hypervisor`,
 /// `cloud-hypervisor.yaml`); missing is a failure naming the script.
 pub fn upstream_file(name: &str) -> PathBuf {
@@ -103,7 +115,12 @@ impl ChOutput {
 
 /// Runs `ch-remote --api-socket SOCKET ARGS`.
 pub fn run_ch_remote(socket: &Path, args: &[&str]) -> ChOutput {
-    let out = Command::new(ch_remote())
+    run_ch_remote_binary(&ch_remote(), socket, args)
+}
+
+/// Runs `BINARY --api-socket SOCKET ARGS` (a ch-remote).
+pub fn run_ch_remote_binary(binary: &Path, socket: &Path, args: &[&str]) -> ChOutput {
+    let out = Command::new(binary)
         .arg("--api-socket")
         .arg(socket)
         .args(args)
@@ -168,6 +185,9 @@ pub struct Host {
     /// For our hooks only.
     pub api: ApiClient,
     pub log: PathBuf,
+    /// The ch-remote it is driven with (upstream's unless
+    /// [`Host::speak_patched`]).
+    pub ch_remote: PathBuf,
 }
 
 impl Host {
@@ -204,6 +224,7 @@ impl Host {
             child: Some(child),
             api: ApiClient::new(socket),
             log,
+            ch_remote: ch_remote(),
         };
         host.wait_ready();
         host
@@ -225,7 +246,13 @@ impl Host {
 
     /// `ch-remote ARGS` against this host.
     pub fn ch(&self, args: &[&str]) -> ChOutput {
-        run_ch_remote(self.socket(), args)
+        run_ch_remote_binary(&self.ch_remote, self.socket(), args)
+    }
+
+    /// Drives this host with the patched ch-remote from now on, for our
+    /// fields (`final_pass=`).
+    pub fn speak_patched(&mut self) {
+        self.ch_remote = patched_ch_remote();
     }
 
     /// `ch-remote ARGS` that must exit 0.

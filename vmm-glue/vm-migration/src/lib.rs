@@ -250,16 +250,16 @@ pub trait Migratable: Send + Pausable + Snapshottable + Transportable {
 /// Its `snapshot()` only describes the state; the VMM moves the state
 /// itself as a stream: into a file of its own beside `state.json`
 /// (`Transportable::send()`), and as a `DeviceState` phase of a live
-/// migration. Memory use is bounded by buffers, not by the state's size.
+/// migration, into the destination's [`IncomingState`]. Memory use is
+/// bounded by buffers, not by the state's size.
 pub trait StreamedState: Migratable {
+    /// What a destination checks before the source pauses
+    /// ([`IncomingState::check_description`]).
+    fn describe(&self) -> Result<SnapshotData, MigratableError>;
+
     /// Writes the paused component's state to `out`; returns the number
     /// of bytes written.
     fn send_state(&mut self, out: &mut (dyn Write + Send)) -> Result<u64, MigratableError>;
-
-    /// Loads a state that `send_state()` wrote from `input`, reading no
-    /// byte past its end; returns the number of bytes read. The component
-    /// stays paused, and a load that fails leaves no partial state.
-    fn receive_state(&mut self, input: &mut (dyn Read + Send)) -> Result<u64, MigratableError>;
 
     /// Loads this component's state from the snapshot at `source_url`;
     /// `snapshot` is the component's node of that snapshot.
@@ -268,6 +268,24 @@ pub trait StreamedState: Migratable {
         snapshot: &Snapshot,
         source_url: &str,
     ) -> Result<(), MigratableError>;
+}
+
+/// The destination's handle on a component whose state streams in.
+///
+/// The VMM creates a migrated VM's components only when `State` arrives,
+/// but streamed state must be checked before the source pauses, and may
+/// arrive before `State`. So the destination opens such a component's
+/// backing (a VFIO device, say) when `Config` arrives, as this handle;
+/// the component created later finds its state loaded.
+pub trait IncomingState: Send {
+    /// Whether the state a source component describes
+    /// ([`StreamedState::describe`]) can load here.
+    fn check_description(&self, description: &SnapshotData) -> Result<(), MigratableError>;
+
+    /// Loads a state that `send_state()` wrote from `input`, reading no
+    /// byte past its end; returns the number of bytes read. The component
+    /// stays stopped, and a load that fails leaves no partial state.
+    fn receive_state(&mut self, input: &mut (dyn Read + Send)) -> Result<u64, MigratableError>;
 }
 
 #[cfg(test)]

@@ -22,6 +22,12 @@
 //!   [`ProtocolFeatures::DEVICE_STATE`]) carries one component's streamed
 //!   state; the component's index is in `command_headers[0..2]` and the
 //!   stream delimits itself ([`DEVICE_STATE_SELF_DELIMITED`]);
+//! * [`Command::Switchover`] (negotiated as [`ProtocolFeatures::SWITCHOVER`])
+//!   hands the VM over once the destination answered `Complete`;
+//! * [`Command::VerifySetup`] and [`Command::Digests`] (negotiated as
+//!   [`ProtocolFeatures::VERIFY`]) check pages by digest in the final
+//!   memory pass; the `Ok` to `Digests` carries a payload, the pages that
+//!   differ;
 //! * an additional connection first announces its [`ConnectionRole`] as
 //!   a u16.
 //!
@@ -79,6 +85,15 @@ pub enum Command {
     /// the VM (unless the source sent `CompletePaused`). From this request
     /// on, the source never resumes the VM by itself.
     Switchover = 0x101,
+    /// The digest function and key of the verify pass (negotiated as
+    /// [`ProtocolFeatures::VERIFY`]), after `Config`: from then on the
+    /// destination keeps a digest of every page that arrives.
+    VerifySetup = 0x102,
+    /// Digests of pages the source may not have sent since they last
+    /// changed, in the final memory pass; the `Ok` answering it carries the
+    /// pages whose digest differs on the destination, which the source
+    /// then sends.
+    Digests = 0x103,
 }
 
 impl Command {
@@ -96,6 +111,8 @@ impl Command {
             9 => Command::PageFault,
             0x100 => Command::DeviceState,
             0x101 => Command::Switchover,
+            0x102 => Command::VerifySetup,
+            0x103 => Command::Digests,
             _ => return None,
         };
         Some(command)
@@ -113,6 +130,10 @@ pub enum ConnectionRole {
     PrecopyMemory = 1,
     /// Page faults (post-copy).
     Fault = 2,
+    /// One streamed component's state, concurrently with the final memory
+    /// pass (negotiated as [`ProtocolFeatures::DEVICE_STATE_CONNECTIONS`]):
+    /// exactly one `DeviceState` request, answered once loaded.
+    DeviceState = 3,
 }
 
 impl ConnectionRole {
@@ -136,6 +157,7 @@ impl TryFrom<u16> for ConnectionRole {
             ConnectionRole::Invalid,
             ConnectionRole::PrecopyMemory,
             ConnectionRole::Fault,
+            ConnectionRole::DeviceState,
         ]
         .into_iter()
         .find(|role| *role as u16 == value)
@@ -160,6 +182,14 @@ bitflags! {
         /// ready and paused, [`Command::Switchover`] hands the VM over, so
         /// a lost answer cannot leave the VM running on both hosts.
         const SWITCHOVER = 1 << 1;
+        /// Each streamed component's state on a connection of its own
+        /// ([`ConnectionRole::DeviceState`]), all of them concurrently
+        /// with the final memory pass, instead of in turn after `State`.
+        const DEVICE_STATE_CONNECTIONS = 1 << 2;
+        /// The verify pass: [`Command::VerifySetup`] and
+        /// [`Command::Digests`], so pages a device may have written
+        /// without logging it are checked by digest instead of resent.
+        const VERIFY = 1 << 3;
     }
 }
 
@@ -278,6 +308,16 @@ impl Request {
     /// Hands the VM over to a destination that answered `Complete`.
     pub fn switchover() -> Self {
         Request::new(Command::Switchover, 0)
+    }
+
+    /// Followed by `length` bytes of verify setup.
+    pub fn verify_setup(length: u64) -> Self {
+        Request::new(Command::VerifySetup, length)
+    }
+
+    /// Followed by `length` bytes of digests.
+    pub fn digests(length: u64) -> Self {
+        Request::new(Command::Digests, length)
     }
 
     /// Always followed by exactly one [`MemoryRange`].
@@ -783,6 +823,8 @@ mod tests {
             (Command::PageFault, 9),
             (Command::DeviceState, 0x100),
             (Command::Switchover, 0x101),
+            (Command::VerifySetup, 0x102),
+            (Command::Digests, 0x103),
         ];
         for (command, value) in expected {
             assert_eq!(command as u16, value);
@@ -861,6 +903,7 @@ mod tests {
             (ConnectionRole::Invalid, 0u16),
             (ConnectionRole::PrecopyMemory, 1),
             (ConnectionRole::Fault, 2),
+            (ConnectionRole::DeviceState, 3),
         ] {
             let raw = bytes(|v| role.write_to(v));
             assert_eq!(raw, value.to_le_bytes());

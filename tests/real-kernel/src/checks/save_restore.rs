@@ -242,7 +242,7 @@ pub fn state_format(bench: &mut Bench, d: &mut Details) -> anyhow::Result<()> {
         a.state()? == RunningP2p && b.state()? == RunningP2p,
         "both devices must be in RUNNING_P2P before either stops"
     );
-    let expected_size = a.stop_copy_size()?;
+    let estimated_size = a.stop_copy_size()?;
     let mut fd_a = go("a", a, StopCopy)?.context("no save fd for A")?;
 
     let dir = std::env::temp_dir().join("xe-vf-kernel-test");
@@ -252,7 +252,7 @@ pub fn state_format(bench: &mut Bench, d: &mut Details) -> anyhow::Result<()> {
         DEVICE_KIND_MTTY,
         a.identity(),
         bench.flags.bits(),
-        expected_size,
+        estimated_size,
     );
     let options = EncoderOptions {
         chunk_size: COPY_BUFFER_BYTES as u32,

@@ -24,14 +24,24 @@
 //! - [`table`]: the destination's table, 16 bytes + 1 bit per 4 KiB page
 //!   (4.03 MiB per GiB of guest memory).
 //! - [`wire`]: payloads of the two additive protocol messages.
+//! - [`arrivals`]: the destination's digests of arriving pages, fed by
+//!   every connection that writes guest memory.
+//! - [`exchange`]: the messages on the wire, for both sides.
 
+pub mod arrivals;
 pub mod digest;
+pub mod exchange;
 pub mod parallel;
 pub mod rates;
 pub mod table;
 pub mod wire;
 
+pub use arrivals::Arrivals;
 pub use digest::{Digest, DigestFunction, DigestKey, PageDigester, DIGEST_LEN, PAGE_SIZE};
+pub use exchange::{
+    answer_digests, exchange_digests, page_runs, receive_setup, send_setup, PlanReport,
+    VerifyOutcome, VerifyPlan,
+};
 pub use parallel::{hash_ranges, PageSource};
 pub use rates::{decide, measure_functions, Decision, FunctionRate};
 pub use table::DigestTable;
