@@ -5,8 +5,10 @@
 #
 # /init of L1, the qemu TCG guest of the nested Cloud Hypervisor test (see
 # scripts/nested/run.sh). Checks that KVM came up (qemu emulates AMD SVM
-# with nested paging, so kvm_amd loads), loads mdev, mtty and mtty_nolog,
-# runs scenarios.sh for each flavour named on the kernel command line
+# with nested paging, so kvm_amd loads), loads mdev, mtty and mtty_nolog
+# (or, with xe_nested.suite=xe, sets up the xe-vfio-pci suite through
+# scenarios-xe.sh setup), runs scenarios.sh (scenarios-xe.sh) for each
+# flavour named on the kernel command line
 # (xe_nested.flavors=upstream,patched) and powers off. Every line the host
 # reads starts with "XE-NESTED:"; the last one is "XE-NESTED: RESULT
 # pass|fail", printed on every path, so the host never waits for its
@@ -36,6 +38,9 @@ die() {
     finish fail
 }
 
+# Loopback, for migrations over TCP inside L1 (CONFIG_INET).
+ip link set lo up || die net "cannot bring up lo"
+
 echo "$TAG L1 up at $(cut -d' ' -f1 /proc/uptime) s, kernel $(uname -r), $(nproc) cpu(s), $(grep -c -w svm /proc/cpuinfo) with svm"
 
 # KVM: the whole test rests on it.
@@ -47,14 +52,23 @@ if ! (exec 5<>/dev/kvm) 2>/dev/null; then
 fi
 echo "$TAG CHECK l1/kvm pass $(dmesg | grep -m 1 -o 'kvm_amd: Nested Paging.*' | tr -d '\r')"
 
-for m in mdev mtty mtty_nolog; do
-    # dyndbg: mtty logs each migration-state arc to dmesg (see scenarios.sh).
-    insmod "/lib/modules/$m.ko" dyndbg=+p || die modules "insmod $m.ko failed"
-done
-for node in /dev/iommu /dev/vfio/vfio /sys/class/mdev_bus/mtty /sys/class/mdev_bus/mtty_nolog; do
-    [ -e "$node" ] || die modules "$node missing"
-done
-echo "$TAG CHECK l1/modules pass mdev mtty mtty_nolog, /dev/iommu, /dev/vfio/vfio"
+suite=$(sed -n 's/.*xe_nested.suite=\([a-z]*\).*/\1/p' /proc/cmdline)
+if [ "$suite" = xe ]; then
+    # The xe-vfio-pci suite: PF stand-in, the real driver, VFs bound.
+    /nested/scenarios-xe.sh setup || finish fail
+    runner=/nested/scenarios-xe.sh
+else
+    for m in mdev mtty mtty_nolog; do
+        # dyndbg: mtty logs each migration-state arc to dmesg (see scenarios.sh).
+        insmod "/lib/modules/$m.ko" dyndbg=+p || die modules "insmod $m.ko failed"
+    done
+    for node in /dev/iommu /dev/vfio/vfio /sys/class/mdev_bus/mtty /sys/class/mdev_bus/mtty_nolog; do
+        [ -e "$node" ] || die modules "$node missing"
+    done
+    echo "$TAG CHECK l1/modules pass mdev mtty mtty_nolog, /dev/iommu, /dev/vfio/vfio"
+
+    runner=/nested/scenarios.sh
+fi
 
 # A heartbeat, so the host tells a stopped L1 from a long step.
 (while sleep 15; do echo "$TAG ALIVE $(cut -d' ' -f1 /proc/uptime)"; done) &
@@ -63,7 +77,7 @@ flavors=$(sed -n 's/.*xe_nested.flavors=\([a-z,]*\).*/\1/p' /proc/cmdline)
 [ -n "$flavors" ] || die flavors "no xe_nested.flavors= on the kernel command line"
 failed=0
 for flavor in $(echo "$flavors" | tr ',' ' '); do
-    /nested/scenarios.sh "$flavor" || failed=1
+    "$runner" "$flavor" || failed=1
 done
 echo "$TAG L1 done at $(cut -d' ' -f1 /proc/uptime) s"
 if [ "$failed" = 0 ]; then finish pass; else finish fail; fi

@@ -10,36 +10,48 @@
 #                   L2 guest kernel: ELF with a PVH entry, which CH boots),
 #                   mdev.ko, mtty.ko and mtty_nolog.ko (mtty without its
 #                   DMA-logging ops, standing in for an Xe VF, which cannot
-#                   log its DMA). Built from Debian's linux-source-6.12 with
-#                   `allnoconfig` + l1-kernel.config.
+#                   log its DMA). Built from Debian's linux-source-7.3
+#                   (trixie-backports) with `allnoconfig` + l1-kernel.config.
 #   l2-<key>.cpio.gz  the L2 initramfs: busybox and l2-init.sh.
 #   busybox-<version> busybox from Debian's busybox-static.
+#   xe-modules-<key>/ xe_pf_standin.ko and xe-vfio-pci.ko (see
+#                   prepare_xe_modules), for the xe-vfio-pci test.
 #
 # Why a kernel is built at all: every Debian kernel reachable here
 # (bookworm 6.12, bookworm-backports 6.12, trixie 6.12, trixie-backports
 # 7.3, sid 7.2; checked 2026-11) has CONFIG_IOMMUFD unset, and Cloud
 # Hypervisor receives a migrated VFIO device only through a VFIO cdev fd
 # plus an iommufd fd (Debian's VFIO also has no IOMMUFD_DRIVER, so its DMA
-# logging reports are stubs).
+# logging reports are stubs). Why 7.3: xe-vfio-pci is in Linux since
+# v6.19, and the xe-vfio-pci test builds it from the same tree.
+#
+# The source package comes from trixie-backports through a private apt
+# configuration under the cache (its own sources list, lists and archive
+# directories; the machine's apt sources stay as they are): apt checks the
+# .deb against the signed index, with the keys of debian-archive-keyring.
 #
 # Prints KEY=VALUE lines on stdout (everything else goes to stderr):
-#   NESTED_KERNEL_DIR, NESTED_L2_INITRD, NESTED_BUSYBOX.
+#   NESTED_KERNEL_DIR, NESTED_L2_INITRD, NESTED_XE_MODULES_DIR, NESTED_BUSYBOX.
 #
 # Usage: scripts/nested/prepare.sh
 # Environment: XE_CACHE_DIR (default ~/.cache/xe-vf-migration),
-#   XE_NESTED_SOURCE_PKG (default linux-source-6.12), XE_NESTED_JOBS.
+#   XE_NESTED_SOURCE_PKG (default linux-source-7.3), XE_NESTED_SOURCE_SUITE
+#   (the Debian suite it comes from, default trixie-backports), XE_NESTED_JOBS.
 
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE="${XE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/xe-vf-migration}/nested"
-SOURCE_PKG="${XE_NESTED_SOURCE_PKG:-linux-source-6.12}"
+SOURCE_PKG="${XE_NESTED_SOURCE_PKG:-linux-source-7.3}"
+SOURCE_SUITE="${XE_NESTED_SOURCE_SUITE:-trixie-backports}"
+DEBIAN_MIRROR=http://deb.debian.org/debian
+KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 JOBS="${XE_NESTED_JOBS:-$(($(nproc) + 1))}"
 # Bumped when this script changes how an output is made (part of every key).
-RECIPE=1
+RECIPE=2
 # Options the tests cannot do without; checked in the final .config.
 REQUIRED_CONFIG=(KVM KVM_AMD IOMMUFD IOMMUFD_DRIVER VFIO VFIO_GROUP VFIO_CONTAINER
-    VFIO_DEVICE_CDEV VFIO_IOMMU_TYPE1 PVH SERIAL_8250_CONSOLE DEVTMPFS TMPFS UNIX
+    VFIO_DEVICE_CDEV VFIO_IOMMU_TYPE1 PVH SERIAL_8250_CONSOLE DEVTMPFS TMPFS UNIX INET
     SECCOMP_FILTER MODULES DYNAMIC_DEBUG BLK_DEV_INITRD RD_GZIP)
 
 log() { echo "[nested-prepare] $*" >&2; }
@@ -72,10 +84,54 @@ ensure_tools() {
 
 # ------------------------------------------------------------- Debian debs
 
-# Candidate version of a package, updating apt's lists once if it is unknown.
+# apt with the private configuration for SOURCE_SUITE: apt_private
+# apt-get|apt-cache ARGS...
+APT_DIR="$CACHE/apt-$SOURCE_SUITE"
+apt_private() {
+    local tool=$1
+    shift
+    "$tool" -o Dir::Etc::SourceList="$APT_DIR/sources.list" \
+        -o Dir::Etc::SourceParts="$APT_DIR/sources.list.d" \
+        -o Dir::Etc::Preferences="$APT_DIR/preferences" \
+        -o Dir::Etc::PreferencesParts="$APT_DIR/preferences.d" \
+        -o Dir::State::Lists="$APT_DIR/lists" \
+        -o Dir::Cache="$APT_DIR/cache" \
+        -o APT::Sandbox::User=root "$@"
+}
+
+apt_private_setup() {
+    [ -f "$KEYRING" ] || die "$KEYRING missing (package debian-archive-keyring)"
+    mkdir -p "$APT_DIR"/{sources.list.d,preferences.d,lists/partial,cache/archives/partial}
+    echo "deb [signed-by=$KEYRING] $DEBIAN_MIRROR $SOURCE_SUITE main" >"$APT_DIR/sources.list.tmp"
+    mv "$APT_DIR/sources.list.tmp" "$APT_DIR/sources.list"
+    : >"$APT_DIR/preferences"
+}
+
+apt_private_update() {
+    log "apt-get update ($SOURCE_SUITE, private lists in $APT_DIR)"
+    apt_private apt-get update -q >&2 || die "apt-get update of $SOURCE_SUITE failed"
+    APT_PRIVATE_UPDATED=1
+}
+
+# Candidate version of a package: `candidate PKG [private]`. The machine's
+# apt, or the private one for SOURCE_SUITE; either updates its lists once
+# when it does not know the package.
 APT_UPDATED=0
+APT_PRIVATE_UPDATED=0
 candidate() {
     local v
+    if [ "${2:-}" = private ]; then
+        v=$(apt_private apt-cache policy "$1" 2>/dev/null | sed -n 's/^ *Candidate: //p')
+        if { [ -z "$v" ] || [ "$v" = "(none)" ]; } && [ "$APT_PRIVATE_UPDATED" = 0 ]; then
+            apt_private_update
+            v=$(apt_private apt-cache policy "$1" 2>/dev/null | sed -n 's/^ *Candidate: //p')
+        fi
+        if [ -z "$v" ] || [ "$v" = "(none)" ]; then
+            die "package $1 is not in $SOURCE_SUITE"
+        fi
+        echo "$v"
+        return 0
+    fi
     v=$(apt-cache policy "$1" 2>/dev/null | sed -n 's/^ *Candidate: //p')
     if { [ -z "$v" ] || [ "$v" = "(none)" ]; } && [ "$APT_UPDATED" = 0 ] && is_root; then
         log "apt-get update (no candidate for $1)"
@@ -89,20 +145,34 @@ candidate() {
     echo "$v"
 }
 
-# Path of package $1 at version $2 in the cache, downloaded if needed.
+# The cached .deb of package $1 at version $2, if there is one.
+cached_deb() {
+    find "$CACHE/debs" -maxdepth 1 -name "${1}_*.deb" | while read -r d; do
+        [ "$(dpkg-deb -f "$d" Version)" = "$2" ] && echo "$d"
+    done | head -n 1
+}
+
+# Path of package $1 at version $2 in the cache, downloaded if needed
+# (`deb_file PKG VERSION [private]`: from SOURCE_SUITE; apt checks it
+# against the signed index either way).
 deb_file() {
-    local pkg=$1 version=$2 f
+    local pkg=$1 version=$2 where=${3:-} f
     mkdir -p "$CACHE/debs"
-    f=$(find "$CACHE/debs" -maxdepth 1 -name "${pkg}_*.deb" | while read -r d; do
-        [ "$(dpkg-deb -f "$d" Version)" = "$version" ] && echo "$d"
-    done | head -n 1)
+    f=$(cached_deb "$pkg" "$version")
     if [ -z "$f" ]; then
-        log "downloading $pkg=$version"
-        (cd "$CACHE/debs" && apt-get download -q -o APT::Sandbox::User=root "$pkg=$version" >&2) ||
-            die "cannot download $pkg=$version"
-        f=$(find "$CACHE/debs" -maxdepth 1 -name "${pkg}_*.deb" | while read -r d; do
-            [ "$(dpkg-deb -f "$d" Version)" = "$version" ] && echo "$d"
-        done | head -n 1)
+        log "downloading $pkg=$version${where:+ ($SOURCE_SUITE)}"
+        if [ "$where" = private ]; then
+            # Lists from an earlier run may name a version the pool no
+            # longer holds: refresh them once and try again.
+            (cd "$CACHE/debs" && apt_private apt-get download -q "$pkg=$version" >&2) ||
+                { [ "$APT_PRIVATE_UPDATED" = 0 ] && apt_private_update &&
+                    (cd "$CACHE/debs" && apt_private apt-get download -q "$pkg=$version" >&2); } ||
+                die "cannot download $pkg=$version from $SOURCE_SUITE"
+        else
+            (cd "$CACHE/debs" && apt-get download -q -o APT::Sandbox::User=root "$pkg=$version" >&2) ||
+                die "cannot download $pkg=$version"
+        fi
+        f=$(cached_deb "$pkg" "$version")
     fi
     [ -n "$f" ] || die "$pkg=$version missing after download"
     echo "$f"
@@ -156,7 +226,7 @@ mtty_source() {
     local version=$1 out="$CACHE/src-files/mtty-${1//[:~+]/_}.c"
     if [ ! -f "$out" ]; then
         local deb
-        deb=$(deb_file "$SOURCE_PKG" "$version")
+        deb=$(deb_file "$SOURCE_PKG" "$version" private)
         mkdir -p "$CACHE/src-files"
         dpkg-deb --fsys-tarfile "$deb" | tar -x -O --wildcards './usr/src/linux-source-*.tar.xz' |
             tar -xJ -O --wildcards '*/samples/vfio-mdev/mtty.c' >"$out.tmp"
@@ -168,7 +238,7 @@ mtty_source() {
 
 prepare_kernel() {
     local version gcc_id key out variant_text
-    version=$(candidate "$SOURCE_PKG")
+    version=$(candidate "$SOURCE_PKG" private)
     gcc_id=$(gcc --version | head -n 1)
     variant_text=$(mktemp)
     make_mtty_nolog "$(mtty_source "$version")" "$variant_text"
@@ -178,6 +248,8 @@ prepare_kernel() {
     rm -f "$variant_text"
     out="$CACHE/kernel-$key"
     NESTED_KERNEL_DIR=$out
+    KERNEL_KEY=$key
+    KBUILD_WORK="$CACHE/kbuild/${SOURCE_PKG}_${version//[:~+]/_}"
     if [ -f "$out/BUILD-INFO" ]; then
         log "kernel: cached ($out)"
         return 0
@@ -189,7 +261,7 @@ prepare_kernel() {
     build="$work/build"
     if [ ! -f "$src/Makefile" ]; then
         local deb
-        deb=$(deb_file "$SOURCE_PKG" "$version")
+        deb=$(deb_file "$SOURCE_PKG" "$version" private)
         log "unpacking $(basename "$deb")"
         rm -rf "$src" && mkdir -p "$src"
         dpkg-deb --fsys-tarfile "$deb" | tar -x -O --wildcards './usr/src/linux-source-*.tar.xz' |
@@ -231,6 +303,56 @@ prepare_kernel() {
     log "kernel: built in $(($(date +%s) - started)) s ($out)"
 }
 
+# ---------------------------------------------------- xe-vfio-pci modules
+
+# The modules of the xe-vfio-pci test, built out of tree against the L1
+# kernel's build tree: xe_pf_standin.ko (ours, tests/nested/xe-pf-standin:
+# the stand-in for xe's PF side) and xe-vfio-pci.ko from the kernel tree's
+# drivers/vfio/pci/xe, unmodified (its Kconfig entry depends on DRM_XE,
+# which the L1 kernel does not build, so it is built as an external module
+# from a copy of its main.c and Makefile whose sha256 is checked against
+# the tree's). Keyed by the kernel and the stand-in's sources.
+prepare_xe_modules() {
+    local standin="$HERE/../../tests/nested/xe-pf-standin" key out
+    key=$(printf '%s\n' "recipe=$RECIPE" "kernel=$KERNEL_KEY" \
+        "$(cat "$standin/xe_pf_standin.c" "$standin/Kbuild" | sha256sum)" | sha)
+    out="$CACHE/xe-modules-$key"
+    NESTED_XE_MODULES_DIR=$out
+    if [ -f "$out/BUILD-INFO" ]; then
+        log "xe modules: cached ($out)"
+        return 0
+    fi
+    local build="$KBUILD_WORK/build" src="$KBUILD_WORK/src" work started
+    [ -f "$build/Module.symvers" ] ||
+        die "the L1 kernel's build tree ($build) is gone: remove $NESTED_KERNEL_DIR to rebuild it"
+    started=$(date +%s)
+    work="$KBUILD_WORK/xe-modules"
+    rm -rf "$work" && mkdir -p "$work/standin" "$work/xe-vfio-pci"
+    cp "$standin/xe_pf_standin.c" "$standin/Kbuild" "$work/standin/"
+    log "xe modules: building xe_pf_standin.ko"
+    make -s -C "$build" M="$work/standin" modules >&2 || die "building xe_pf_standin.ko failed"
+    cp "$src/drivers/vfio/pci/xe/main.c" "$src/drivers/vfio/pci/xe/Makefile" "$work/xe-vfio-pci/"
+    local f
+    for f in main.c Makefile; do
+        [ "$(sha256sum <"$work/xe-vfio-pci/$f")" = "$(sha256sum <"$src/drivers/vfio/pci/xe/$f")" ] ||
+            die "the copy of drivers/vfio/pci/xe/$f differs from the tree's"
+    done
+    log "xe modules: building xe-vfio-pci.ko from $SOURCE_PKG's drivers/vfio/pci/xe"
+    make -s -C "$build" M="$work/xe-vfio-pci" CONFIG_XE_VFIO_PCI=m \
+        KBUILD_EXTRA_SYMBOLS="$work/standin/Module.symvers" modules >&2 ||
+        die "building xe-vfio-pci.ko failed"
+    rm -rf "$out.tmp" && mkdir -p "$out.tmp"
+    cp "$work/standin/xe_pf_standin.ko" "$work/xe-vfio-pci/xe-vfio-pci.ko" "$out.tmp/"
+    {
+        echo "kernel=$KERNEL_KEY"
+        echo "xe_vfio_pci_main_c_sha256=$(sha256sum <"$src/drivers/vfio/pci/xe/main.c" | cut -c1-64)"
+        echo "key=$key"
+        echo "build_seconds=$(($(date +%s) - started))"
+    } >"$out.tmp/BUILD-INFO"
+    rm -rf "$out" && mv "$out.tmp" "$out"
+    log "xe modules: built in $(($(date +%s) - started)) s ($out)"
+}
+
 # ------------------------------------------------------------ L2 initramfs
 
 prepare_l2_initrd() {
@@ -255,11 +377,14 @@ main() {
     exec 9>"$CACHE/.lock"
     flock 9 # one preparation at a time per cache
     ensure_tools
+    apt_private_setup
     prepare_busybox
     prepare_kernel
+    prepare_xe_modules
     prepare_l2_initrd
     echo "NESTED_KERNEL_DIR=$NESTED_KERNEL_DIR"
     echo "NESTED_L2_INITRD=$NESTED_L2_INITRD"
+    echo "NESTED_XE_MODULES_DIR=$NESTED_XE_MODULES_DIR"
     echo "NESTED_BUSYBOX=$BUSYBOX"
 }
 

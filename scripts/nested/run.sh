@@ -14,6 +14,15 @@
 #   L2              a guest with an mtty mdev passed through, printing a
 #                   tick line every second
 #
+# Suites (--suite): `mtty` (the above, tests/nested/tests/cloud_hypervisor.rs)
+# and `xe` (tests/nested/tests/xe_vfio_pci.rs): L1 is a q35 machine with
+# qemu's IOMMU, three nvme functions with SR-IOV standing in for Xe PFs
+# and three ivshmem-plain devices holding their VFs' "VRAM"; it loads the
+# real xe-vfio-pci (built from the L1 kernel's tree) and our PF stand-in
+# xe_pf_standin, binds a VF of each PF to xe-vfio-pci and runs
+# scenarios-xe.sh: the L2 guest writes and checks a pattern over its VRAM
+# BAR while Cloud Hypervisor snapshots, restores and migrates it.
+#
 # Flavours: `upstream` always; `patched` (our series, issue 10) according to
 # --patched: `off`; `auto` runs it when vmm-glue/cloud-hypervisor/patches
 # holds a series (a failing build then fails the test); `require` fails
@@ -23,13 +32,16 @@
 # "RESULT") on stdout, progress on stderr. Exit status 0 only if every
 # step passed and L1 printed "XE-NESTED: RESULT pass".
 #
-# Usage: scripts/nested/run.sh [--patched off|auto|require] [--timeout SECONDS]
-# Environment: XE_NESTED_PATCHED, XE_NESTED_TIMEOUT (default 1800),
+# Usage: scripts/nested/run.sh [--suite mtty|xe] [--patched off|auto|require]
+#            [--timeout SECONDS]
+# Environment: XE_NESTED_SUITE, XE_NESTED_PATCHED, XE_NESTED_TIMEOUT (default 1800),
 #   XE_NESTED_CH_UPSTREAM / XE_NESTED_CH_PATCHED (a directory holding
 #   cloud-hypervisor and ch-remote to use instead of building them),
 #   XE_NESTED_CPU (qemu -cpu, default EPYC,+svm,+npt), XE_NESTED_STALL
 #   (seconds without a line from L1 before it is stopped, default 120),
 #   XE_NESTED_STALL_RETRIES (boots after a stalled one, default 1),
+#   XE_NESTED_VRAM_MIB (the xe suite's VRAM per VF, default 256),
+#   XE_NESTED_XE_MEM (the xe suite's L1 memory, MiB, default 4096),
 #   XE_CACHE_DIR (see prepare.sh), CARGO_TARGET_DIR.
 
 set -euo pipefail
@@ -37,7 +49,9 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 CARGO_OUT="${CARGO_TARGET_DIR:-$REPO/target}"
-WORK="$REPO/target/nested"
+SUITE="${XE_NESTED_SUITE:-mtty}"
+# The xe suite's VRAM per VF, MiB (a power of two: ivshmem's BAR).
+XE_NESTED_VRAM_MIB="${XE_NESTED_VRAM_MIB:-256}"
 PATCHED="${XE_NESTED_PATCHED:-auto}"
 TIMEOUT="${XE_NESTED_TIMEOUT:-1800}"
 CPU="${XE_NESTED_CPU:-EPYC,+svm,+npt}"
@@ -57,6 +71,7 @@ usage() {
 
 while [ $# -gt 0 ]; do
     case "$1" in
+    --suite) SUITE=${2:?--suite needs a value}; shift 2 ;;
     --patched) PATCHED=${2:?--patched needs a value}; shift 2 ;;
     --timeout) TIMEOUT=${2:?--timeout needs a value}; shift 2 ;;
     -h | --help) usage ;;
@@ -64,6 +79,11 @@ while [ $# -gt 0 ]; do
     esac
 done
 case "$PATCHED" in off | auto | require) ;; *) die "--patched: '$PATCHED' is not off, auto or require" ;; esac
+case "$SUITE" in
+mtty) WORK="$REPO/target/nested" ;;
+xe) WORK="$REPO/target/nested-xe" ;;
+*) die "--suite: '$SUITE' is not mtty or xe" ;;
+esac
 
 TIMINGS=()
 now() { date +%s.%N; }
@@ -114,25 +134,77 @@ build_ch() {
 # -------------------------------------------------------------- our tools
 
 build_tools() {
-    log "cargo build --release (xe-vf-mig, xe-nested-relay)"
+    log "cargo build --release (xe-vf-mig, xe-nested-relay, xe-nested-vram)"
     (cd "$REPO" && cargo build -q --release -p xe-vf-plugin --bin xe-vf-mig \
-        -p xe-vf-nested-test --bin xe-nested-relay >&2) || die "cargo build failed"
+        -p xe-vf-nested-test --bin xe-nested-relay --bin xe-nested-vram >&2) ||
+        die "cargo build failed"
     XE_VF_MIG="$CARGO_OUT/release/xe-vf-mig"
     RELAY="$CARGO_OUT/release/xe-nested-relay"
+    VRAM_TOOL="$CARGO_OUT/release/xe-nested-vram"
 }
 
 # ---------------------------------------------------------- L1 initramfs
 
-# Copies a binary and the shared libraries it loads into the staging root.
+# Certificates for the TLS migrations (mutual TLS, as CH's tls_dir wants):
+# a CA made for this run, the receiver's certificate for 127.0.0.1 in
+# $1/server (server-cert.pem, server-key.pem, ca-cert.pem), the sender's in
+# $1/client (client-cert.pem, client-key.pem, ca-cert.pem). P-256 keys:
+# the handshakes run under emulation.
+make_tls_certs() {
+    local dir=$1 tmp
+    command -v openssl >/dev/null || die "openssl is needed to make the TLS test certificates"
+    tmp=$(mktemp -d)
+    mkdir -p "$dir/server" "$dir/client"
+    {
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+            -subj "/CN=xe-nested test CA" -keyout "$tmp/ca-key.pem" -out "$tmp/ca-cert.pem" \
+            -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign"
+        local role cn ext
+        for role in server client; do
+            if [ "$role" = server ]; then
+                cn=127.0.0.1
+                ext="subjectAltName=IP:127.0.0.1
+extendedKeyUsage=serverAuth"
+            else
+                cn="xe-nested migration source"
+                ext="extendedKeyUsage=clientAuth"
+            fi
+            openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$cn" \
+                -keyout "$dir/$role/$role-key.pem" -out "$tmp/$role.csr"
+            printf '%s\nbasicConstraints=CA:FALSE\n' "$ext" >"$tmp/$role.ext"
+            openssl x509 -req -days 2 -in "$tmp/$role.csr" -CA "$tmp/ca-cert.pem" \
+                -CAkey "$tmp/ca-key.pem" -CAcreateserial -extfile "$tmp/$role.ext" \
+                -out "$dir/$role/$role-cert.pem"
+            cp "$tmp/ca-cert.pem" "$dir/$role/ca-cert.pem"
+        done
+    } >"$WORK/openssl.log" 2>&1 || die "making the TLS test certificates failed (see $WORK/openssl.log)"
+    rm -rf "$tmp"
+}
+
+# Copies a binary and the shared libraries it loads into a staging root:
+# stage_binary BINARY DEST [ROOT] (ROOT defaults to L1's, $STAGE).
 stage_binary() {
-    local bin=$1 dest=$2 lib
-    mkdir -p "$STAGE$(dirname "$dest")"
-    cp "$bin" "$STAGE$dest"
+    local bin=$1 dest=$2 root=${3:-$STAGE} lib
+    mkdir -p "$root$(dirname "$dest")"
+    cp "$bin" "$root$dest"
     for lib in $(ldd "$bin" 2>/dev/null | grep -oE '/[^ ]+\.so[^ ]*' || true); do
-        [ -e "$STAGE$lib" ] && continue
-        mkdir -p "$STAGE$(dirname "$lib")"
-        cp -L "$lib" "$STAGE$lib"
+        [ -e "$root$lib" ] && continue
+        mkdir -p "$root$(dirname "$lib")"
+        cp -L "$lib" "$root$lib"
     done
+}
+
+# The L2 guest of the xe suite: busybox, l2-xe-init.sh and xe-nested-vram
+# with its libraries, uncompressed (CH boots it as it is).
+build_l2_xe_initramfs() {
+    local root="$WORK/l2-root"
+    rm -rf "$root"
+    mkdir -p "$root"/{bin,dev,proc,sys}
+    cp "$NESTED_BUSYBOX" "$root/bin/busybox"
+    install -m 0755 "$HERE/l2-xe-init.sh" "$root/init"
+    stage_binary "$VRAM_TOOL" /bin/xe-nested-vram "$root"
+    chmod 0755 "$root/bin/busybox"
+    (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet) >"$1"
 }
 
 build_l1_initramfs() {
@@ -143,10 +215,18 @@ build_l1_initramfs() {
     cp "$NESTED_BUSYBOX" "$STAGE/bin/busybox"
     chmod 0755 "$STAGE/bin/busybox"
     install -m 0755 "$HERE/l1-init.sh" "$STAGE/init"
-    install -m 0755 "$HERE/scenarios.sh" "$STAGE/nested/scenarios.sh"
-    cp "$NESTED_KERNEL_DIR"/{mdev,mtty,mtty_nolog}.ko "$STAGE/lib/modules/"
     cp "$NESTED_KERNEL_DIR/vmlinux" "$STAGE/nested/l2/vmlinux"
-    cp "$NESTED_L2_INITRD" "$STAGE/nested/l2/initrd.cpio.gz"
+    if [ "$SUITE" = xe ]; then
+        install -m 0755 "$HERE/scenarios-xe.sh" "$STAGE/nested/scenarios-xe.sh"
+        cp "$NESTED_XE_MODULES_DIR"/{xe_pf_standin,xe-vfio-pci}.ko "$STAGE/lib/modules/"
+        build_l2_xe_initramfs "$STAGE/nested/l2/initrd-xe.cpio"
+        stage_binary "$VRAM_TOOL" /nested/bin/xe-nested-vram
+    else
+        install -m 0755 "$HERE/scenarios.sh" "$STAGE/nested/scenarios.sh"
+        cp "$NESTED_KERNEL_DIR"/{mdev,mtty,mtty_nolog}.ko "$STAGE/lib/modules/"
+        cp "$NESTED_L2_INITRD" "$STAGE/nested/l2/initrd.cpio.gz"
+        make_tls_certs "$STAGE/nested/tls"
+    fi
     local flavor
     for flavor in "${FLAVORS[@]}"; do
         stage_binary "${CH_DIR[$flavor]}/cloud-hypervisor" "/nested/$flavor/cloud-hypervisor"
@@ -186,7 +266,38 @@ boot_l1() {
         IFS=,
         echo "${FLAVORS[*]}"
     )
-    log "booting L1 (qemu TCG, -cpu $CPU) for flavour(s) $flavors, timeout ${TIMEOUT}s, serial log $SERIAL_LOG, kernel log $KERNEL_LOG"
+    # The xe suite's machine: q35 with qemu's IOMMU (an L1 VF goes to L2
+    # through VFIO), per PF an nvme function with one SR-IOV VF (qemu 7.2's
+    # only device with SR-IOV; its VF is what xe-vfio-pci binds, and it is
+    # a real VF: is_virtfn, pci_iov_vf_id) and an ivshmem-plain device
+    # whose BAR 2 holds that VF's LMEM. PFs A and B report Intel's ids
+    # (use-intel-id: 8086:5845), so their VFs are what the patched engine
+    # takes for Xe VFs (Intel, on xe-vfio-pci): it parses their stream in
+    # flight. PF C keeps qemu's (1b36:0010): another device id in its
+    # descriptor and other PCI ids, the incompatible destination.
+    local machine=() append=""
+    if [ "$SUITE" = xe ]; then
+        machine=(-machine q35 -device intel-iommu,aw-bits=48 -m "${XE_NESTED_XE_MEM:-4096}")
+        local pf lmem_addr n=0 extra
+        for pf in a b c; do
+            extra=""
+            [ "$pf" = c ] || extra=",use-intel-id=on"
+            lmem_addr=$((8 + n))
+            machine+=(-device "nvme-subsys,id=subsys_$pf,nqn=xe-standin-$pf"
+                -device "nvme,serial=xe-standin-$pf,subsys=subsys_$pf,addr=0x$((4 + n)),sriov_max_vfs=1,sriov_vq_flexible=2,sriov_vi_flexible=1,max_ioqpairs=4,msix_qsize=3$extra"
+                -object "memory-backend-ram,id=lmem_$pf,size=${XE_NESTED_VRAM_MIB}M,share=on"
+                -device "ivshmem-plain,memdev=lmem_$pf,addr=0x$(printf %x "$lmem_addr")")
+            n=$((n + 1))
+        done
+        # qemu's IOMMU on TCG remaps no interrupts, so MSIs are not
+        # isolated: iommufd and type1 refuse to bind (EPERM) unless told
+        # that this test machine accepts it.
+        append=" intel_iommu=on iommufd.allow_unsafe_interrupts=1 vfio_iommu_type1.allow_unsafe_interrupts=1"
+        append+=" xe_nested.suite=xe xe_nested.vram_mib=$XE_NESTED_VRAM_MIB"
+    else
+        machine=(-m 2048)
+    fi
+    log "booting L1 (qemu TCG, -cpu $CPU, suite $SUITE) for flavour(s) $flavors, timeout ${TIMEOUT}s, serial log $SERIAL_LOG, kernel log $KERNEL_LOG"
     QEMU_RC=0
     STALLED=0
     # -smp 1: multi-threaded TCG with 2 vCPUs was slower for this load.
@@ -200,11 +311,11 @@ boot_l1() {
     # timer current_count 0) and nothing re-arms it; a periodic timer
     # raises it again every tick, which wakes the vCPU.
     timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 \
-        -accel tcg -cpu "$CPU" -m 2048 -smp 1 \
+        -accel tcg -cpu "$CPU" "${machine[@]}" -smp 1 \
         -nodefaults -display none -no-reboot \
         -serial "file:$SERIAL_LOG" -serial "file:$KERNEL_LOG" -monitor "pipe:$MONITOR" \
         -kernel "$NESTED_KERNEL_DIR/bzImage" -initrd "$L1_INITRD" \
-        -append "console=ttyS1 panic=-1 tsc=unstable highres=off xe_nested.flavors=$flavors" \
+        -append "console=ttyS1 panic=-1 tsc=unstable highres=off xe_nested.flavors=$flavors$append" \
         </dev/null >"$WORK/qemu.log" 2>&1 &
     local pid=$! size last=-1 quiet=0
     # L1 prints a heartbeat every 15 s: silence means it stopped.
@@ -234,7 +345,7 @@ report() {
     [ -n "$lines" ] && echo "$lines"
     (
         IFS=,
-        echo "$TAG HOST {\"seconds\":{${TIMINGS[*]}},\"flavors\":\"${FLAVORS[*]}\"}"
+        echo "$TAG HOST {\"seconds\":{${TIMINGS[*]}},\"flavors\":\"${FLAVORS[*]}\",\"suite\":\"$SUITE\"}"
     )
     results=$(grep -c "^$TAG RESULT " <<<"$lines" || true)
     fails=$(grep -c "^$TAG CHECK [^ ]* fail" <<<"$lines" || true)

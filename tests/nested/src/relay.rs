@@ -20,7 +20,7 @@ use std::io::{self, Read, Write};
 
 use serde::Serialize;
 use thiserror::Error;
-use xe_vf_glue::protocol::{Command, DEVICE_STATE_SELF_DELIMITED};
+use xe_vf_glue::protocol::{Command, ConnectionRole, DEVICE_STATE_SELF_DELIMITED};
 
 /// Bytes of a request header on the wire: `command: u16`,
 /// `command_headers: [u8; 6]`, `length: u64`, little-endian (CH's
@@ -34,7 +34,7 @@ pub const MEMORY_RANGE_LEN: usize = 16;
 pub const MAX_TABLE_RANGES: u64 = 1 << 20;
 
 /// Every command of the protocol, to name the codes seen on the wire.
-const COMMANDS: [Command; 12] = [
+const COMMANDS: [Command; 14] = [
     Command::Invalid,
     Command::Start,
     Command::Config,
@@ -47,6 +47,8 @@ const COMMANDS: [Command; 12] = [
     Command::PageFault,
     Command::DeviceState,
     Command::Switchover,
+    Command::VerifySetup,
+    Command::Digests,
 ];
 
 fn command_of(code: u16) -> Option<Command> {
@@ -108,6 +110,8 @@ pub fn parse_command(text: &str) -> Result<u16, String> {
         "page-fault" => Some(Command::PageFault),
         "device-state" => Some(Command::DeviceState),
         "switchover" => Some(Command::Switchover),
+        "verify-setup" => Some(Command::VerifySetup),
+        "digests" => Some(Command::Digests),
         _ => None,
     };
     if let Some(command) = named {
@@ -327,6 +331,67 @@ pub fn forward_requests<R: Read + ?Sized, W: Write + ?Sized>(
     Ok(report)
 }
 
+/// What an extra connection carried.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ExtraReport {
+    /// Its announced role (`PrecopyMemory`, `DeviceState`, ...).
+    pub role: String,
+    /// On a device-state connection: its request's command and the index
+    /// of the component it is for.
+    pub command: Option<String>,
+    pub device_index: Option<u16>,
+    /// Bytes after the role (and the request header, if read).
+    pub bytes: u64,
+    pub cut: Option<Cut>,
+}
+
+/// Forwards an extra connection from `src` to `dst`: its role, then, on a
+/// device-state connection, its request header (cut there into the
+/// payload if `cut` names `DeviceState`), then the rest as it is.
+pub fn forward_extra<R: Read + ?Sized, W: Write + ?Sized>(
+    src: &mut R,
+    dst: &mut W,
+    cut: Option<CutPoint>,
+) -> Result<ExtraReport, RelayError> {
+    let mut role = [0u8; 2];
+    src.read_exact(&mut role)?;
+    dst.write_all(&role)?;
+    let role = u16::from_le_bytes(role);
+    let mut report = ExtraReport {
+        role: match ConnectionRole::try_from(role) {
+            Ok(r) => format!("{r:?}"),
+            Err(_) => format!("{role:#x}"),
+        },
+        ..ExtraReport::default()
+    };
+    if role == ConnectionRole::DeviceState as u16 {
+        if let Some(RawHeader {
+            bytes,
+            code,
+            length,
+        }) = read_header(src)?
+        {
+            dst.write_all(&bytes)?;
+            report.command = Some(command_name(code));
+            report.device_index = Some(u16::from_le_bytes([bytes[2], bytes[3]]));
+            if let Some(cut) = cut.filter(|c| c.command == code) {
+                let forwarded = cut.forwarded_bytes(length);
+                copy_exact(src, dst, forwarded, "the payload before the cut")?;
+                dst.flush()?;
+                report.bytes = forwarded;
+                report.cut = Some(Cut {
+                    command: command_name(code),
+                    length,
+                    forwarded,
+                });
+                return Ok(report);
+            }
+        }
+    }
+    report.bytes = io::copy(src, dst)?;
+    Ok(report)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -504,12 +569,70 @@ mod tests {
     }
 
     #[test]
+    fn verify_pass_requests_are_parsed_not_copied_opaquely() {
+        let mut stream = request(Command::Start as u16, &[]);
+        stream.extend(request(Command::VerifySetup as u16, &[7u8; 40]));
+        stream.extend(memory(&[(0, 4096)]));
+        stream.extend(request(Command::Digests as u16, &[1u8; 24]));
+        stream.extend(request(Command::State as u16, b"{}"));
+        let mut out = Vec::new();
+        let report = forward_requests(&mut &stream[..], &mut out, None).unwrap();
+        assert_eq!(out, stream);
+        assert_eq!(report.opaque_from, None);
+        let names: Vec<&str> = report.phases.iter().map(|p| p.command.as_str()).collect();
+        assert_eq!(
+            names,
+            ["Start", "VerifySetup", "Memory", "Digests", "State"]
+        );
+    }
+
+    #[test]
+    fn device_state_connections_are_named_and_cut_there() {
+        let mut lane = (ConnectionRole::DeviceState as u16).to_le_bytes().to_vec();
+        let mut request = header(Command::DeviceState as u16, DEVICE_STATE_SELF_DELIMITED);
+        request[2..4].copy_from_slice(&1u16.to_le_bytes());
+        lane.extend(&request);
+        lane.extend([9u8; 100]);
+        let mut out = Vec::new();
+        let report = forward_extra(&mut &lane[..], &mut out, None).unwrap();
+        assert_eq!(out, lane);
+        assert_eq!(report.role, "DeviceState");
+        assert_eq!(report.command.as_deref(), Some("DeviceState"));
+        assert_eq!(report.device_index, Some(1));
+        assert_eq!(report.bytes, 100);
+
+        let mut out = Vec::new();
+        let cut = CutPoint {
+            command: Command::DeviceState as u16,
+            payload_bytes: None,
+        };
+        let report = forward_extra(&mut &lane[..], &mut out, Some(cut)).unwrap();
+        assert_eq!(out.len(), 2 + HEADER_LEN + 16);
+        assert_eq!(report.cut.unwrap().forwarded, 16);
+
+        // A memory connection passes through as it is.
+        let mut memory = (ConnectionRole::PrecopyMemory as u16)
+            .to_le_bytes()
+            .to_vec();
+        memory.extend([1u8; 64]);
+        let mut out = Vec::new();
+        let report = forward_extra(&mut &memory[..], &mut out, Some(cut)).unwrap();
+        assert_eq!(out, memory);
+        assert_eq!(
+            (report.role.as_str(), report.command),
+            ("PrecopyMemory", None)
+        );
+    }
+
+    #[test]
     fn commands_parse_by_name_and_code() {
         assert_eq!(parse_command("state"), Ok(3));
         assert_eq!(parse_command("device-state"), Ok(0x100));
         assert_eq!(parse_command("DEVICE_STATE"), Ok(0x100));
         assert_eq!(parse_command("0x100"), Ok(0x100));
         assert_eq!(parse_command("switchover"), Ok(0x101));
+        assert_eq!(parse_command("verify-setup"), Ok(0x102));
+        assert_eq!(parse_command("digests"), Ok(0x103));
         assert_eq!(parse_command("5"), Ok(5));
         assert!(parse_command("stat").is_err());
         assert_eq!(command_name(0x1234), "0x1234");

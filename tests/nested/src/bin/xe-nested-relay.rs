@@ -7,36 +7,47 @@
 //! one phase by killing the destination and closing both sides.
 //!
 //! ```text
-//! xe-nested-relay --listen /run/relay.sock --to /run/mig.sock \
+//! xe-nested-relay --listen unix:/run/relay.sock|tcp:HOST:PORT \
+//!     --to unix:/run/mig.sock|tcp:HOST:PORT \
 //!     [--cut-at state|device-state|CODE [--cut-payload-bytes N] --kill-pid PID] \
-//!     --report /run/relay.json [--timeout-s 300]
+//!     [--opaque] --report /run/relay.json [--timeout-s 300]
 //! ```
+//!
+//! Every connection the source opens is relayed: the main one, parsed
+//! request by request, and the extra ones (CH's memory connections, our
+//! device-state connections), whose role and, for device state, request
+//! are recorded; a cut at `device-state` happens on whichever connection
+//! carries it first. With `--opaque` (a TLS migration, which the relay
+//! cannot read) nothing is parsed; the report lists each connection with
+//! its first bytes, so a test can tell that every one is TLS.
 
 use std::fs;
-use std::io::{self, Write};
-use std::net::Shutdown;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use log::{info, warn};
-use serde_json::json;
-use xe_vf_nested_test::relay::{forward_requests, parse_command, CutPoint};
+use serde_json::{json, Value};
+use xe_vf_nested_test::relay::{forward_extra, forward_requests, parse_command, CutPoint};
 
 #[derive(Debug, Parser)]
 #[command(about = "Relay a Cloud Hypervisor migration, record its phases, optionally cut it")]
 struct Args {
-    /// Unix socket to listen on (the source's destination_url).
-    #[arg(long)]
-    listen: PathBuf,
-    /// The destination's receiver socket.
-    #[arg(long)]
-    to: PathBuf,
+    /// Where to listen (the source's destination_url): `unix:PATH` (or a
+    /// bare path) or `tcp:HOST:PORT`.
+    #[arg(long, value_parser = Endpoint::parse)]
+    listen: Endpoint,
+    /// The destination's receiver, in the same form.
+    #[arg(long, value_parser = Endpoint::parse)]
+    to: Endpoint,
     /// Cut at the first request of this command (name or code).
-    #[arg(long, value_parser = parse_command)]
+    #[arg(long, value_parser = parse_command, conflicts_with = "opaque")]
     cut_at: Option<u16>,
     /// Payload bytes of the cut request to forward first (default: half of
     /// a known length, else 16).
@@ -45,6 +56,9 @@ struct Args {
     /// Process killed (SIGKILL) at the cut: the destination VMM.
     #[arg(long, requires = "cut_at")]
     kill_pid: Option<i32>,
+    /// Parse nothing (TLS): record each connection's first bytes.
+    #[arg(long)]
+    opaque: bool,
     /// Where the JSON report goes.
     #[arg(long)]
     report: PathBuf,
@@ -53,44 +67,223 @@ struct Args {
     timeout_s: u64,
 }
 
-/// Connects to the destination, which may still be starting to listen.
-fn connect(path: &Path, patience: Duration) -> Result<UnixStream> {
-    let started = Instant::now();
-    loop {
-        match UnixStream::connect(path) {
-            Ok(stream) => return Ok(stream),
-            Err(e) if started.elapsed() < patience => {
-                info!("waiting for {}: {e}", path.display());
-                thread::sleep(Duration::from_millis(100));
+/// A migration endpoint.
+#[derive(Clone, Debug)]
+enum Endpoint {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl Endpoint {
+    fn parse(text: &str) -> Result<Self, String> {
+        match text.strip_prefix("tcp:") {
+            Some(addr) if addr.contains(':') => Ok(Endpoint::Tcp(addr.to_string())),
+            Some(_) => Err(format!("'{text}' needs tcp:HOST:PORT")),
+            None => Ok(Endpoint::Unix(PathBuf::from(
+                text.strip_prefix("unix:").unwrap_or(text),
+            ))),
+        }
+    }
+
+    fn bind(&self) -> Result<Listener> {
+        Ok(match self {
+            Endpoint::Unix(path) => {
+                let _ = fs::remove_file(path);
+                Listener::Unix(
+                    UnixListener::bind(path)
+                        .with_context(|| format!("listening on {}", path.display()))?,
+                )
             }
-            Err(e) => return Err(e).with_context(|| format!("connecting to {}", path.display())),
+            Endpoint::Tcp(addr) => Listener::Tcp(
+                TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?,
+            ),
+        })
+    }
+
+    fn connect_once(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Endpoint::Unix(path) => Stream::Unix(UnixStream::connect(path)?),
+            Endpoint::Tcp(addr) => Stream::Tcp(TcpStream::connect(addr)?),
+        })
+    }
+
+    /// Connects, waiting for a destination that may still be starting.
+    fn connect(&self, patience: Duration) -> Result<Stream> {
+        let started = Instant::now();
+        loop {
+            match self.connect_once() {
+                Ok(stream) => return Ok(stream),
+                Err(e) if started.elapsed() < patience => {
+                    info!("waiting for {self:?}: {e}");
+                    thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => return Err(e).with_context(|| format!("connecting to {self:?}")),
+            }
+        }
+    }
+}
+
+enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    fn accept(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Listener::Unix(l) => Stream::Unix(l.accept()?.0),
+            Listener::Tcp(l) => Stream::Tcp(l.accept()?.0),
+        })
+    }
+}
+
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn shutdown(&self, how: Shutdown) {
+        let _ = match self {
+            Stream::Unix(s) => s.shutdown(how),
+            Stream::Tcp(s) => s.shutdown(how),
+        };
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.flush(),
+            Stream::Tcp(s) => s.flush(),
         }
     }
 }
 
 /// Copies one direction without looking at it; half-closes `to` at the end.
-fn pump(mut from: UnixStream, mut to: UnixStream) -> thread::JoinHandle<io::Result<u64>> {
+fn pump(mut from: Stream, to: Stream) -> thread::JoinHandle<io::Result<u64>> {
     thread::spawn(move || {
-        let copied = io::copy(&mut from, &mut to);
-        let _ = to.shutdown(Shutdown::Write);
+        let mut writer = to.try_clone()?;
+        let copied = io::copy(&mut from, &mut writer);
+        to.shutdown(Shutdown::Write);
         copied
     })
 }
 
-/// Extra connections (CH's parallel memory connections) pass through raw.
-fn serve_extra_connections(listener: UnixListener, to: PathBuf) {
-    thread::spawn(move || {
-        for stream in listener.incoming() {
-            let result = stream.context("accepting").and_then(|src| {
-                let dst = connect(&to, Duration::from_secs(10))?;
-                pump(src.try_clone()?, dst.try_clone()?);
-                pump(dst, src);
+/// Reads up to 8 bytes of a connection's start (for the report) and
+/// forwards them.
+fn first_bytes(src: &mut Stream, dst: &mut Stream) -> io::Result<String> {
+    let mut head = [0u8; 8];
+    let n = src.read(&mut head)?;
+    dst.write_all(&head[..n])?;
+    Ok(head[..n].iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// What the relay saw, shared by the connections' threads.
+struct Shared {
+    connections: Mutex<Vec<Value>>,
+    /// The cut, once one connection made it (it kills the destination).
+    cut: Mutex<Option<Value>>,
+    killed: Mutex<Option<i32>>,
+}
+
+impl Shared {
+    fn push(&self, connection: Value) {
+        self.connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(connection);
+    }
+}
+
+/// Cuts the migration: kills the destination (once) and ends both sides.
+fn cut_here(shared: &Shared, kill_pid: Option<i32>, cut: Value, ends: [&Stream; 2]) -> Result<()> {
+    {
+        let mut slot = shared.cut.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.is_none() {
+            *slot = Some(cut);
+            if let Some(pid) = kill_pid {
+                kill(pid)?;
+                *shared.killed.lock().unwrap_or_else(PoisonError::into_inner) = Some(pid);
+            }
+        }
+    }
+    for end in ends {
+        end.shutdown(Shutdown::Both);
+    }
+    Ok(())
+}
+
+/// Every extra connection: recorded, and cut there if it carries the
+/// request to cut at first.
+fn serve_extra_connections(
+    listener: Listener,
+    to: Endpoint,
+    args: Arc<(Option<CutPoint>, Option<i32>, bool)>,
+    shared: Arc<Shared>,
+    main: [Arc<Stream>; 2],
+) {
+    thread::spawn(move || loop {
+        let mut src = match listener.accept() {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("accepting an extra connection: {e}");
+                continue;
+            }
+        };
+        let (to, args, shared, main) = (to.clone(), args.clone(), shared.clone(), main.clone());
+        thread::spawn(move || {
+            let result = (|| -> Result<()> {
+                let mut dst = to.connect(Duration::from_secs(10))?;
+                let responses = pump(dst.try_clone()?, src.try_clone()?);
+                let (cut, kill_pid, opaque) = *args;
+                if opaque {
+                    let head = first_bytes(&mut src, &mut dst)?;
+                    shared.push(json!({ "kind": "extra", "first_bytes": head }));
+                    let mut writer = dst.try_clone()?;
+                    io::copy(&mut src, &mut writer)?;
+                } else {
+                    let report = forward_extra(&mut src, &mut dst, cut)?;
+                    shared.push(json!({ "kind": "extra", "report": report }));
+                    if let Some(c) = &report.cut {
+                        let cut = json!({ "connection": "extra", "command": c.command, "forwarded": c.forwarded });
+                        cut_here(&shared, kill_pid, cut, [&src, &dst])?;
+                        main[0].shutdown(Shutdown::Both);
+                        main[1].shutdown(Shutdown::Both);
+                        return Ok(());
+                    }
+                }
+                dst.shutdown(Shutdown::Write);
+                let _ = responses.join();
                 Ok(())
-            });
+            })();
             if let Err(e) = result {
                 warn!("extra connection: {e:#}");
             }
-        }
+        });
     });
 }
 
@@ -107,7 +300,7 @@ fn kill(pid: i32) -> Result<()> {
     Ok(())
 }
 
-fn write_report(path: &Path, report: &serde_json::Value) -> Result<()> {
+fn write_report(path: &Path, report: &Value) -> Result<()> {
     let tmp = path.with_extension("tmp");
     fs::write(&tmp, serde_json::to_vec_pretty(report)?)
         .with_context(|| format!("writing {}", tmp.display()))?;
@@ -122,54 +315,112 @@ fn run(args: Args) -> Result<()> {
         std::process::exit(2);
     });
 
-    let _ = fs::remove_file(&args.listen);
-    let listener = UnixListener::bind(&args.listen)
-        .with_context(|| format!("listening on {}", args.listen.display()))?;
-    println!("xe-nested-relay: listening on {}", args.listen.display());
-    let (source, _) = listener.accept().context("accepting the source")?;
-    serve_extra_connections(listener, args.to.clone());
-    let destination = connect(&args.to, Duration::from_secs(30))?;
-
-    let responses = pump(destination.try_clone()?, source.try_clone()?);
+    let listener = args.listen.bind()?;
+    println!("xe-nested-relay: listening on {:?}", args.listen);
+    let mut source = listener.accept().context("accepting the source")?;
+    let mut destination = args.to.connect(Duration::from_secs(30))?;
+    let shared = Arc::new(Shared {
+        connections: Mutex::new(Vec::new()),
+        cut: Mutex::new(None),
+        killed: Mutex::new(None),
+    });
     let cut = args.cut_at.map(|command| CutPoint {
         command,
         payload_bytes: args.cut_payload_bytes,
     });
-    let mut src = source.try_clone()?;
-    let mut dst = destination.try_clone()?;
-    let forwarded = forward_requests(&mut src, &mut dst, cut);
+    let main = [
+        Arc::new(source.try_clone()?),
+        Arc::new(destination.try_clone()?),
+    ];
+    serve_extra_connections(
+        listener,
+        args.to.clone(),
+        Arc::new((cut, args.kill_pid, args.opaque)),
+        shared.clone(),
+        main,
+    );
 
-    let mut killed = None;
+    let responses = pump(destination.try_clone()?, source.try_clone()?);
+    let forwarded = if args.opaque {
+        first_bytes(&mut source, &mut destination)
+            .and_then(|head| {
+                shared.push(json!({ "kind": "main", "first_bytes": head }));
+                io::copy(&mut source, &mut destination)
+            })
+            .map(|_| None)
+            .map_err(anyhow::Error::from)
+    } else {
+        forward_requests(&mut source, &mut destination, cut)
+            .map(Some)
+            .map_err(anyhow::Error::from)
+    };
+
     match &forwarded {
-        Ok(report) if report.cut.is_some() => {
-            if let Some(pid) = args.kill_pid {
-                kill(pid)?;
-                killed = Some(pid);
-            }
-            // The source must see the connection die, not wait for a reply.
-            let _ = source.shutdown(Shutdown::Both);
-            let _ = destination.shutdown(Shutdown::Both);
+        Ok(Some(report)) if report.cut.is_some() => {
+            let c = report.cut.as_ref().map(
+                |c| json!({ "connection": "main", "command": c.command, "forwarded": c.forwarded }),
+            );
+            cut_here(
+                &shared,
+                args.kill_pid,
+                c.unwrap_or_default(),
+                [&source, &destination],
+            )?;
         }
-        Ok(_) => {
-            let _ = destination.shutdown(Shutdown::Write);
+        Ok(_)
+            if shared
+                .cut
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_none() =>
+        {
+            destination.shutdown(Shutdown::Write);
             let _ = responses.join();
         }
-        Err(_) => {
-            let _ = source.shutdown(Shutdown::Both);
-            let _ = destination.shutdown(Shutdown::Both);
+        _ => {
+            source.shutdown(Shutdown::Both);
+            destination.shutdown(Shutdown::Both);
         }
     }
-
+    // A cut on an extra connection ended the main one: not an error.
+    let cut_made = shared
+        .cut
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let killed = *shared.killed.lock().unwrap_or_else(PoisonError::into_inner);
+    let connections = shared
+        .connections
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
     let report = match &forwarded {
-        Ok(report) => json!({ "wire": report, "killed_pid": killed, "error": null }),
-        Err(e) => json!({ "wire": null, "killed_pid": killed, "error": format!("{e:#}") }),
+        Ok(wire) => {
+            // The main connection's commands on one line, for a shell to grep.
+            let main_commands = wire.as_ref().map(|w| {
+                w.phases
+                    .iter()
+                    .map(|p| p.command.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            });
+            json!({ "wire": wire, "main_commands": main_commands, "cut": cut_made,
+                    "killed_pid": killed, "connections": connections, "error": null })
+        }
+        Err(e) if cut_made.is_some() => {
+            json!({ "wire": null, "cut": cut_made, "killed_pid": killed,
+                            "connections": connections, "error": null, "main_ended": format!("{e:#}") })
+        }
+        Err(e) => json!({ "wire": null, "cut": cut_made, "killed_pid": killed,
+                          "connections": connections, "error": format!("{e:#}") }),
     };
     write_report(&args.report, &report)?;
     let mut out = io::stdout().lock();
     writeln!(out, "xe-nested-relay: {}", serde_json::to_string(&report)?)?;
-    forwarded
-        .map(|_| ())
-        .context("relaying the migration stream")
+    match forwarded {
+        Err(_) if cut_made.is_some() => Ok(()),
+        other => other.map(|_| ()).context("relaying the migration stream"),
+    }
 }
 
 fn main() {
