@@ -483,8 +483,15 @@ impl Receiver<'_> {
         // `memory#N`: the Nth Memory command (with the vCPU idle, the
         // second is the final pass).
         self.inject(&format!("memory#{}", self.report.memory_passes));
-        let table = MemoryRangeTable::read_from(&mut self.conn, request.length())
-            .map_err(|e| HostError::bad_request(phase, chain(&e)))?;
+        // The source may go, or this side drop, before the table as well as
+        // inside the memory: both are the same failure.
+        let table = MemoryRangeTable::read_from(&mut self.conn, request.length()).map_err(|e| {
+            if is_eof(&e) {
+                HostError::failed(phase, "the source closed the connection mid-transfer")
+            } else {
+                HostError::bad_request(phase, chain(&e))
+            }
+        })?;
         let memory = self.vm(phase)?.memory().clone();
         for r in table.regions() {
             memory
