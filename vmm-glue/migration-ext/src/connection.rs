@@ -133,6 +133,27 @@ pub fn refusal<C: Connection>(conn: &mut C) -> Option<String> {
     read_message(conn, &response)
 }
 
+/// A read past a socket's timeout fails with `EAGAIN` ("Resource
+/// temporarily unavailable"), which names neither the wait nor the knob
+/// that bounds it: say that the destination did not answer within
+/// `timeout_s`. Other errors pass unchanged.
+pub fn name_answer_timeout(error: MigratableError, timeout: Duration) -> MigratableError {
+    match error {
+        MigratableError::MigrateSocket(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            MigratableError::MigrateSend(anyhow!(e).context(format!(
+                "no answer from the destination within timeout_s ({} s)",
+                timeout.as_secs()
+            )))
+        }
+        other => other,
+    }
+}
+
 /// `error`, with the destination's reason appended when it gave one.
 pub fn with_refusal<C: Connection>(conn: &mut C, error: MigratableError) -> MigratableError {
     match refusal(conn) {
@@ -146,6 +167,20 @@ pub fn with_refusal<C: Connection>(conn: &mut C, error: MigratableError) -> Migr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_read_past_the_timeout_names_the_wait_other_errors_pass() {
+        let timeout = Duration::from_secs(8);
+        let timed_out = MigratableError::MigrateSocket(io::Error::from(io::ErrorKind::WouldBlock));
+        let named = name_answer_timeout(timed_out, timeout);
+        assert!(
+            chain(&named).contains("no answer from the destination within timeout_s (8 s)"),
+            "{}",
+            chain(&named)
+        );
+        let eof = MigratableError::MigrateSocket(io::Error::from(io::ErrorKind::UnexpectedEof));
+        assert!(is_eof(&name_answer_timeout(eof, timeout)));
+    }
 
     #[test]
     fn answers_say_who_refused_and_why() {
