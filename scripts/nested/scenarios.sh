@@ -949,6 +949,396 @@ scenario_two_vfs() {
     stop_vmm dst7
 }
 
+# ------------------------------------------------------- switch-over faults
+#
+# A fault around the switch-over, then the operator's decision, with a
+# watcher sampling both VMMs for the whole scenario. Two running copies of
+# one VM show in their guests' ticks: each copy counts on from the same
+# tick, so a tick number printed on both hosts means both ran.
+
+# Seconds between the watcher's samples (each also runs ch-remote twice).
+WATCH_INTERVAL=0.25
+
+# A VMM's state within a second, "busy" if its API does not answer by
+# then: a destination's API waits while receive-migration runs.
+vm_state_now() {
+    if s=$(timeout 1 "$CHR" --api-socket "$RUN/$1/api.sock" info 2>/dev/null); then
+        echo "$s" | grep -o '"state": *"[A-Za-z]*"' | head -n 1 | sed 's/.*"\([A-Za-z]*\)"$/\1/'
+    elif alive "$1"; then
+        echo busy
+    fi
+}
+
+# watch A B: samples, until unwatch, "uptime last-tick-A last-tick-B
+# state-A state-B" ("-" for none, "busy" for an API that did not answer
+# within a second) into $RUN/watch-$SCEN.txt.
+watch() {
+    w=$RUN/watch-$SCEN.txt
+    : >"$w"
+    (
+        while :; do
+            a=$(last_tick "$1")
+            b=$(last_tick "$2")
+            sa=$(vm_state_now "$1")
+            sb=$(vm_state_now "$2")
+            echo "$(uptime_s) ${a:--} ${b:--} ${sa:--} ${sb:--}" >>"$w"
+            sleep "$WATCH_INTERVAL"
+        done
+    ) &
+    WATCHER=$!
+}
+
+# unwatch: stops the watcher and reports its sampling.
+unwatch() {
+    kill "$WATCHER" 2>/dev/null
+    wait "$WATCHER" 2>/dev/null
+    w=$RUN/watch-$SCEN.txt
+    value "$SCEN/watch_samples" "$(wc -l <"$w")"
+    value "$SCEN/watch_interval_ms" "$(awk 'NR == 1 { a = $1 } { b = $1 } END { if (NR > 1) printf "%d", (b - a) * 1000 / (NR - 1) }' "$w")"
+}
+
+# Samples that prove both VMMs ran at once. One sample asks A, then B, so
+# "Running" twice in it can straddle a switch-over that took less than a
+# query (A asked just before its pause, B just after its resume); two
+# samples in a row with both Running cannot: A ran when asked before and
+# after B was, and B, which does not pause by itself, ran from its first
+# answer to its second, so both ran when A answered the second time.
+both_running_samples() {
+    awk '{ both = $4 == "Running" && $5 == "Running" } both && prev { n++ } { prev = both } END { print n + 0 }' "$RUN/watch-$SCEN.txt"
+}
+
+# shared_ticks A B: how many tick numbers both guests printed.
+shared_ticks() {
+    ticks "$1" | sort -u >"$RUN/ticks-a"
+    ticks "$2" | sort -u >"$RUN/ticks-b"
+    if [ -s "$RUN/ticks-a" ] && [ -s "$RUN/ticks-b" ]; then
+        grep -c -F -x -f "$RUN/ticks-a" "$RUN/ticks-b"
+    else
+        echo 0
+    fi
+}
+shared_ticks_at_least() { [ "$(shared_ticks "$1" "$2")" -ge "$3" ]; }
+
+# never_both A B: no tick printed by both, no sample with both Running.
+never_both() {
+    shared=$(shared_ticks "$1" "$2")
+    both=$(both_running_samples)
+    if [ "$shared" = 0 ] && [ "$both" = 0 ]; then
+        pass never-both "no tick on both hosts, no two samples in a row with both Running ($(wc -l <"$RUN/watch-$SCEN.txt") samples)"
+    else
+        fail never-both "$shared tick(s) printed on both hosts, $both sample(s) proving both Running: $(tr '\n' ';' <"$RUN/watch-$SCEN.txt" | cut -c1-400)"
+    fi
+}
+
+# one_runs RUNNER OTHER: after the operator's decision only RUNNER's guest
+# ticks on (3 more ticks while OTHER's stays put and OTHER is not
+# Running), with its device as the guest left it.
+one_runs() {
+    other=$(last_tick "$2")
+    now=$(last_tick "$1")
+    if wait_alive "$1" 60 tick_above "$1" $((${now:-0} + 2)) &&
+        [ "$(last_tick "$2")" = "$other" ] && ! state_is "$2" Running &&
+        [ -z "$(device_mismatch "$1")" ]; then
+        pass one-runs "$1 ticks ${now:-none} -> $(last_tick "$1"), device as left; $2 stays at tick ${other:-none}, state '$(vm_state "$2")'"
+    else
+        fail one-runs "$1: ${now:-none} -> $(last_tick "$1") $(device_mismatch "$1"); $2: ${other:-none} -> $(last_tick "$2"), state '$(vm_state "$2")'"
+        diag "$1" "$2"
+        return 1
+    fi
+}
+
+# start_cut_relay TARGET_SOCKET COMMAND MODE [RELAY OPTIONS...]: a relay
+# at $RUN/relay-$SCEN.sock that cuts at COMMAND (see xe-nested-relay).
+start_cut_relay() {
+    mkdir -p "$RUN/relay-$SCEN"
+    target=$1 command=$2 mode=$3
+    shift 3
+    "$RELAY" --listen "$RUN/relay-$SCEN.sock" --to "$target" --cut-at "$command" \
+        --cut-mode "$mode" "$@" --report "$RUN/relay-$SCEN/report.json" \
+        --timeout-s "$MIGRATION_WAIT" >"$RUN/relay-$SCEN/relay.log" 2>&1 &
+    RELAY_PID=$!
+    wait_until 30 test -S "$RUN/relay-$SCEN.sock" || {
+        fail relay "relay not listening"
+        return 1
+    }
+}
+
+# The mdev of the pair (UA, UB) the current source does not hold.
+free_mdev() { if [ "$SOURCE_MDEV" = "$UA" ]; then echo "$UB"; else echo "$UA"; fi; }
+
+# F1. Complete's answer lost. Upstream's destination resumed the VM before
+# it answered, and the source resumes its own on the error: both run
+# until the operator stops one. Ours answers Complete with the VM still
+# paused; the source resumes, the destination keeps it paused.
+scenario_complete_answer_lost() {
+    SCEN=complete-answer-lost
+    free=$(free_mdev)
+    start_receiver dsta "$free" "$RUN/miga.sock" || {
+        fail receiver "destination not listening"
+        diag dsta
+        return 1
+    }
+    start_cut_relay "$RUN/miga.sock" complete answer-lost || return 1
+    watch "$SOURCE" dsta
+    send "$SOURCE" "unix:$RUN/relay-$SCEN.sock" || {
+        unwatch
+        fail source-reports-failure "no verdict from the source; $(exit_reason "$SOURCE")"
+        diag "$SOURCE" dsta
+        return 1
+    }
+    if [ "$(outcome "$SOURCE")" = failed ]; then
+        pass source-reports-failure "$(failure_message "$SOURCE")"
+    else
+        unwatch
+        fail source-reports-failure "source outcome '$(outcome "$SOURCE")' although Complete's answer was lost"
+        return 1
+    fi
+    if [ "$FLAVOR" = upstream ]; then
+        # Let the overlap show: three ticks printed by both copies.
+        if wait_alive dsta 60 shared_ticks_at_least "$SOURCE" dsta 3; then
+            pass both-run "$(shared_ticks "$SOURCE" dsta) tick(s) printed on both hosts, $(both_running_samples) sample(s) proving both Running"
+        else
+            unwatch
+            fail both-run "$(shared_ticks "$SOURCE" dsta) shared tick(s); source '$(vm_state "$SOURCE")', destination '$(vm_state dsta)'"
+            diag "$SOURCE" dsta
+            return 1
+        fi
+    else
+        survived "$SOURCE" "$SOURCE_MDEV" || {
+            unwatch
+            return 1
+        }
+        # What its operator sees: receive-migration's error, the event.
+        wait_until "$API_WAIT" test -f "$RUN/dsta/receive.rc"
+        kept=$(tr -d '\r\n' <"$RUN/dsta/receive.log" | grep -a -o 'Lost the source after this VM was ready[^:]*')
+        if wait_until 30 state_is dsta Paused && [ -n "$kept" ] &&
+            grep -q '"event": *"migration-receive-interrupted"' "$RUN/dsta/events.json"; then
+            pass destination-kept-paused "Paused, migration-receive-interrupted; receive-migration: $(echo "$kept" | cut -c1-120)"
+        else
+            unwatch
+            fail destination-kept-paused "destination state '$(vm_state dsta)', receive-migration: $(tr -d '\r' <"$RUN/dsta/receive.log" | tail -n 2 | cut -c1-300)"
+            diag dsta
+            return 1
+        fi
+    fi
+    # The operator keeps the source and stops the destination.
+    overlap_end=$(uptime_s)
+    stop_vmm dsta
+    unwatch
+    if [ "$FLAVOR" = upstream ]; then
+        value "$SCEN/shared_ticks" "$(shared_ticks "$SOURCE" dsta)"
+        value "$SCEN/both_running_s" "$(awk -v end="$overlap_end" '$4 == "Running" && $5 == "Running" && !s { s = $1 } END { if (s) printf "%.1f", end - s; else print 0 }' "$RUN/watch-$SCEN.txt")"
+    else
+        never_both "$SOURCE" dsta
+    fi
+    one_runs "$SOURCE" dsta
+}
+
+# F5. The destination stops answering at Complete for longer than the
+# migration's timeout_s. Upstream waits as long as the stall lasts (for
+# ever, were the connection never closed), the VM paused all along; ours
+# gives up after timeout_s and resumes the VM.
+STALL_S=40
+STALL_TIMEOUT_S=8
+scenario_stall_at_complete() {
+    SCEN=stall-at-complete
+    free=$(free_mdev)
+    start_receiver dste "$free" "$RUN/mige.sock" || {
+        fail receiver "destination not listening"
+        diag dste
+        return 1
+    }
+    start_cut_relay "$RUN/mige.sock" complete stall --stall-s "$STALL_S" || return 1
+    started=$(uptime_s)
+    send "$SOURCE" "unix:$RUN/relay-$SCEN.sock" ",timeout_s=$STALL_TIMEOUT_S" || {
+        fail source-reports-failure "no verdict from the source; $(exit_reason "$SOURCE")"
+        diag "$SOURCE" dste
+        return 1
+    }
+    waited=$(since "$started")
+    value "$SCEN/verdict_after_s" "$waited"
+    if [ "$(outcome "$SOURCE")" = failed ]; then
+        pass source-reports-failure "after $waited s: $(failure_message "$SOURCE")"
+    else
+        fail source-reports-failure "source outcome '$(outcome "$SOURCE")' although the destination stalled"
+        return 1
+    fi
+    if [ "$FLAVOR" = upstream ]; then
+        if awk -v w="$waited" -v s="$STALL_S" 'BEGIN { exit !(w >= s) }'; then
+            pass waited-out-the-stall "verdict after $waited s with timeout_s=$STALL_TIMEOUT_S: only the relay's closing after $STALL_S s ended the wait"
+        else
+            fail waited-out-the-stall "verdict after $waited s, before the $STALL_S s stall ended"
+            return 1
+        fi
+    else
+        if awk -v w="$waited" -v s="$STALL_S" -v t="$STALL_TIMEOUT_S" 'BEGIN { exit !(w >= t && w < s) }' &&
+            failure_message "$SOURCE" | grep -q "no answer from the destination within timeout_s ($STALL_TIMEOUT_S s)"; then
+            pass gave-up-after-timeout "verdict after $waited s with timeout_s=$STALL_TIMEOUT_S, the stall lasting $STALL_S s"
+        else
+            fail gave-up-after-timeout "verdict after $waited s with timeout_s=$STALL_TIMEOUT_S, the stall lasting $STALL_S s: $(failure_message "$SOURCE")"
+            return 1
+        fi
+    fi
+    survived "$SOURCE" "$SOURCE_MDEV" || return 1
+    # The relay still stalls the destination (ours gave up early): end it,
+    # so that the destination, whose API waits while it receives, can stop.
+    kill "$RELAY_PID" 2>/dev/null
+    stop_vmm dste
+}
+
+# F2. (patched) The destination killed once ready, Switchover on its way:
+# the source cannot know, stays Paused and refuses a new migration; the
+# operator finds the destination gone and resumes the source.
+scenario_destination_killed_when_ready() {
+    SCEN=destination-killed-when-ready
+    free=$(free_mdev)
+    start_receiver dstc "$free" "$RUN/migc.sock" || {
+        fail receiver "destination not listening"
+        diag dstc
+        return 1
+    }
+    start_cut_relay "$RUN/migc.sock" switchover before --kill-pid "$(pid_of dstc)" || return 1
+    watch "$SOURCE" dstc
+    send "$SOURCE" "unix:$RUN/relay-$SCEN.sock" || {
+        unwatch
+        fail outcome-unknown "no verdict from the source; $(exit_reason "$SOURCE")"
+        diag "$SOURCE" dstc
+        return 1
+    }
+    outcome_unknown_held "$SOURCE" || {
+        unwatch
+        return 1
+    }
+    if wait_until 10 eval "! alive dstc"; then pass destination-dead; else
+        unwatch
+        fail destination-dead "destination VMM still alive"
+        return 1
+    fi
+    # The operator: the destination is gone, so the source resumes.
+    if api "$SOURCE" resume; then pass decided "ch-remote resume on the source"; else
+        unwatch
+        fail decided "resume failed: $(api "$SOURCE" resume 2>&1 | tail -n 1)"
+        return 1
+    fi
+    sleep 3
+    unwatch
+    never_both "$SOURCE" dstc
+    one_runs "$SOURCE" dstc
+}
+
+# outcome_unknown_held SOURCE: the patched source after a Switchover it
+# cannot know the fate of: outcome unknown, Paused, the event, and a new
+# send-migration refused with the reason and what to do.
+outcome_unknown_held() {
+    if [ "$(outcome "$1")" = unknown ]; then
+        pass outcome-unknown "$(failure_message "$1" | cut -c1-160)"
+    else
+        fail outcome-unknown "source outcome '$(outcome "$1")': $(failure_message "$1")"
+        diag "$1"
+        return 1
+    fi
+    if state_is "$1" Paused && grep -q '"event": *"migration-outcome-unknown"' "$RUN/$1/events.json"; then
+        pass source-paused-with-event "Paused, migration-outcome-unknown on the event monitor"
+    else
+        fail source-paused-with-event "state '$(vm_state "$1")'; events: $(grep -o '"event": *"[a-z-]*"' "$RUN/$1/events.json" | tail -n 3 | tr '\n' ' ')"
+        return 1
+    fi
+    refusal=$(api "$1" send-migration "destination_url=unix:$RUN/nowhere.sock" 2>&1)
+    case "$refusal" in
+    *"outcome is unknown"*outcome_checked=on*)
+        pass new-migration-refused "$(echo "$refusal" | tr -d '\r\n' | sed 's/.*Refusing/Refusing/' | cut -c1-200)"
+        ;;
+    *)
+        fail new-migration-refused "send-migration said: $(echo "$refusal" | tr -d '\r\n' | cut -c1-300)"
+        return 1
+        ;;
+    esac
+}
+
+# F3. (patched) Switchover went through, its answer was lost: the
+# destination runs the VM, the source stays Paused; the operator finds
+# the VM running there and deletes the source.
+scenario_switchover_answer_lost() {
+    SCEN=switchover-answer-lost
+    free=$(free_mdev)
+    start_receiver dstb "$free" "$RUN/migb.sock" || {
+        fail receiver "destination not listening"
+        diag dstb
+        return 1
+    }
+    start_cut_relay "$RUN/migb.sock" switchover answer-lost || return 1
+    watch "$SOURCE" dstb
+    send "$SOURCE" "unix:$RUN/relay-$SCEN.sock" || {
+        unwatch
+        fail outcome-unknown "no verdict from the source; $(exit_reason "$SOURCE")"
+        diag "$SOURCE" dstb
+        return 1
+    }
+    last=$(last_tick "$SOURCE")
+    outcome_unknown_held "$SOURCE" || {
+        unwatch
+        return 1
+    }
+    if wait_alive dstb 30 state_is dstb Running && continues dstb "$last"; then
+        pass destination-runs "$(continuity dstb "$last")"
+    else
+        unwatch
+        fail destination-runs "destination '$(vm_state dstb)'; $(continuity dstb "$last")"
+        diag dstb
+        return 1
+    fi
+    # The operator: the VM runs on the destination, so the source goes.
+    if api "$SOURCE" delete; then pass decided "ch-remote delete on the source"; else
+        unwatch
+        fail decided "delete failed"
+        return 1
+    fi
+    stop_vmm "$SOURCE"
+    unwatch
+    never_both "$SOURCE" dstb
+    one_runs dstb "$SOURCE" || return 1
+    SOURCE=dstb
+    SOURCE_MDEV=$free
+}
+
+# F4. (patched) The source killed once Switchover left: the destination
+# runs the VM on its own.
+scenario_source_killed_after_switchover() {
+    SCEN=source-killed-after-switchover
+    free=$(free_mdev)
+    start_receiver dstd "$free" "$RUN/migd.sock" || {
+        fail receiver "destination not listening"
+        diag dstd
+        return 1
+    }
+    start_cut_relay "$RUN/migd.sock" switchover answer-lost --kill-pid "$(pid_of "$SOURCE")" || return 1
+    watch "$SOURCE" dstd
+    wc -l <"$RUN/$SOURCE/ch.log" >"$RUN/$SOURCE/mark"
+    api "$SOURCE" send-migration "destination_url=unix:$RUN/relay-$SCEN.sock" >"$RUN/$SOURCE/send.log" 2>&1
+    if wait_until "$MIGRATION_WAIT" eval "! alive $SOURCE"; then
+        pass source-killed "$(tr -d '\n ' <"$RUN/relay-$SCEN/report.json" 2>/dev/null | grep -o '"cut":{[^}]*}' | cut -c1-200)"
+    else
+        unwatch
+        fail source-killed "source still alive; $(outcome "$SOURCE")"
+        return 1
+    fi
+    last=$(last_tick "$SOURCE")
+    if wait_alive dstd 30 state_is dstd Running && continues dstd "$last"; then
+        pass destination-runs "$(continuity dstd "$last")"
+    else
+        unwatch
+        fail destination-runs "destination '$(vm_state dstd)'; $(continuity dstd "$last")"
+        diag dstd
+        return 1
+    fi
+    sleep 3
+    unwatch
+    never_both "$SOURCE" dstd
+    one_runs dstd "$SOURCE" || return 1
+    SOURCE=dstd
+    SOURCE_MDEV=$free
+}
+
 # ---------------------------------------------------------------------- main
 
 mkdir -p "$RUN"
@@ -963,7 +1353,13 @@ flavor_started=$(uptime_s)
 SOURCE=""
 SOURCE_MDEV=""
 if scenario_snapshot_restore && scenario_live_migration; then
-    scenario_destination_killed && scenario_incompatible_destination
+    scenario_destination_killed && scenario_incompatible_destination &&
+        scenario_complete_answer_lost && scenario_stall_at_complete &&
+        if [ "$FLAVOR" = patched ]; then
+            scenario_destination_killed_when_ready &&
+                scenario_switchover_answer_lost &&
+                scenario_source_killed_after_switchover
+        fi
 fi
 # Independent of the chain above: its own VM on its own devices.
 if scenario_no_dma_logging && [ "$FLAVOR" = patched ]; then

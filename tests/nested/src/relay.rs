@@ -71,19 +71,60 @@ pub enum RelayError {
     TableMisaligned(u64),
     #[error("memory range table of {0} bytes exceeds the protocol's limit")]
     TableTooLarge(u64),
+    #[error("a request of {0} payload bytes is too large to hold back")]
+    TooLargeToHold(u64),
     #[error("memory range table names more than 2^64 bytes")]
     MemoryOverflow,
     #[error("memory range {gpa:#x}+{length:#x} runs past the end of the address space")]
     RangeOverflow { gpa: u64, length: u64 },
 }
 
+/// Most payload bytes of a request the relay holds back to forward whole
+/// after cutting the source off ([`CutMode::AnswerLost`]): the requests
+/// that matter there (`Complete`, `Switchover`) have none.
+pub const MAX_HELD_PAYLOAD: u64 = 1 << 20;
+
+/// Which side of the named request a cut falls on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CutMode {
+    /// Inside it: its header and part of its payload reach the
+    /// destination (`payload_bytes`).
+    #[default]
+    Inside,
+    /// Before it: the source sent all of it, the destination gets none.
+    Before,
+    /// As `Before`, but both connections stay open, silent, for a while
+    /// (the caller's): a destination that stopped answering.
+    Stall,
+    /// After it: the destination gets all of it, the source never gets
+    /// the answer. The relay holds the request ([`Cut::held`]) so that
+    /// its caller can cut the source off before forwarding it; forwarding
+    /// it first would race the answer back.
+    AnswerLost,
+}
+
+/// Parses a cut mode: `inside`, `before` or `answer-lost`.
+pub fn parse_cut_mode(text: &str) -> Result<CutMode, String> {
+    match text {
+        "inside" => Ok(CutMode::Inside),
+        "before" => Ok(CutMode::Before),
+        "answer-lost" => Ok(CutMode::AnswerLost),
+        "stall" => Ok(CutMode::Stall),
+        _ => Err(format!(
+            "'{text}' is not a cut mode (inside, before, answer-lost, stall)"
+        )),
+    }
+}
+
 /// Where to cut a migration: at the first request with this command code,
-/// after forwarding its header and `payload_bytes` of its payload (default:
-/// half of a known payload, else 16 bytes).
+/// on the side `mode` says; inside it, after forwarding its header and
+/// `payload_bytes` of its payload (default: half of a known payload, else
+/// 16 bytes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CutPoint {
     pub command: u16,
     pub payload_bytes: Option<u64>,
+    pub mode: CutMode,
 }
 
 impl CutPoint {
@@ -151,6 +192,9 @@ pub struct Cut {
     pub length: u64,
     /// Payload bytes forwarded before the cut.
     pub forwarded: u64,
+    /// [`CutMode::AnswerLost`]: the whole request, not forwarded yet.
+    #[serde(skip)]
+    pub held: Vec<u8>,
 }
 
 /// What crossed the wire from the source.
@@ -294,19 +338,12 @@ pub fn forward_requests<R: Read + ?Sized, W: Write + ?Sized>(
         length,
     }) = read_header(src)?
     {
-        dst.write_all(&bytes)?;
         if let Some(cut) = cut.filter(|c| c.command == code) {
-            let forwarded = cut.forwarded_bytes(length);
-            copy_exact(src, dst, forwarded, "the payload before the cut")?;
-            dst.flush()?;
-            report.record(code, forwarded);
-            report.cut = Some(Cut {
-                command: command_name(code),
-                length,
-                forwarded,
-            });
+            report.cut = Some(cut_request(src, dst, cut, bytes, length)?);
+            report.record(code, report.cut.as_ref().map_or(0, |c| c.forwarded));
             return Ok(report);
         }
+        dst.write_all(&bytes)?;
         let known = command_of(code).is_some();
         if code == Command::Memory as u16 {
             let data = forward_memory(src, dst, length)?;
@@ -329,6 +366,41 @@ pub fn forward_requests<R: Read + ?Sized, W: Write + ?Sized>(
         dst.flush()?;
     }
     Ok(report)
+}
+
+/// Cuts at the request whose header `bytes` was just read, as `cut.mode`
+/// says.
+fn cut_request<R: Read + ?Sized, W: Write + ?Sized>(
+    src: &mut R,
+    dst: &mut W,
+    cut: CutPoint,
+    bytes: [u8; HEADER_LEN],
+    length: u64,
+) -> Result<Cut, RelayError> {
+    let mut made = Cut {
+        command: command_name(cut.command),
+        length,
+        forwarded: 0,
+        held: Vec::new(),
+    };
+    match cut.mode {
+        CutMode::Before | CutMode::Stall => {}
+        CutMode::Inside => {
+            dst.write_all(&bytes)?;
+            made.forwarded = cut.forwarded_bytes(length);
+            copy_exact(src, dst, made.forwarded, "the payload before the cut")?;
+            dst.flush()?;
+        }
+        CutMode::AnswerLost => {
+            if length > MAX_HELD_PAYLOAD {
+                return Err(RelayError::TooLargeToHold(length));
+            }
+            made.held.extend_from_slice(&bytes);
+            copy_exact(src, &mut made.held, length, "the request to hold")?;
+            made.forwarded = length;
+        }
+    }
+    Ok(made)
 }
 
 /// What an extra connection carried.
@@ -371,21 +443,15 @@ pub fn forward_extra<R: Read + ?Sized, W: Write + ?Sized>(
             length,
         }) = read_header(src)?
         {
-            dst.write_all(&bytes)?;
             report.command = Some(command_name(code));
             report.device_index = Some(u16::from_le_bytes([bytes[2], bytes[3]]));
             if let Some(cut) = cut.filter(|c| c.command == code) {
-                let forwarded = cut.forwarded_bytes(length);
-                copy_exact(src, dst, forwarded, "the payload before the cut")?;
-                dst.flush()?;
-                report.bytes = forwarded;
-                report.cut = Some(Cut {
-                    command: command_name(code),
-                    length,
-                    forwarded,
-                });
+                let made = cut_request(src, dst, cut, bytes, length)?;
+                report.bytes = made.forwarded;
+                report.cut = Some(made);
                 return Ok(report);
             }
+            dst.write_all(&bytes)?;
         }
     }
     report.bytes = io::copy(src, dst)?;
@@ -472,6 +538,7 @@ mod tests {
         let cut = CutPoint {
             command: Command::State as u16,
             payload_bytes: None,
+            mode: CutMode::Inside,
         };
         let report = forward_requests(&mut stream.as_slice(), &mut out, Some(cut)).unwrap();
         // Everything before State, its header and half its payload.
@@ -481,7 +548,8 @@ mod tests {
             Some(Cut {
                 command: "State".to_string(),
                 length: 40,
-                forwarded: 20
+                forwarded: 20,
+                held: Vec::new(),
             })
         );
         assert!(!report.saw(Command::Complete as u16));
@@ -494,6 +562,7 @@ mod tests {
         let cut = CutPoint {
             command: Command::State as u16,
             payload_bytes: Some(1000),
+            mode: CutMode::Inside,
         };
         let report = forward_requests(&mut stream.as_slice(), &mut out, Some(cut)).unwrap();
         assert_eq!(out, stream[..state_at + HEADER_LEN + 40]);
@@ -528,6 +597,7 @@ mod tests {
         let cut = CutPoint {
             command: Command::DeviceState as u16,
             payload_bytes: None,
+            mode: CutMode::Inside,
         };
         let report = forward_requests(&mut stream.as_slice(), &mut out, Some(cut)).unwrap();
         assert_eq!(out.len(), 2 * HEADER_LEN + 16);
@@ -605,6 +675,7 @@ mod tests {
         let cut = CutPoint {
             command: Command::DeviceState as u16,
             payload_bytes: None,
+            mode: CutMode::Inside,
         };
         let report = forward_extra(&mut &lane[..], &mut out, Some(cut)).unwrap();
         assert_eq!(out.len(), 2 + HEADER_LEN + 16);
@@ -622,6 +693,65 @@ mod tests {
             (report.role.as_str(), report.command),
             ("PrecopyMemory", None)
         );
+    }
+
+    #[test]
+    fn cut_before_forwards_nothing_of_the_named_request() {
+        let (stream, _) = migration();
+        let complete_at = stream.len() - HEADER_LEN;
+        let mut out = Vec::new();
+        let cut = CutPoint {
+            command: Command::Complete as u16,
+            payload_bytes: None,
+            mode: CutMode::Before,
+        };
+        let report = forward_requests(&mut stream.as_slice(), &mut out, Some(cut)).unwrap();
+        assert_eq!(out, stream[..complete_at]);
+        let made = report.cut.unwrap();
+        assert_eq!((made.command.as_str(), made.forwarded), ("Complete", 0));
+        assert!(made.held.is_empty());
+    }
+
+    #[test]
+    fn answer_lost_holds_the_whole_request_for_the_caller() {
+        let (stream, state_at) = migration();
+        let mut out = Vec::new();
+        let cut = CutPoint {
+            command: Command::State as u16,
+            payload_bytes: Some(3),
+            mode: CutMode::AnswerLost,
+        };
+        let report = forward_requests(&mut stream.as_slice(), &mut out, Some(cut)).unwrap();
+        // Nothing of State went out; all of it is held, payload_bytes aside.
+        assert_eq!(out, stream[..state_at]);
+        let made = report.cut.unwrap();
+        assert_eq!(made.held, stream[state_at..state_at + HEADER_LEN + 40]);
+        assert_eq!(made.forwarded, 40);
+    }
+
+    #[test]
+    fn answer_lost_refuses_to_hold_a_large_request() {
+        let mut stream = header(Command::State as u16, MAX_HELD_PAYLOAD + 1);
+        stream.extend([0u8; 64]);
+        let cut = CutPoint {
+            command: Command::State as u16,
+            payload_bytes: None,
+            mode: CutMode::AnswerLost,
+        };
+        let e = forward_requests(&mut stream.as_slice(), &mut Vec::new(), Some(cut)).unwrap_err();
+        assert!(
+            matches!(e, RelayError::TooLargeToHold(n) if n == MAX_HELD_PAYLOAD + 1),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn cut_modes_parse_by_name() {
+        assert_eq!(parse_cut_mode("before"), Ok(CutMode::Before));
+        assert_eq!(parse_cut_mode("answer-lost"), Ok(CutMode::AnswerLost));
+        assert_eq!(parse_cut_mode("inside"), Ok(CutMode::Inside));
+        assert_eq!(parse_cut_mode("stall"), Ok(CutMode::Stall));
+        assert!(parse_cut_mode("after").unwrap_err().contains("'after'"));
     }
 
     #[test]

@@ -62,6 +62,16 @@ const UPSTREAM_CHECKS: &[&str] = &[
     "incompatible-destination/source-running",
     "incompatible-destination/source-ticks-on",
     "incompatible-destination/device-running",
+    // Complete's answer lost: both copies run until the operator stops one.
+    "complete-answer-lost/source-reports-failure",
+    "complete-answer-lost/both-run",
+    "complete-answer-lost/one-runs",
+    // A destination silent at Complete: the source waits it out, paused.
+    "stall-at-complete/source-reports-failure",
+    "stall-at-complete/waited-out-the-stall",
+    "stall-at-complete/source-running",
+    "stall-at-complete/source-ticks-on",
+    "stall-at-complete/device-running",
     "no-dma-logging/boot",
     "no-dma-logging/refused-without-dma-logging",
     "no-dma-logging/source-running",
@@ -102,6 +112,36 @@ const PATCHED_CHECKS: &[&str] = &[
     "incompatible-destination/source-running",
     "incompatible-destination/source-ticks-on",
     "incompatible-destination/device-running",
+    "complete-answer-lost/source-reports-failure",
+    "complete-answer-lost/source-running",
+    "complete-answer-lost/source-ticks-on",
+    "complete-answer-lost/device-running",
+    "complete-answer-lost/destination-kept-paused",
+    "complete-answer-lost/never-both",
+    "complete-answer-lost/one-runs",
+    "stall-at-complete/source-reports-failure",
+    "stall-at-complete/gave-up-after-timeout",
+    "stall-at-complete/source-running",
+    "stall-at-complete/source-ticks-on",
+    "stall-at-complete/device-running",
+    "destination-killed-when-ready/outcome-unknown",
+    "destination-killed-when-ready/source-paused-with-event",
+    "destination-killed-when-ready/new-migration-refused",
+    "destination-killed-when-ready/destination-dead",
+    "destination-killed-when-ready/decided",
+    "destination-killed-when-ready/never-both",
+    "destination-killed-when-ready/one-runs",
+    "switchover-answer-lost/outcome-unknown",
+    "switchover-answer-lost/source-paused-with-event",
+    "switchover-answer-lost/new-migration-refused",
+    "switchover-answer-lost/destination-runs",
+    "switchover-answer-lost/decided",
+    "switchover-answer-lost/never-both",
+    "switchover-answer-lost/one-runs",
+    "source-killed-after-switchover/source-killed",
+    "source-killed-after-switchover/destination-runs",
+    "source-killed-after-switchover/never-both",
+    "source-killed-after-switchover/one-runs",
     "no-dma-logging/boot",
     "no-dma-logging/completed",
     "no-dma-logging/receive-returned",
@@ -310,6 +350,21 @@ fn cloud_hypervisor_nested_snapshot_restore_and_live_migration() {
             let ms = verdict.values.get(key).map_or("?", String::as_str);
             eprintln!("{what:>13}: {ms}");
         }
+    }
+
+    eprintln!("--- switch-over faults: the watcher's sampling, who ran ---");
+    for (name, value) in verdict.values.iter().filter(|(k, _)| {
+        [
+            "complete-answer-lost",
+            "stall-at-complete",
+            "destination-killed-when-ready",
+            "switchover-answer-lost",
+            "source-killed-after-switchover",
+        ]
+        .iter()
+        .any(|s| k.contains(&format!("/{s}/")))
+    }) {
+        eprintln!("{name}: {value}");
     }
 
     eprintln!("--- downtime Cloud Hypervisor reported (live migration, same mtty-2 device) ---");

@@ -9,7 +9,8 @@
 //! ```text
 //! xe-nested-relay --listen unix:/run/relay.sock|tcp:HOST:PORT \
 //!     --to unix:/run/mig.sock|tcp:HOST:PORT \
-//!     [--cut-at state|device-state|CODE [--cut-payload-bytes N] --kill-pid PID] \
+//!     [--cut-at state|device-state|CODE [--cut-mode inside|before|answer-lost|stall] \
+//!      [--cut-payload-bytes N] [--kill-pid PID] [--stall-s N]] \
 //!     [--opaque] --report /run/relay.json [--timeout-s 300]
 //! ```
 //!
@@ -17,7 +18,13 @@
 //! request by request, and the extra ones (CH's memory connections, our
 //! device-state connections), whose role and, for device state, request
 //! are recorded; a cut at `device-state` happens on whichever connection
-//! carries it first. With `--opaque` (a TLS migration, which the relay
+//! carries it first. A cut falls inside the named request (default),
+//! before it (the source sent it, the destination gets none of it), or
+//! after it (`answer-lost`: the destination gets it, the source is cut off
+//! first and never gets the answer), or `stall`s: nothing of it goes on
+//! and both connections stay open and silent for `--stall-s` before they
+//! close. The process `--kill-pid` names is killed at the cut (after the
+//! request went out, for `answer-lost`). With `--opaque` (a TLS migration, which the relay
 //! cannot read) nothing is parsed; the report lists each connection with
 //! its first bytes, so a test can tell that every one is TLS.
 
@@ -34,7 +41,9 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use log::{info, warn};
 use serde_json::{json, Value};
-use xe_vf_nested_test::relay::{forward_extra, forward_requests, parse_command, CutPoint};
+use xe_vf_nested_test::relay::{
+    forward_extra, forward_requests, parse_command, parse_cut_mode, CutMode, CutPoint,
+};
 
 #[derive(Debug, Parser)]
 #[command(about = "Relay a Cloud Hypervisor migration, record its phases, optionally cut it")]
@@ -49,11 +58,18 @@ struct Args {
     /// Cut at the first request of this command (name or code).
     #[arg(long, value_parser = parse_command, conflicts_with = "opaque")]
     cut_at: Option<u16>,
+    /// Which side of the request the cut falls on.
+    #[arg(long, value_parser = parse_cut_mode, default_value = "inside", requires = "cut_at")]
+    cut_mode: CutMode,
     /// Payload bytes of the cut request to forward first (default: half of
     /// a known length, else 16).
     #[arg(long, requires = "cut_at")]
     cut_payload_bytes: Option<u64>,
-    /// Process killed (SIGKILL) at the cut: the destination VMM.
+    /// How long a `stall` keeps both connections open and silent.
+    #[arg(long, default_value_t = 30, requires = "cut_at")]
+    stall_s: u64,
+    /// Process killed (SIGKILL) at the cut: the destination VMM, or the
+    /// source.
     #[arg(long, requires = "cut_at")]
     kill_pid: Option<i32>,
     /// Parse nothing (TLS): record each connection's first bytes.
@@ -219,21 +235,54 @@ impl Shared {
     }
 }
 
-/// Cuts the migration: kills the destination (once) and ends both sides.
-fn cut_here(shared: &Shared, kill_pid: Option<i32>, cut: Value, ends: [&Stream; 2]) -> Result<()> {
-    {
+/// How long the destination has to answer a request forwarded after the
+/// source was cut off, before its end closes too.
+const ANSWER_GRACE: Duration = Duration::from_secs(2);
+
+/// How long the connections stay open after a cut: a `stall`'s silence,
+/// or [`ANSWER_GRACE`] after a held request.
+fn linger(mode: CutMode, stall: Duration) -> Duration {
+    match mode {
+        CutMode::Stall => stall,
+        CutMode::AnswerLost => ANSWER_GRACE,
+        CutMode::Inside | CutMode::Before => Duration::ZERO,
+    }
+}
+
+/// Cuts the migration: kills `kill_pid` (once), waits `linger`, and ends
+/// both sides, `[source, destination]`. With a `held` request
+/// (`answer-lost`), the source is cut off first, then the request goes to
+/// the destination, then the kill: the answer has nowhere to go.
+fn cut_here(
+    shared: &Shared,
+    kill_pid: Option<i32>,
+    cut: Value,
+    held: &[u8],
+    linger: Duration,
+    [source, destination]: [&Stream; 2],
+) -> Result<()> {
+    let first = {
         let mut slot = shared.cut.lock().unwrap_or_else(PoisonError::into_inner);
-        if slot.is_none() {
+        let first = slot.is_none();
+        if first {
             *slot = Some(cut);
-            if let Some(pid) = kill_pid {
-                kill(pid)?;
-                *shared.killed.lock().unwrap_or_else(PoisonError::into_inner) = Some(pid);
-            }
         }
+        first
+    };
+    if !held.is_empty() {
+        source.shutdown(Shutdown::Both);
+        let mut to = destination.try_clone()?;
+        to.write_all(held)
+            .and_then(|()| to.flush())
+            .context("forwarding the held request")?;
     }
-    for end in ends {
-        end.shutdown(Shutdown::Both);
+    if let (true, Some(pid)) = (first, kill_pid) {
+        kill(pid)?;
+        *shared.killed.lock().unwrap_or_else(PoisonError::into_inner) = Some(pid);
     }
+    thread::sleep(linger);
+    source.shutdown(Shutdown::Both);
+    destination.shutdown(Shutdown::Both);
     Ok(())
 }
 
@@ -242,7 +291,7 @@ fn cut_here(shared: &Shared, kill_pid: Option<i32>, cut: Value, ends: [&Stream; 
 fn serve_extra_connections(
     listener: Listener,
     to: Endpoint,
-    args: Arc<(Option<CutPoint>, Option<i32>, bool)>,
+    args: Arc<(Option<CutPoint>, Option<i32>, bool, Duration)>,
     shared: Arc<Shared>,
     main: [Arc<Stream>; 2],
 ) {
@@ -259,7 +308,7 @@ fn serve_extra_connections(
             let result = (|| -> Result<()> {
                 let mut dst = to.connect(Duration::from_secs(10))?;
                 let responses = pump(dst.try_clone()?, src.try_clone()?);
-                let (cut, kill_pid, opaque) = *args;
+                let (cut, kill_pid, opaque, stall) = *args;
                 if opaque {
                     let head = first_bytes(&mut src, &mut dst)?;
                     shared.push(json!({ "kind": "extra", "first_bytes": head }));
@@ -270,7 +319,8 @@ fn serve_extra_connections(
                     shared.push(json!({ "kind": "extra", "report": report }));
                     if let Some(c) = &report.cut {
                         let cut = json!({ "connection": "extra", "command": c.command, "forwarded": c.forwarded });
-                        cut_here(&shared, kill_pid, cut, [&src, &dst])?;
+                        let linger = linger(args.0.map_or(CutMode::Inside, |c| c.mode), stall);
+                        cut_here(&shared, kill_pid, cut, &c.held, linger, [&src, &dst])?;
                         main[0].shutdown(Shutdown::Both);
                         main[1].shutdown(Shutdown::Both);
                         return Ok(());
@@ -327,6 +377,7 @@ fn run(args: Args) -> Result<()> {
     let cut = args.cut_at.map(|command| CutPoint {
         command,
         payload_bytes: args.cut_payload_bytes,
+        mode: args.cut_mode,
     });
     let main = [
         Arc::new(source.try_clone()?),
@@ -335,7 +386,12 @@ fn run(args: Args) -> Result<()> {
     serve_extra_connections(
         listener,
         args.to.clone(),
-        Arc::new((cut, args.kill_pid, args.opaque)),
+        Arc::new((
+            cut,
+            args.kill_pid,
+            args.opaque,
+            Duration::from_secs(args.stall_s),
+        )),
         shared.clone(),
         main,
     );
@@ -357,13 +413,17 @@ fn run(args: Args) -> Result<()> {
 
     match &forwarded {
         Ok(Some(report)) if report.cut.is_some() => {
-            let c = report.cut.as_ref().map(
-                |c| json!({ "connection": "main", "command": c.command, "forwarded": c.forwarded }),
-            );
+            let held = report.cut.as_ref().map_or(&[][..], |c| &c.held[..]);
+            let c = report.cut.as_ref().map(|c| {
+                json!({ "connection": "main", "command": c.command, "forwarded": c.forwarded,
+                            "mode": format!("{:?}", args.cut_mode) })
+            });
             cut_here(
                 &shared,
                 args.kill_pid,
                 c.unwrap_or_default(),
+                held,
+                linger(args.cut_mode, Duration::from_secs(args.stall_s)),
                 [&source, &destination],
             )?;
         }
