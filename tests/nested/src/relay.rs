@@ -103,7 +103,7 @@ pub enum CutMode {
     AnswerLost,
 }
 
-/// Parses a cut mode: `inside`, `before` or `answer-lost`.
+/// Parses a cut mode: `inside`, `before`, `answer-lost` or `stall`.
 pub fn parse_cut_mode(text: &str) -> Result<CutMode, String> {
     match text {
         "inside" => Ok(CutMode::Inside),
@@ -190,7 +190,8 @@ pub struct Cut {
     pub command: String,
     /// The request's `length` field.
     pub length: u64,
-    /// Payload bytes forwarded before the cut.
+    /// Payload bytes forwarded before the cut (for
+    /// [`CutMode::AnswerLost`]: all of them, by the caller, after it).
     pub forwarded: u64,
     /// [`CutMode::AnswerLost`]: the whole request, not forwarded yet.
     #[serde(skip)]

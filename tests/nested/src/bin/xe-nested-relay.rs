@@ -19,14 +19,14 @@
 //! device-state connections), whose role and, for device state, request
 //! are recorded; a cut at `device-state` happens on whichever connection
 //! carries it first. A cut falls inside the named request (default),
-//! before it (the source sent it, the destination gets none of it), or
-//! after it (`answer-lost`: the destination gets it, the source is cut off
-//! first and never gets the answer), or `stall`s: nothing of it goes on
-//! and both connections stay open and silent for `--stall-s` before they
-//! close. The process `--kill-pid` names is killed at the cut (after the
-//! request went out, for `answer-lost`). With `--opaque` (a TLS migration, which the relay
-//! cannot read) nothing is parsed; the report lists each connection with
-//! its first bytes, so a test can tell that every one is TLS.
+//! before it (the source sent it, the destination gets none of it), after
+//! it (`answer-lost`: the destination gets it, the source is cut off first
+//! and never gets the answer), or `stall`s: nothing of it goes on and both
+//! connections stay open and silent for `--stall-s` before they close. The
+//! process `--kill-pid` names is killed at the cut (after the request went
+//! out, for `answer-lost`). With `--opaque` (a TLS migration, which the
+//! relay cannot read) nothing is parsed; the report lists each connection
+//! with its first bytes, so a test can tell that every one is TLS.
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -318,9 +318,9 @@ fn serve_extra_connections(
                     let report = forward_extra(&mut src, &mut dst, cut)?;
                     shared.push(json!({ "kind": "extra", "report": report }));
                     if let Some(c) = &report.cut {
-                        let cut = json!({ "connection": "extra", "command": c.command, "forwarded": c.forwarded });
-                        let linger = linger(args.0.map_or(CutMode::Inside, |c| c.mode), stall);
-                        cut_here(&shared, kill_pid, cut, &c.held, linger, [&src, &dst])?;
+                        let linger = linger(cut.map_or(CutMode::Inside, |c| c.mode), stall);
+                        let made = json!({ "connection": "extra", "command": c.command, "forwarded": c.forwarded });
+                        cut_here(&shared, kill_pid, made, &c.held, linger, [&src, &dst])?;
                         main[0].shutdown(Shutdown::Both);
                         main[1].shutdown(Shutdown::Both);
                         return Ok(());
