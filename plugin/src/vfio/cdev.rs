@@ -150,8 +150,9 @@ impl BoundCdev {
         };
         // SAFETY: `iommufd` is open and ours; `info` is a complete,
         // zero-initialized iommu_hw_info (with out_capabilities) on our
-        // stack with `size` set to its size. `data_len` is 0 so the kernel writes no user buffer
-        // (`data_uptr` is null); it only fills fields of `info`.
+        // stack with `size` set to its size. `data_len` is 0 so the
+        // kernel writes no user buffer (`data_uptr` is null); it only
+        // fills fields of `info`.
         let ret =
             unsafe { libc::ioctl(self.iommufd.as_raw_fd(), IOMMU_GET_HW_INFO, &raw mut info) };
         if ret < 0 {
