@@ -13,12 +13,12 @@
 //! the reason printed) only when `XE_SKIP_NESTED=1`, or when qemu is missing
 //! and cannot be installed (not root).
 
-use std::collections::BTreeMap;
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use xe_vf_guest_support::qemu_skip_reason;
+use xe_vf_nested_test::verdict::Verdict;
 
 /// Whether the patched flavour (our series in
 /// `vmm-glue/cloud-hypervisor/patches`) runs: `require` fails without it,
@@ -26,8 +26,6 @@ use xe_vf_guest_support::qemu_skip_reason;
 /// exists, so CI must not pass without its scenarios. `XE_NESTED_PATCHED`
 /// overrides it for a run by hand.
 const PATCHED: &str = "require";
-
-const TAG: &str = "XE-NESTED: ";
 
 /// The L1 steps, then every step of every scenario, in the order printed.
 const L1_CHECKS: &[&str] = &["l1/kvm", "l1/modules"];
@@ -192,56 +190,6 @@ fn skip_reason() -> Option<String> {
     qemu_skip_reason("XE_SKIP_NESTED")
 }
 
-/// One `CHECK <flavour>/<scenario>/<step> pass|fail <detail>` line.
-#[derive(Debug)]
-struct Check {
-    passed: bool,
-    detail: String,
-}
-
-/// Everything the run printed that the test reads.
-#[derive(Debug, Default)]
-struct Verdict {
-    checks: BTreeMap<String, Check>,
-    order: Vec<String>,
-    values: BTreeMap<String, String>,
-    results: Vec<String>,
-    flavors: Vec<String>,
-}
-
-fn parse(stdout: &str) -> Verdict {
-    let mut verdict = Verdict::default();
-    for line in stdout.lines().filter_map(|l| l.strip_prefix(TAG)) {
-        let (kind, rest) = line.split_once(' ').unwrap_or((line, ""));
-        match kind {
-            "CHECK" => {
-                let mut parts = rest.splitn(3, ' ');
-                let name = parts.next().unwrap_or_default().to_string();
-                let passed = parts.next() == Some("pass");
-                let detail = parts.next().unwrap_or_default().trim().to_string();
-                assert!(
-                    !verdict.checks.contains_key(&name),
-                    "step {name} reported twice"
-                );
-                verdict.order.push(name.clone());
-                verdict.checks.insert(name, Check { passed, detail });
-            }
-            "VALUE" => {
-                let (name, value) = rest.split_once(' ').unwrap_or((rest, ""));
-                verdict
-                    .values
-                    .insert(name.to_string(), value.trim().to_string());
-            }
-            "RESULT" => verdict.results.push(rest.trim().to_string()),
-            "FLAVOR" => verdict
-                .flavors
-                .push(rest.split(' ').next().unwrap_or_default().to_string()),
-            _ => {}
-        }
-    }
-    verdict
-}
-
 fn expected_checks(flavors: &[String]) -> Vec<String> {
     let mut expected: Vec<String> = L1_CHECKS.iter().map(|c| c.to_string()).collect();
     for flavor in flavors {
@@ -276,13 +224,13 @@ fn cloud_hypervisor_nested_snapshot_restore_and_live_migration() {
     eprintln!("--- scripts/nested/run.sh stderr ---\n{stderr}");
     eprintln!("--- scripts/nested/run.sh stdout ---\n{stdout}");
 
-    let verdict = parse(&stdout);
-    let failed: Vec<String> = verdict
-        .order
-        .iter()
-        .filter(|name| !verdict.checks[*name].passed)
-        .map(|name| format!("{name}: {}", verdict.checks[name].detail))
-        .collect();
+    let verdict = Verdict::parse(&stdout);
+    assert!(
+        verdict.repeated.is_empty(),
+        "steps reported twice: {:?}",
+        verdict.repeated
+    );
+    let failed = verdict.failed();
     assert!(failed.is_empty(), "failed steps: {failed:#?}");
     assert!(
         output.status.success(),
