@@ -19,7 +19,8 @@ use crate::connection::read_answer;
 pub const SUPPORTED_FEATURES: ProtocolFeatures = ProtocolFeatures::DEVICE_STATE
     .union(ProtocolFeatures::SWITCHOVER)
     .union(ProtocolFeatures::DEVICE_STATE_CONNECTIONS)
-    .union(ProtocolFeatures::VERIFY);
+    .union(ProtocolFeatures::VERIFY)
+    .union(ProtocolFeatures::VRAM_PRECOPY);
 
 /// Source: sends `Start` offering `offered`; returns the features both
 /// sides speak.

@@ -18,20 +18,57 @@
 //! A destination without the feature gets every state on the main
 //! connection, in turn, after `State` ([`crate::streamed::send_one`]).
 
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
+use log::info;
 use vm_migration::protocol::{
     Command, ConnectionRole, Request, Response, DEVICE_STATE_SELF_DELIMITED,
 };
 use vm_migration::MigratableError;
 
-use crate::connection::{chain, is_eof, write_error, Connection};
-use crate::streamed::{send_one, Component, IncomingDevices};
+use crate::connection::{chain, expect_ok, is_eof, with_refusal, write_error, Connection};
+use crate::streamed::{send_one, wire_index, Component, IncomingDevices};
+use crate::verify::digest::PageDigester;
+use crate::vram::{
+    self, rates, PrecopyReport, StreamLayout, VramPrecopyMode, VramSource, WindowStats,
+    WindowWriter, VRAM_PRECOPY_LANE,
+};
+
+/// One device-state connection of the source.
+struct Lane<C> {
+    /// `None` while its pre-copy thread holds it.
+    conn: Option<C>,
+    vram: Option<VramLane<C>>,
+}
+
+/// A connection that pre-copies its component's VRAM.
+struct VramLane<C> {
+    layout: Box<dyn StreamLayout>,
+    bar_size: u64,
+    running: Option<JoinHandle<(C, io::Result<PrecopyReport>)>>,
+    report: Option<PrecopyReport>,
+}
+
+/// The migration's choice of digest and key for VRAM, and the rate this
+/// machine hashes at (one thread per connection).
+pub struct VramPlan {
+    pub mode: VramPrecopyMode,
+    pub begin: vram::wire::Begin,
+    pub digester: PageDigester,
+    pub hash_rate: f64,
+}
 
 /// The source's device-state connections, one per streamed component.
 pub struct DeviceLanes<C: Connection> {
-    conns: Vec<C>,
+    lanes: Vec<Lane<C>>,
+    stop_precopy: Arc<AtomicBool>,
+    plan: Option<Arc<VramPlan>>,
+    link_rate: f64,
 }
 
 /// What one connection of its own carried.
@@ -41,12 +78,30 @@ pub struct LaneOutcome {
     pub result: Result<u64, MigratableError>,
     /// From the start of [`DeviceLanes::send`] to the destination's answer.
     pub elapsed: Duration,
+    /// With VRAM pre-copy: what pre-copy sent and what the stop-copy
+    /// stream cost.
+    pub vram: Option<VramOutcome>,
+}
+
+/// A component's VRAM in this migration.
+#[derive(Clone, Debug, Default)]
+pub struct VramOutcome {
+    pub precopy: PrecopyReport,
+    /// Whether stop-copy compared pages, and why.
+    pub compared: bool,
+    pub reason: String,
+    pub stream: WindowStats,
 }
 
 impl<C: Connection> DeviceLanes<C> {
     /// No connections: states go in turn on the main connection.
     pub fn none() -> Self {
-        DeviceLanes { conns: Vec::new() }
+        DeviceLanes {
+            lanes: Vec::new(),
+            stop_precopy: Arc::new(AtomicBool::new(false)),
+            plan: None,
+            link_rate: 0.0,
+        }
     }
 
     /// Opens `count` connections with `connect`, each announcing
@@ -62,63 +117,141 @@ impl<C: Connection> DeviceLanes<C> {
                 lanes.close();
                 return Err(e);
             }
-            lanes.conns.push(conn);
+            lanes.lanes.push(Lane {
+                conn: Some(conn),
+                vram: None,
+            });
         }
         Ok(lanes)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.conns.is_empty()
+        self.lanes.is_empty()
     }
 
     pub fn len(&self) -> usize {
-        self.conns.len()
+        self.lanes.len()
     }
 
     /// Closes the connections unused (a migration that failed before the
-    /// components' turn): the destination's handlers see them end.
+    /// components' turn): the destination's handlers see them end. A
+    /// running VRAM pre-copy is stopped first.
     ///
     /// Closing is dropping: nothing else holds these sockets, and CH's
     /// migration worker has no seccomp rule for `shutdown(2)`.
     pub fn close(&mut self) {
-        self.conns.clear();
+        self.stop_precopy.store(true, Ordering::Relaxed);
+        for lane in &mut self.lanes {
+            if let Some(t) = lane.vram.as_mut().and_then(|v| v.running.take()) {
+                let _ = t.join();
+            }
+        }
+        self.lanes.clear();
+    }
+
+    /// The link rate (bytes/s) measured by the memory pre-copy, which
+    /// decides whether comparing VRAM pays in stop-copy.
+    pub fn set_link_rate(&mut self, bytes_per_s: f64) {
+        self.link_rate = bytes_per_s;
+    }
+
+    /// Stops the VRAM pre-copy at its next step (it then ends cleanly).
+    pub fn stop_vram_precopy(&self) {
+        self.stop_precopy.store(true, Ordering::Relaxed);
+    }
+
+    /// Waits for every VRAM pre-copy to end; the first that failed fails
+    /// the migration (its connection is unusable then).
+    pub fn finish_vram_precopy(&mut self) -> Result<Vec<PrecopyReport>, MigratableError> {
+        let mut reports = Vec::new();
+        let mut first_error = None;
+        for (position, lane) in self.lanes.iter_mut().enumerate() {
+            let Some(v) = lane.vram.as_mut() else {
+                continue;
+            };
+            let Some(t) = v.running.take() else {
+                reports.extend(v.report);
+                continue;
+            };
+            match t.join() {
+                Ok((conn, Ok(report))) => {
+                    lane.conn = Some(conn);
+                    v.report = Some(report);
+                    reports.push(report);
+                }
+                Ok((mut conn, Err(e))) => {
+                    let e = MigratableError::MigrateSend(
+                        anyhow!(e).context(format!("VRAM pre-copy of component #{position}")),
+                    );
+                    first_error.get_or_insert(with_refusal(&mut conn, e));
+                }
+                Err(_) => {
+                    first_error.get_or_insert(MigratableError::MigrateSend(anyhow!(
+                        "VRAM pre-copy thread of component #{position} panicked"
+                    )));
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(reports),
+        }
     }
 
     /// Streams every paused component (in wire order, one per connection)
     /// while `during` runs on the calling thread; returns what `during`
-    /// returned and each connection's outcome, in wire order.
+    /// returned and each connection's outcome, in wire order. A VRAM
+    /// pre-copy still running is stopped and waited for first.
     pub fn send<R>(
         mut self,
         components: &mut [Component],
         during: impl FnOnce() -> R,
     ) -> (R, Vec<LaneOutcome>) {
         let started = Instant::now();
-        let conns = std::mem::take(&mut self.conns);
+        self.stop_vram_precopy();
+        let precopy_failed = self.finish_vram_precopy().err();
+        let lanes = std::mem::take(&mut self.lanes);
+        let (plan, link_rate) = (self.plan.clone(), self.link_rate);
         std::thread::scope(|s| {
             let mut threads = Vec::new();
             let mut unsent = Vec::new();
-            let mut conns = conns.into_iter();
+            let mut lanes = lanes.into_iter();
             for (position, component) in components.iter_mut().enumerate() {
                 let id = component.id.clone();
-                let Some(mut conn) = conns.next() else {
+                let lane = lanes.next();
+                let (Some(mut conn), vram) = lane.map_or((None, None), |l| (l.conn, l.vram)) else {
                     unsent.push(LaneOutcome {
                         id,
-                        result: Err(MigratableError::MigrateSend(anyhow!(
-                            "no device-state connection left for it"
-                        ))),
+                        result: Err(match &precopy_failed {
+                            Some(e) => MigratableError::MigrateSend(anyhow!(chain(e))),
+                            None => MigratableError::MigrateSend(anyhow!(
+                                "no device-state connection left for it"
+                            )),
+                        }),
                         elapsed: Duration::ZERO,
+                        vram: None,
                     });
                     continue;
                 };
+                let plan = plan.clone();
                 let spawned = std::thread::Builder::new()
                     .name(format!("migrate-state-{position}"))
                     .spawn_scoped(s, move || {
-                        let result = send_one(&mut conn, position, component, None);
+                        let (result, vram) = match (vram, plan) {
+                            (Some(mut v), Some(plan)) => {
+                                let (result, outcome) = send_windows(
+                                    &mut conn, position, component, &mut v, &plan, link_rate,
+                                );
+                                (result, Some(outcome))
+                            }
+                            _ => (send_one(&mut conn, position, component, None), None),
+                        };
                         drop(conn);
                         LaneOutcome {
                             id,
                             result,
                             elapsed: started.elapsed(),
+                            vram,
                         }
                     });
                 match spawned {
@@ -129,11 +262,12 @@ impl<C: Connection> DeviceLanes<C> {
                             anyhow!(e).context("spawning a device-state thread"),
                         )),
                         elapsed: Duration::ZERO,
+                        vram: None,
                     }),
                 }
             }
             // Unused (more connections than components): closed now.
-            drop(conns);
+            drop(lanes);
             let during = during();
             let mut outcomes: Vec<LaneOutcome> = threads
                 .into_iter()
@@ -144,6 +278,7 @@ impl<C: Connection> DeviceLanes<C> {
                             "device-state thread panicked"
                         ))),
                         elapsed: started.elapsed(),
+                        vram: None,
                     })
                 })
                 .collect();
@@ -151,6 +286,121 @@ impl<C: Connection> DeviceLanes<C> {
             (during, outcomes)
         })
     }
+}
+
+impl<C: Connection + 'static> DeviceLanes<C> {
+    /// Starts reading each component's VRAM through its BAR (`sources`,
+    /// in wire order, `None` for a component without one) and sending it
+    /// on the component's connection, while the VM runs. The destination
+    /// agreed to `VRAM_PRECOPY`.
+    pub fn start_vram_precopy(
+        &mut self,
+        sources: Vec<Option<VramSource>>,
+        plan: Arc<VramPlan>,
+    ) -> Result<(), MigratableError> {
+        for (position, (lane, source)) in self.lanes.iter_mut().zip(sources).enumerate() {
+            let Some(source) = source else {
+                continue;
+            };
+            let Some(mut conn) = lane.conn.take() else {
+                continue;
+            };
+            let (stop, plan_for_thread) = (self.stop_precopy.clone(), plan.clone());
+            let bar = source.bar.clone();
+            let bar_size = bar.size();
+            let running = std::thread::Builder::new()
+                .name(format!("migrate-vram-{position}"))
+                .spawn(move || {
+                    let sent = Request::new(Command::DeviceState, VRAM_PRECOPY_LANE)
+                        .write_to(&mut conn)
+                        .map_err(io::Error::other)
+                        .and_then(|()| {
+                            let begin = vram::wire::Begin {
+                                bar_size,
+                                ..plan_for_thread.begin.clone()
+                            };
+                            vram::precopy(&mut conn, &*bar, &begin, &stop)
+                        });
+                    (conn, sent)
+                })
+                .map_err(|e| {
+                    MigratableError::MigrateSend(anyhow!(e).context("spawning a VRAM thread"))
+                })?;
+            lane.vram = Some(VramLane {
+                layout: source.layout,
+                bar_size,
+                running: Some(running),
+                report: None,
+            });
+        }
+        self.plan = Some(plan);
+        Ok(())
+    }
+}
+
+/// Source: the paused `component`'s stream as windows on its pre-copy
+/// connection; pages are compared when the rates say it pays.
+fn send_windows<C: Connection>(
+    conn: &mut C,
+    position: usize,
+    component: &mut Component,
+    v: &mut VramLane<C>,
+    plan: &VramPlan,
+    link_rate: f64,
+) -> (Result<u64, MigratableError>, VramOutcome) {
+    let started = Instant::now();
+    let decision = rates::decide(plan.mode, v.bar_size, plan.hash_rate, link_rate);
+    info!(
+        "Migration: {}: VRAM pre-copied ({} of {} bytes read); stop-copy {}: {}",
+        component.id,
+        v.report.map_or(0, |r| r.read_bytes),
+        v.bar_size,
+        if decision.compare {
+            "compares pages"
+        } else {
+            "sends all"
+        },
+        decision.reason
+    );
+    let mut outcome = VramOutcome {
+        precopy: v.report.unwrap_or_default(),
+        compared: decision.compare,
+        reason: decision.reason,
+        stream: WindowStats::default(),
+    };
+    let result = (|| {
+        let index = wire_index(position)?;
+        let failed = |e: io::Error| MigratableError::MigrateSend(anyhow!(e).context("VRAM stream"));
+        let digester = decision.compare.then_some(&plan.digester);
+        let mut writer =
+            WindowWriter::start(&mut *conn, index, &mut *v.layout, digester).map_err(failed)?;
+        let sent = component.state.send_state(&mut writer);
+        let stats = writer.stats();
+        let finished = match sent {
+            Ok(_) => writer.finish().map_err(failed),
+            Err(e) => Err(e),
+        };
+        let stats = match finished {
+            Ok(stats) => stats,
+            Err(e) => {
+                outcome.stream = stats;
+                return Err(with_refusal(conn, e));
+            }
+        };
+        outcome.stream = stats;
+        expect_ok(conn)?;
+        info!(
+            "Migration: {}: {} bytes of streamed state in {} ms, {} of them sent, {} from \
+             pre-copied VRAM",
+            component.id,
+            stats.stream_bytes,
+            started.elapsed().as_millis(),
+            stats.sent_bytes,
+            stats.held_bytes
+        );
+        Ok(stats.stream_bytes)
+    })();
+    (result, outcome)
 }
 
 impl<C: Connection> Drop for DeviceLanes<C> {
@@ -167,8 +417,21 @@ impl IncomingDevices {
     /// quietly. A failure is recorded ([`IncomingDevices::take_lane_error`])
     /// before the source is told.
     pub fn serve_lane<C: Connection>(&self, conn: &mut C) {
+        self.serve_lane_waiting(conn, &mut |_| Ok(true));
+    }
+
+    /// As [`IncomingDevices::serve_lane`]; on a connection that
+    /// pre-copies VRAM the source is silent from the end of pre-copy
+    /// until it pauses, and `wait` is called there: it returns once the
+    /// connection is readable, or `false` to end quietly (the VMM's own
+    /// way to give up, as before the first request).
+    pub fn serve_lane_waiting<C: Connection>(
+        &self,
+        conn: &mut C,
+        wait: &mut dyn FnMut(&C) -> io::Result<bool>,
+    ) {
         let mut id = None;
-        if let Err(e) = self.serve_lane_inner(conn, &mut id) {
+        if let Err(e) = self.serve_lane_inner(conn, &mut id, wait) {
             let message = match &id {
                 Some(id) => format!("device-state {id}: {}", chain(&e)),
                 None => chain(&e),
@@ -182,6 +445,7 @@ impl IncomingDevices {
         &self,
         conn: &mut C,
         id: &mut Option<String>,
+        wait: &mut dyn FnMut(&C) -> io::Result<bool>,
     ) -> Result<(), MigratableError> {
         let request = match Request::read_from(conn) {
             Ok(r) => r,
@@ -189,6 +453,9 @@ impl IncomingDevices {
             Err(e) if is_eof(&e) => return Ok(()),
             Err(e) => return Err(e),
         };
+        if request.command() == Command::DeviceState && request.length() == VRAM_PRECOPY_LANE {
+            return self.serve_vram_lane(conn, id, wait);
+        }
         if request.command() != Command::DeviceState
             || request.length() != DEVICE_STATE_SELF_DELIMITED
         {
@@ -202,6 +469,47 @@ impl IncomingDevices {
         self.lane_loaded(bytes);
         Response::ok().write_to(conn)
     }
+
+    /// Pre-copied VRAM into a store, then, once the source paused, the
+    /// component's stream rebuilt from windows and the store.
+    fn serve_vram_lane<C: Connection>(
+        &self,
+        conn: &mut C,
+        id: &mut Option<String>,
+        wait: &mut dyn FnMut(&C) -> io::Result<bool>,
+    ) -> Result<(), MigratableError> {
+        let failed = |e: io::Error| MigratableError::MigrateReceive(anyhow!(e));
+        let dir = self.vram_dir().ok_or_else(|| {
+            MigratableError::MigrateReceive(anyhow!(
+                "VRAM pre-copy on a connection, but this side did not accept VRAM_PRECOPY"
+            ))
+        })?;
+        let precopied = vram::receive_precopy(conn, dir)
+            .map_err(|e| MigratableError::MigrateReceive(anyhow!(e).context("VRAM pre-copy")))?;
+        if !wait(conn).map_err(failed)? {
+            return Ok(());
+        }
+        let index = match vram::read_stream_start(conn) {
+            Ok(index) => index,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(failed(e)),
+        };
+        *id = self.id(index).map(str::to_string);
+        let mut rebuild = vram::Rebuild::new(conn, &precopied.store);
+        let bytes = self.receive(index, &mut rebuild)?;
+        let stats = rebuild.finish().map_err(failed)?;
+        self.vram_loaded(&stats);
+        self.lane_loaded(bytes);
+        info!(
+            "Migration (incoming): {}: {} stream bytes, {} from pre-copied VRAM ({} bytes were \
+             pre-copied)",
+            id.as_deref().unwrap_or("?"),
+            stats.stream_bytes,
+            stats.held_bytes,
+            precopied.store.stored_bytes()
+        );
+        Response::ok().write_to(conn)
+    }
 }
 
 #[cfg(test)]
@@ -213,6 +521,7 @@ mod tests {
     use super::*;
     use crate::streamed::tests::{handle, Fake};
     use crate::streamed::StreamedDescription;
+    use crate::vram::{StreamLayout, VramPrecopyMode, VramSource};
 
     fn described(ids: &[&str]) -> Vec<StreamedDescription> {
         ids.iter()
@@ -337,7 +646,9 @@ mod tests {
         let incoming =
             IncomingDevices::check(vec![("gpu0".into(), h0)], &described(&["gpu0"])).unwrap();
         let (a, mut b) = UnixStream::pair().unwrap();
-        let mut lanes = DeviceLanes { conns: vec![a] };
+        let mut a = Some(a);
+        let mut lanes = DeviceLanes::open(1, || Ok(a.take().unwrap())).unwrap();
+        ConnectionRole::read_from(&mut b).unwrap();
         lanes.close();
         incoming.serve_lane(&mut b);
         assert!(incoming.take_lane_error().is_none());
@@ -352,5 +663,174 @@ mod tests {
             "{}",
             chain(&e.error)
         );
+    }
+
+    /// The BAR of a [`Fake`]: `len` bytes of its byte.
+    struct FakeBar(Vec<u8>);
+
+    impl vram::BarSource for FakeBar {
+        fn size(&self) -> u64 {
+            self.0.len() as u64
+        }
+
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            buf.copy_from_slice(&self.0[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+    }
+
+    /// A [`Fake`]'s stream: an 8-byte length, then BAR bytes from 0.
+    struct FakeLayout {
+        at: u64,
+    }
+
+    impl StreamLayout for FakeLayout {
+        fn map(&mut self, data: &[u8], out: &mut Vec<vram::wire::Piece>) {
+            let mut data = data.len() as u64;
+            if self.at < 8 {
+                let n = (8 - self.at).min(data);
+                out.push(vram::wire::Piece::raw(n));
+                self.at += n;
+                data -= n;
+            }
+            if data > 0 {
+                out.push(vram::wire::Piece::bar(self.at - 8, data));
+                self.at += data;
+            }
+        }
+    }
+
+    fn plan(mode: VramPrecopyMode) -> Arc<VramPlan> {
+        let key = crate::verify::DigestKey([5; 32]);
+        let function = crate::verify::DigestFunction::Nh128;
+        Arc::new(VramPlan {
+            mode,
+            begin: vram::wire::Begin {
+                function,
+                key: key.clone(),
+                bar_size: 0,
+            },
+            digester: PageDigester::new(function, &key),
+            hash_rate: 0.0,
+        })
+    }
+
+    /// Migrates one [`Fake`] of `len` bytes whose BAR reads `bar`, over a
+    /// lane that pre-copies VRAM; `dir` is where the destination keeps it.
+    fn migrate_with_vram(
+        len: usize,
+        bar: Vec<u8>,
+        mode: VramPrecopyMode,
+        dir: Option<std::path::PathBuf>,
+    ) -> (
+        LaneOutcome,
+        Arc<IncomingDevices>,
+        crate::streamed::tests::Loaded,
+    ) {
+        let (h0, loaded) = handle("xe");
+        let mut incoming =
+            IncomingDevices::check(vec![("gpu0".into(), h0)], &described(&["gpu0"])).unwrap();
+        if let Some(dir) = dir {
+            incoming = incoming.with_vram_dir(dir);
+        }
+        let incoming = Arc::new(incoming);
+        let mut servers = Vec::new();
+        let mut lanes = DeviceLanes::open(1, || {
+            let (a, mut b) = UnixStream::pair().unwrap();
+            let incoming = incoming.clone();
+            servers.push(std::thread::spawn(move || {
+                ConnectionRole::read_from(&mut b).unwrap();
+                incoming.serve_lane(&mut b);
+            }));
+            Ok(a)
+        })
+        .unwrap();
+        let source = VramSource {
+            bar: Arc::new(FakeBar(bar)),
+            layout: Box::new(FakeLayout { at: 0 }),
+        };
+        lanes
+            .start_vram_precopy(vec![Some(source)], plan(mode))
+            .unwrap();
+        if let Err(e) = lanes.finish_vram_precopy() {
+            drop(lanes);
+            for s in servers {
+                s.join().unwrap();
+            }
+            let outcome = LaneOutcome {
+                id: "gpu0".into(),
+                result: Err(e),
+                elapsed: Duration::ZERO,
+                vram: None,
+            };
+            return (outcome, incoming, loaded);
+        }
+        let mut fake = Fake {
+            kind: "xe".into(),
+            byte: 0x77,
+            len,
+        };
+        let mut components = [Component {
+            id: "gpu0".into(),
+            state: &mut fake,
+        }];
+        let ((), mut outcomes) = lanes.send(&mut components, || ());
+        for s in servers {
+            s.join().unwrap();
+        }
+        (outcomes.remove(0), incoming, loaded)
+    }
+
+    #[test]
+    fn vram_precopy_lane_sends_only_what_changed_since_precopy() {
+        const LEN: usize = 1 << 20;
+        // The BAR read during pre-copy: the state's bytes except the
+        // last 256 KiB, which the device changes after it was read.
+        let mut bar = vec![0x77; LEN];
+        bar[3 << 18..].fill(0x11);
+        let (outcome, incoming, loaded) =
+            migrate_with_vram(LEN, bar, VramPrecopyMode::On, Some(std::env::temp_dir()));
+        assert_eq!(*outcome.result.as_ref().unwrap(), 8 + LEN as u64);
+        let vram = outcome.vram.unwrap();
+        assert!(vram.compared);
+        assert_eq!(vram.precopy.read_bytes, LEN as u64);
+        // The 8-byte prefix and the changed 256 KiB travel; the rest is held.
+        assert_eq!(vram.stream.sent_bytes, 8 + (1 << 18));
+        assert_eq!(incoming.vram_bytes(), (3 << 18, 8 + (1 << 18)));
+        incoming.check_all_received().unwrap();
+        assert_eq!(
+            loaded.lock().unwrap().as_deref(),
+            Some(&vec![0x77; LEN][..])
+        );
+    }
+
+    #[test]
+    fn vram_precopy_off_by_the_rates_sends_every_byte_on_the_same_lane() {
+        const LEN: usize = 1 << 20;
+        let (outcome, incoming, loaded) = migrate_with_vram(
+            LEN,
+            vec![0x77; LEN],
+            VramPrecopyMode::Off,
+            Some(std::env::temp_dir()),
+        );
+        outcome.result.unwrap();
+        let vram = outcome.vram.unwrap();
+        assert!(!vram.compared);
+        assert_eq!(vram.stream.sent_bytes, 8 + LEN as u64);
+        assert_eq!(incoming.vram_bytes().0, 0);
+        assert_eq!(loaded.lock().unwrap().as_ref().unwrap().len(), LEN);
+    }
+
+    #[test]
+    fn vram_precopy_to_a_destination_that_did_not_accept_it_fails_before_the_stream() {
+        let (outcome, incoming, _) =
+            migrate_with_vram(1 << 20, vec![0x77; 1 << 20], VramPrecopyMode::On, None);
+        let e = outcome.result.unwrap_err();
+        assert!(
+            chain(&e).contains("did not accept VRAM_PRECOPY"),
+            "{}",
+            chain(&e)
+        );
+        assert!(incoming.check_all_received().is_err());
     }
 }

@@ -38,6 +38,7 @@ pub mod ranges;
 pub mod streamed;
 pub mod switchover;
 pub mod verify;
+pub mod vram;
 
 pub use connection::Connection;
 pub use features::SUPPORTED_FEATURES;

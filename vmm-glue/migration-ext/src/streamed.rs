@@ -18,6 +18,7 @@
 //! ([`wire_order`]), on both sides.
 
 use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
@@ -49,7 +50,7 @@ pub fn wire_order<T, F: Fn(&T) -> &str>(items: &mut [T], id: F) {
 }
 
 /// Index of the `position`th component on the wire.
-fn wire_index(position: usize) -> Result<u16, MigratableError> {
+pub(crate) fn wire_index(position: usize) -> Result<u16, MigratableError> {
     u16::try_from(position)
         .map_err(|_| MigratableError::MigrateSend(anyhow!("too many streamed components")))
 }
@@ -146,6 +147,12 @@ pub struct IncomingDevices {
     /// The first failure on a connection of its own, with the id of its
     /// component when the request named one.
     lane_error: Mutex<Option<LaneError>>,
+    /// Where pre-copied VRAM is kept (`VRAM_PRECOPY` accepted); `None`
+    /// refuses a connection that pre-copies.
+    vram_dir: Option<PathBuf>,
+    /// Stream bytes rebuilt from pre-copied VRAM, and sent in stop-copy.
+    vram_held_bytes: AtomicU64,
+    vram_sent_bytes: AtomicU64,
 }
 
 /// A failure on a device-state connection of its own.
@@ -167,7 +174,38 @@ impl IncomingDevices {
             active: AtomicUsize::new(0),
             lane_bytes: AtomicU64::new(0),
             lane_error: Mutex::new(None),
+            vram_dir: None,
+            vram_held_bytes: AtomicU64::new(0),
+            vram_sent_bytes: AtomicU64::new(0),
         }
+    }
+
+    /// Accepts VRAM pre-copy, keeping pre-copied VRAM in unnamed files in
+    /// `dir` (on disk, not in this process's memory).
+    pub fn with_vram_dir(mut self, dir: PathBuf) -> Self {
+        self.vram_dir = Some(dir);
+        self
+    }
+
+    pub(crate) fn vram_dir(&self) -> Option<&Path> {
+        self.vram_dir.as_deref()
+    }
+
+    /// Records what a stop-copy stream took from pre-copied VRAM.
+    pub(crate) fn vram_loaded(&self, stats: &crate::vram::WindowStats) {
+        self.vram_held_bytes
+            .fetch_add(stats.held_bytes, Ordering::Relaxed);
+        self.vram_sent_bytes
+            .fetch_add(stats.sent_bytes, Ordering::Relaxed);
+    }
+
+    /// Stream bytes taken from pre-copied VRAM and sent in stop-copy, over
+    /// all components.
+    pub fn vram_bytes(&self) -> (u64, u64) {
+        (
+            self.vram_held_bytes.load(Ordering::Relaxed),
+            self.vram_sent_bytes.load(Ordering::Relaxed),
+        )
     }
 
     /// At `Config`: the components `described` by the source and this

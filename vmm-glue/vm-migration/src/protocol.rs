@@ -190,6 +190,10 @@ bitflags! {
         /// [`Command::Digests`], so pages a device may have written
         /// without logging it are checked by digest instead of resent.
         const VERIFY = 1 << 3;
+        /// VRAM read through a device's memory BAR while the VM runs and
+        /// sent ahead on its device-state connection; in stop-copy only
+        /// what the destination does not already hold is sent.
+        const VRAM_PRECOPY = 1 << 4;
     }
 }
 
