@@ -31,7 +31,7 @@ use vm_migration::protocol::{
 };
 use vm_migration::MigratableError;
 
-use crate::connection::{chain, expect_ok, is_eof, with_refusal, write_error, Connection};
+use crate::connection::{chain, is_eof, with_refusal, write_error, Connection};
 use crate::streamed::{send_one, wire_index, Component, IncomingDevices};
 use crate::verify::digest::PageDigester;
 use crate::vram::{
@@ -153,6 +153,16 @@ impl<C: Connection> DeviceLanes<C> {
     /// decides whether comparing VRAM pays in stop-copy.
     pub fn set_link_rate(&mut self, bytes_per_s: f64) {
         self.link_rate = bytes_per_s;
+    }
+
+    /// Whether a VRAM pre-copy is still reading.
+    pub fn vram_precopy_running(&self) -> bool {
+        self.lanes.iter().any(|l| {
+            l.vram
+                .as_ref()
+                .and_then(|v| v.running.as_ref())
+                .is_some_and(|t| !t.is_finished())
+        })
     }
 
     /// Stops the VRAM pre-copy at its next step (it then ends cleanly).
@@ -375,20 +385,25 @@ fn send_windows<C: Connection>(
         let mut writer =
             WindowWriter::start(&mut *conn, index, &mut *v.layout, digester).map_err(failed)?;
         let sent = component.state.send_state(&mut writer);
-        let stats = writer.stats();
         let finished = match sent {
             Ok(_) => writer.finish().map_err(failed),
-            Err(e) => Err(e),
+            Err(e) => {
+                outcome.stream = writer.abandon();
+                Err(e)
+            }
         };
         let stats = match finished {
             Ok(stats) => stats,
-            Err(e) => {
-                outcome.stream = stats;
-                return Err(with_refusal(conn, e));
-            }
+            Err(e) => return Err(with_refusal(conn, e)),
         };
         outcome.stream = stats;
-        expect_ok(conn)?;
+        let answer = vram::send::read_window_answer(conn).map_err(failed)?;
+        if answer.length() != 0 {
+            return Err(MigratableError::MigrateSend(anyhow!(
+                "the destination's Ok carries {} unexpected bytes",
+                answer.length()
+            )));
+        }
         info!(
             "Migration: {}: {} bytes of streamed state in {} ms, {} of them sent, {} from \
              pre-copied VRAM",
@@ -832,5 +847,22 @@ mod tests {
             chain(&e)
         );
         assert!(incoming.check_all_received().is_err());
+    }
+
+    #[test]
+    fn vram_precopy_refused_by_the_handle_names_the_destination_reason() {
+        // Larger than the handle takes: it refuses after the prefix.
+        let (outcome, incoming, _) = migrate_with_vram(
+            2 << 20,
+            vec![0x77; 2 << 20],
+            VramPrecopyMode::On,
+            Some(std::env::temp_dir()),
+        );
+        let e = chain(&outcome.result.unwrap_err());
+        assert!(
+            e.contains("the destination said: device-state gpu0: ") && e.contains("state of"),
+            "{e}"
+        );
+        assert!(incoming.take_lane_error().is_some());
     }
 }

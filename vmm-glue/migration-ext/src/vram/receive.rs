@@ -94,6 +94,8 @@ pub struct Rebuild<'a, C: Read + Write> {
     out: Vec<u8>,
     at: usize,
     ended: bool,
+    /// The source closed the connection between frames, before END.
+    closed: bool,
     stats: WindowStats,
 }
 
@@ -105,13 +107,19 @@ impl<'a, C: Read + Write> Rebuild<'a, C> {
             out: Vec::new(),
             at: 0,
             ended: false,
+            closed: false,
             stats: WindowStats::default(),
         }
     }
 
     /// Reads the next frame: a window rebuilt into `out`, or END.
     fn next_window(&mut self) -> io::Result<()> {
-        let frame = Frame::read_from(self.conn)?;
+        // A stream cut short between frames reads as a stream that ends
+        // there: the component's own reader then says what it misses.
+        let Some(frame) = read_frame_or_eof(self.conn)? else {
+            self.closed = true;
+            return Ok(());
+        };
         match frame.kind {
             FrameKind::Window => {}
             FrameKind::End => {
@@ -185,6 +193,8 @@ impl<'a, C: Read + Write> Rebuild<'a, C> {
         self.stats.stream_bytes += self.out.len() as u64;
         self.stats.sent_bytes += fill_len;
         self.stats.held_bytes += self.out.len() as u64 - fill_len;
+        self.stats.changed_pages +=
+            window.digests.len() as u64 - held.runs.iter().map(|r| r.pages).sum::<u64>();
         self.stats.windows += 1;
         debug!(
             "VRAM window {}: {} bytes, {} from pre-copy",
@@ -204,20 +214,41 @@ impl<'a, C: Read + Write> Rebuild<'a, C> {
                 self.out.len() - self.at
             )));
         }
-        if !self.ended {
+        if !self.ended && !self.closed {
             self.next_window()?;
-            if !self.ended {
-                return Err(bad("stream bytes after the end of the state".into()));
-            }
+        }
+        if self.closed {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the source's stream ended without its END frame",
+            ));
+        }
+        if !self.ended {
+            return Err(bad("stream bytes after the end of the state".into()));
         }
         Ok(self.stats)
     }
 }
 
+/// A frame header, or `None` if the connection ended before its first
+/// byte.
+fn read_frame_or_eof<C: Read + ?Sized>(conn: &mut C) -> io::Result<Option<Frame>> {
+    let mut first = [0u8; 1];
+    loop {
+        match conn.read(&mut first) {
+            Ok(0) => return Ok(None),
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Frame::read_from(&mut (&first[..]).chain(conn)).map(Some)
+}
+
 impl<C: Read + Write> Read for Rebuild<'_, C> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.at == self.out.len() {
-            if self.ended {
+            if self.ended || self.closed {
                 return Ok(0);
             }
             self.next_window()?;

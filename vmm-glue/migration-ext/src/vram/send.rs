@@ -14,7 +14,9 @@ use vm_migration::MigratableError;
 
 use super::window::{self, in_runs, Segment};
 use super::wire::{Begin, Frame, FrameKind, Piece, MAX_DATA, MAX_WINDOW};
-use crate::connection::read_answer;
+use vm_migration::protocol::{Response, Status};
+
+use crate::connection::read_message;
 use crate::verify::digest::{PageDigester, PAGE_SIZE};
 use crate::verify::wire::read_mismatches;
 
@@ -131,6 +133,9 @@ pub struct WindowStats {
     pub sent_bytes: u64,
     /// Taken from the destination's pre-copied VRAM.
     pub held_bytes: u64,
+    /// VRAM pages compared that the destination did not hold: changed
+    /// since pre-copy read them (or never pre-copied).
+    pub changed_pages: u64,
     pub windows: u64,
 }
 
@@ -205,7 +210,7 @@ impl<'a, C: Read + Write> WindowWriter<'a, C> {
             Vec::new()
         } else {
             self.conn.flush()?;
-            let answer = read_answer(self.conn).map_err(io::Error::other)?;
+            let answer = read_window_answer(self.conn)?;
             let held = read_mismatches(self.conn, answer.length())?;
             for run in &held {
                 for p in 0..run.pages {
@@ -241,6 +246,8 @@ impl<'a, C: Read + Write> WindowWriter<'a, C> {
         self.stats.stream_bytes += self.data.len() as u64;
         self.stats.sent_bytes += fill;
         self.stats.held_bytes += self.data.len() as u64 - fill;
+        self.stats.changed_pages +=
+            window.digests.len() as u64 - held.iter().map(|r| r.pages).sum::<u64>();
         self.stats.windows += 1;
         self.data.clear();
         self.pieces = window.pieces;
@@ -256,6 +263,16 @@ impl<'a, C: Read + Write> WindowWriter<'a, C> {
             .write_all(&self.stats.stream_bytes.to_le_bytes())?;
         self.conn.flush()?;
         Ok(self.stats)
+    }
+
+    /// The component's stream failed: sends what it wrote so far, without
+    /// END, so the destination sees the same truncated stream it would
+    /// have without windows.
+    pub fn abandon(mut self) -> WindowStats {
+        if let Err(e) = self.send_window().and_then(|()| self.conn.flush()) {
+            debug!("VRAM stream: sending the last window of a failed stream: {e}");
+        }
+        self.stats
     }
 
     pub fn stats(&self) -> WindowStats {
@@ -294,6 +311,21 @@ impl<C: Read + Write> Write for WindowWriter<'_, C> {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// The destination's answer to a WINDOW (`Ok` with the held pages) or to
+/// the whole stream (`Ok`), or its reason for giving up, worded as a
+/// refusal mid-stream is elsewhere ("the destination said: ...").
+pub fn read_window_answer<C: Read + ?Sized>(conn: &mut C) -> io::Result<Response> {
+    let mut conn = conn;
+    let response = Response::read_from(&mut conn).map_err(io::Error::other)?;
+    match response.status() {
+        Status::Ok => Ok(response),
+        _ => Err(io::Error::other(format!(
+            "the destination said: {}",
+            read_message(&mut conn, &response).unwrap_or_else(|| "Error".into())
+        ))),
     }
 }
 

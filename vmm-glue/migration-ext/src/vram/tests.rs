@@ -178,6 +178,8 @@ fn vram_precopy_a_page_the_device_wrote_after_precopy_is_caught_and_sent() {
         |_| {},
     );
     assert_eq!(run.precopy.read_bytes, 24 << 20);
+    // Every changed page was compared and found changed.
+    assert_eq!(run.sent.changed_pages, changed_pages as u64);
     // Sent: the changed pages, the headers and prefix; pages cut by a
     // window's edge at most two per window.
     let headers = (24 * HEADER + 24) as u64;
