@@ -28,7 +28,7 @@ use std::str::FromStr;
 
 use thiserror::Error;
 
-use crate::emulated::EmulatedConfig;
+use crate::emulated::{EmulatedConfig, DEFAULT_BAR_READ_RATE};
 use crate::uapi::MigrationFlags;
 
 /// Bounds of [`EmulatedConfig::validate`] (its module keeps them private);
@@ -78,6 +78,7 @@ const EMULATED_KEYS: &[&str] = &[
     "flags",
     "dma_pages",
     "dma_set",
+    "bar_rate",
 ];
 /// Most pages one workload iteration may DMA into.
 const MAX_DMA_PAGES: u32 = 4096;
@@ -218,7 +219,8 @@ impl DeviceConfig {
         migration=on|off,xe_migration=on|off,dirty_tracking=auto|iommufd|all|device|off,\
         emulated=on|off,vram=<size>,devid=<id>,revid=<id>,tiles=<n>,gts=<n>,\
         ggtt=<size>,mmio=<size>,guc=<size>,chunk=<size>,workload=on|off,\
-        seed=<n>,flags=stop_copy|p2p|pre_copy,dma_pages=<n>,dma_set=<size>\"";
+        seed=<n>,flags=stop_copy|p2p|pre_copy,dma_pages=<n>,dma_set=<size>,\
+        bar_rate=<size per second>\"";
 
     pub fn parse(input: &str) -> Result<Self, DeviceConfigError> {
         let pairs = split_pairs(input)?;
@@ -382,6 +384,9 @@ impl fmt::Display for DeviceConfig {
             }
             if e.dma_set != 0 {
                 out.pair("dma_set", &format_size(e.dma_set))?;
+            }
+            if e.bar_read_rate != DEFAULT_BAR_READ_RATE {
+                out.pair("bar_rate", &format_size(e.bar_read_rate))?;
             }
         }
         Ok(())
@@ -719,6 +724,9 @@ fn parse_emulated<'a>(
     }
     if let Some(v) = get("dma_set") {
         e.dma_set = size("dma_set", v)?;
+    }
+    if let Some(v) = get("bar_rate") {
+        e.bar_read_rate = size("bar_rate", v)?;
     }
     check_emulated(&e, get)?;
     Ok(e)

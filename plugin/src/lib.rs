@@ -21,6 +21,7 @@ pub mod proc_stats;
 pub mod state_format;
 pub mod uapi;
 pub mod vfio;
+pub mod vram_bar;
 pub mod xe_stream;
 
 pub use device::{DeviceError, DeviceIdentity, MigrationDevice};

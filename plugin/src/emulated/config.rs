@@ -49,7 +49,17 @@ pub struct EmulatedConfig {
     /// Bytes of the DMA window those pages are drawn from (its working
     /// set, spread evenly over the window); 0: the whole window.
     pub dma_set: u64,
+    /// Bytes per second a read of LMEM through the VF's BAR gets
+    /// ([`crate::vram_bar::VramBar`]); 0: no limit.
+    pub bar_read_rate: u64,
 }
+
+/// Default BAR read rate: 128 MiB/s. VFIO maps BARs uncached, so every
+/// CPU load of device memory is a PCIe round trip of its own (~0.5 us)
+/// and loads do not overlap: 64-byte loads give ~128 MiB/s, narrower
+/// ones less. Streaming loads from a write-combining mapping can do
+/// several times more; this default does not assume one.
+pub const DEFAULT_BAR_READ_RATE: u64 = 128 * MIB;
 
 impl Default for EmulatedConfig {
     fn default() -> Self {
@@ -68,6 +78,7 @@ impl Default for EmulatedConfig {
             seed: 0x5eed,
             dma_pages: 0,
             dma_set: 0,
+            bar_read_rate: DEFAULT_BAR_READ_RATE,
         }
     }
 }

@@ -41,7 +41,7 @@ use std::io;
 use std::sync::{Arc, Mutex};
 
 pub use arcs::arc_allowed;
-pub use config::EmulatedConfig;
+pub use config::{EmulatedConfig, DEFAULT_BAR_READ_RATE};
 pub use faults::Fault;
 pub use memfd::create_memfd;
 pub use state::StateDigest;
@@ -49,6 +49,7 @@ pub use workload::{DmaRecord, GuestDmaRegion, DMA_RECORD_LEN};
 
 use crate::device::{DeviceError, DeviceIdentity, MigrationDevice, Result, PCI_VENDOR_INTEL};
 use crate::uapi::{DeviceState, MigrationFlags};
+use crate::vram_bar::{ReadPacer, VramBar};
 use arcs::workload_runs;
 use context::DeviceContext;
 use faults::Faults;
@@ -258,6 +259,15 @@ impl EmulatedXeVf {
         Ok(())
     }
 
+    /// LMEM as the VMM reads it through the VF's BAR while the VF runs:
+    /// the device's own memory, paced to the configured BAR read rate.
+    pub fn vram_bar(&self) -> Arc<dyn VramBar> {
+        Arc::new(EmulatedBar {
+            model: self.model.clone(),
+            pacer: ReadPacer::new(self.config.bar_read_rate),
+        })
+    }
+
     /// Allocates all of the VF's LMEM up front, as device memory is: a
     /// destination VF then pays no page allocation while loading (for
     /// benchmarks; LMEM stays zero).
@@ -435,5 +445,23 @@ impl Drop for EmulatedXeVf {
     fn drop(&mut self) {
         // Joins any stream thread; the workload joins when dropped next.
         lock(&self.control).session.take();
+    }
+}
+
+/// The emulated VF's BAR view of its LMEM.
+struct EmulatedBar {
+    model: Arc<DeviceModel>,
+    pacer: ReadPacer,
+}
+
+impl VramBar for EmulatedBar {
+    fn size(&self) -> u64 {
+        self.model.vram.size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.model.vram.read_at(buf, offset)?;
+        self.pacer.pace(buf.len() as u64);
+        Ok(())
     }
 }
