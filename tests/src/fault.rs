@@ -13,6 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use log::warn;
@@ -23,6 +24,7 @@ use xe_vf_plugin::uapi::DeviceState;
 
 use crate::error::{HostError, HostResult};
 use crate::migration::conn::Conn;
+use migration_ext::vram::VramPrecopyMode;
 use migration_ext::SUPPORTED_FEATURES;
 
 /// Longest stall a request may ask for.
@@ -204,8 +206,8 @@ pub struct MigrationTestOptions {
     /// Announce only these optional protocol features in Start (source)
     /// or in its answer (destination), as an older peer does: `[]` for
     /// none, `["device-state"]` for a peer without the two-step
-    /// switch-over (also `device-state-connections`, `verify`). Absent:
-    /// all this host speaks.
+    /// switch-over (also `device-state-connections`, `verify`,
+    /// `vram-precopy`). Absent: all this host speaks.
     #[serde(default)]
     pub features: Option<Vec<Feature>>,
     /// Destination: device id -> spec used instead of the source's (to
@@ -233,6 +235,15 @@ pub struct MigrationTestOptions {
     /// connection after the final memory pass (QEMU style).
     #[serde(default = "yes")]
     pub device_state_connections: bool,
+    /// Source: VRAM pre-copy through the VF's BAR (`auto`: pre-copy,
+    /// compare in stop-copy when the rates say it pays). Test-host only
+    /// so far: the patched ch-remote has no such option yet.
+    #[serde(default)]
+    pub vram_precopy: VramPrecopyMode,
+    /// Destination: where pre-copied VRAM is kept (default: the system's
+    /// temporary directory).
+    #[serde(default)]
+    pub vram_dir: Option<PathBuf>,
 }
 
 fn yes() -> bool {
@@ -247,6 +258,7 @@ pub enum Feature {
     Switchover,
     DeviceStateConnections,
     Verify,
+    VramPrecopy,
 }
 
 impl Feature {
@@ -256,6 +268,7 @@ impl Feature {
             Feature::Switchover => ProtocolFeatures::SWITCHOVER,
             Feature::DeviceStateConnections => ProtocolFeatures::DEVICE_STATE_CONNECTIONS,
             Feature::Verify => ProtocolFeatures::VERIFY,
+            Feature::VramPrecopy => ProtocolFeatures::VRAM_PRECOPY,
         }
     }
 }
@@ -283,6 +296,8 @@ impl Default for MigrationTestOptions {
             timeout_s: default_receive_timeout_s(),
             device_faults: BTreeMap::new(),
             device_state_connections: true,
+            vram_precopy: VramPrecopyMode::default(),
+            vram_dir: None,
         }
     }
 }

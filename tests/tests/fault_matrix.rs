@@ -9,7 +9,9 @@
 //! hook so its state differs from a reset one: its digest must come back
 //! bit for bit) and `gpu1` (4 MiB VRAM, workload on: its generation must never go
 //! backwards), and a destination that starts empty. Migration timeouts
-//! are 2 s, so a stalled peer costs little. Every operation goes through
+//! are 2 s, so a stalled peer costs little. Both VFs' VRAM is pre-copied
+//! through their BARs on their device-state connections (the default,
+//! `vram_precopy=auto`) unless a cell says otherwise. Every operation goes through
 //! the real `ch-remote` (`send-migration` returns at once; its outcome is
 //! read from `ch-remote info` on the source, as a CH user polls it).
 //! Faults come from the test host's hooks (`tests/src/fault.rs`, curl:
@@ -36,9 +38,10 @@
 //! | phase \ fault | connection dropped | destination killed | source killed | destination VF rejects | VF arc fails (ERROR) | disk full | stalled peer |
 //! | --- | --- | --- | --- | --- | --- | --- | --- |
 //! | memory pass 0 (VM still running) | `drop_by_destination_at_memory` | n/a: as in the final pass, but nothing stopped yet | n/a: nothing stopped yet, the destination sees EOF as in `source_killed_after_pause` | n/a: memory has no device check | n/a: no arc | n/a | `stalled_destination_at_memory` |
+//! | VRAM pre-copy (VM still running, each VF's own connection) | `vram_precopy_connection_dropped_by_destination` | `vram_precopy_destination_killed` | n/a: as in memory pass 0 | n/a: VRAM is compared, never loaded, before stop-copy | n/a: no arc | n/a | n/a: as destination killed (it stalls, then dies) |
 //! | pause (RUNNING -> RUNNING_P2P -> STOP) | `drop_by_source_after_pause` | n/a: no bytes in flight, first touched in the final pass | `source_killed_after_pause` | n/a: nothing reaches a VF | `pause_arc_fails`, `pause_of_second_vf_fails`, `quiesce_of_second_vf_fails`, `pause_arc_fails_into_error` (state lost, reported) | n/a | n/a: local step |
 //! | final memory pass | `drop_by_source_in_final_memory_pass` | `destination_killed_in_final_memory_pass` | `source_killed_in_final_memory_pass` | n/a | n/a | n/a | `stalled_source_in_final_memory_pass`, `stalled_destination_in_final_memory_pass` |
-//! | stop-copy read (source VF data fd) | see transfer | see transfer | see transfer | `corrupt_save_detected_by_source` (the source's parser stops it first) | `stop_copy_enter_fails`, `stop_copy_leave_fails_into_error` (the VF is reset after its whole stream was sent: the migration completes, the destination holds the only copy) | n/a | `stop_copy_read_stalls` (the VF's fd stalls) |
+//! | stop-copy read (source VF data fd) | see transfer | see transfer | see transfer | `corrupt_save_detected_by_source` (the source's parser stops it first) | `stop_copy_enter_fails`, `stop_copy_leave_fails_into_error` (the VF is reset after its whole stream was sent: the migration completes, the destination holds the only copy) | n/a | `stop_copy_read_stalls` (the VF's fd stalls), `vram_precopy_stop_copy_read_stalls` |
 //! | transfer (device-state stream) | `drop_by_source_mid_device_stream`, `drop_by_destination_mid_device_stream` | `destination_killed_mid_device_stream` | `source_killed_mid_device_stream`, `source_killed_mid_device_stream_over_tcp` | `hostile_device_state_header` | n/a | n/a | `stalled_destination_mid_device_stream`, `stalled_destination_mid_device_stream_over_tcp`, `stalled_source_mid_device_stream` |
 //! | destination resume-write (STOP -> RESUMING, data in) | same bytes as transfer | same as transfer | same as transfer | `destination_refuses_resuming` (ENODEV) | see load | n/a | same as transfer |
 //! | RESUMING -> STOP (load) | n/a: local step | `destination_killed_after_load` | `source_killed_before_complete` (all loaded, no Complete) | `load_rejected_einval` (EINVAL) | `load_rejected_into_error` (ENODEV, reset) | n/a | n/a: local step |
@@ -286,6 +289,9 @@ struct Cell {
     /// Appended to the send-migration config (our fields need the
     /// patched ch-remote: [`Host::speak_patched`]).
     send_extra: String,
+    /// Test options armed on the source with each attempt (a fault is
+    /// added to them).
+    send_options: Value,
     before: Value,
     gen1: u64,
     src_usage: Usage,
@@ -344,6 +350,7 @@ impl Cell {
             dst,
             url,
             send_extra: String::new(),
+            send_options: json!({}),
             before,
             gen1,
             src_usage,
@@ -384,8 +391,12 @@ impl Cell {
     /// `ch-remote send-migration` (returns at once) with `fault` armed;
     /// the attempt to wait for.
     fn start_send(&self, fault: Option<Value>) -> u64 {
+        let mut options = self.send_options.clone();
         if let Some(f) = fault {
-            self.src.arm(&json!({ "fault": f }));
+            options["fault"] = f;
+        }
+        if options != json!({}) {
+            self.src.arm(&options);
         }
         self.src.start_send(&self.send_config())
     }
@@ -598,7 +609,10 @@ fn stop_copy_leave_fails_into_error() {
 
 #[test]
 fn stop_copy_read_stalls() {
-    let c = Cell::new();
+    let mut c = Cell::new();
+    // Without VRAM pre-copy the bytes read before the stall reach the
+    // destination at once, and it times out on the silence after them.
+    c.send_options = json!({ "vram_precopy": "off" });
     c.inject("gpu0", json!({ "stall_save": { "after_bytes": 100_000 } }));
     let (s, r) = c.failed_migration(None, json!({}));
     c.check_source(
@@ -607,6 +621,30 @@ fn stop_copy_read_stalls() {
         "stop-copy read: device data stream stalled",
     );
     c.check_destination(&r, "device-state gpu0", "timed out");
+}
+
+#[test]
+fn vram_precopy_stop_copy_read_stalls() {
+    // With VRAM pre-copy the stream goes in windows of up to 16 MiB: the
+    // destination sees nothing of a stream that stalls inside its first
+    // window until the source gives up (its device timer) and sends what
+    // it has, or it times out first on the silence (its own timer, as
+    // long). Either way it fails in the VF's stream and runs nothing, and
+    // the source runs on with its VF intact.
+    let c = Cell::new();
+    c.inject("gpu0", json!({ "stall_save": { "after_bytes": 100_000 } }));
+    let (s, r) = c.failed_migration(None, json!({}));
+    c.check_source(
+        &s,
+        "device-state gpu0",
+        "stop-copy read: device data stream stalled",
+    );
+    let cause = if c.dst.log_text().contains("ended before its END record") {
+        "ended before its END record"
+    } else {
+        "timed out"
+    };
+    c.check_destination(&r, "device-state gpu0", cause);
 }
 
 #[test]
@@ -1353,6 +1391,52 @@ fn destination_killed_in_final_memory_pass() {
         ("src", "final-memory"),
     );
     c.check_source(&s, "final memory pass", "the peer closed the connection");
+    c.check_migrates_afterwards("dst2");
+}
+
+/// The phase the source's log says its migration failed in.
+fn failed_phase(host: &Host) -> String {
+    let log = host.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("send-migration failed in "))
+        .unwrap_or_else(|| panic!("{}: no failure line in:\n{log}", host.name));
+    let rest = &line[line.find("failed in ").unwrap() + "failed in ".len()..];
+    rest[..rest.find(':').unwrap_or(rest.len())].to_string()
+}
+
+#[test]
+fn vram_precopy_connection_dropped_by_destination() {
+    // VRAM goes ahead on each VF's connection while the VM runs; the
+    // destination drops gpu0's after 64 KiB of it.
+    let c = Cell::new();
+    let (s, r) = c.failed_migration(
+        None,
+        json!({ "fault": fault("vram-precopy", "drop", 64 << 10) }),
+    );
+    c.check_source(&s, "vram pre-copy", "VRAM pre-copy of component #0");
+    c.check_destination(&r, "abandon", "abandoned");
+    c.check_migrates_afterwards("dst2");
+}
+
+#[test]
+fn vram_precopy_destination_killed() {
+    // The destination stops reading gpu0's VRAM pre-copy and is killed
+    // there: the source, its VM still running, fails in whichever
+    // connection notices first and runs on.
+    let mut c = Cell::new();
+    let s = killed(
+        &mut c,
+        None,
+        json!({ "fault": fault("vram-precopy", "stall", 64 << 10) }),
+        ("dst", "vram-precopy"),
+    );
+    let phase = failed_phase(&c.src);
+    assert!(
+        phase == "vram pre-copy" || phase.starts_with("memory pass"),
+        "failed in {phase}"
+    );
+    c.check_source(&s, &phase, "");
     c.check_migrates_afterwards("dst2");
 }
 

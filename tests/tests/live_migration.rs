@@ -533,3 +533,98 @@ fn paused_vm_arrives_paused() {
     let g = generation(&dst.info(), 0);
     wait_generation_beyond(&dst, 0, g);
 }
+
+/// Gives `gpu0` VRAM content, `zero_percent` of its pages zero.
+fn fill(host: &Host, zero_percent: u8) {
+    host.hook(
+        "vm.fill-device",
+        Some(&json!({ "device": "gpu0", "seed": 7, "zero_percent": zero_percent })),
+    );
+}
+
+/// The VF's first stop-copy stream report of a VRAM pre-copy migration.
+fn vram_report(sent: &Value) -> &Value {
+    let vram = &sent["downtime"]["vram"];
+    assert_eq!(
+        vram.as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        sent["downtime"]
+    );
+    eprintln!("VRAM: {}", vram[0]);
+    &vram[0]
+}
+
+/// VRAM is read through the BAR while the VF's workload keeps writing
+/// to it: pages written after pre-copy read them must be found by digest
+/// and sent, or the VRAM checksums at the stop and at the switch-over
+/// differ. The rest comes from what the destination pre-copied.
+#[test]
+fn vram_precopy_catches_vram_the_workload_wrote_after_it_was_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = source(dir.path(), &["emulated=on,vram=64M,id=gpu0"], &[]);
+    fill(&src, 10);
+    let dst = Host::start(dir.path(), "dst", &[]);
+    let url = format!("unix:{}", dir.path().join("mig.sock").display());
+    src.arm(&json!({ "vram_precopy": "on" }));
+    let sent = migrate_and_verify(&src, &dst, &url);
+    let vram = vram_report(&sent);
+    assert_eq!(vram["precopy_read_bytes"], 64 << 20, "{vram}");
+    assert_eq!(vram["compared"], true, "{vram}");
+    // The workload writes ~2000 VRAM pages a second; some after their
+    // page was read.
+    assert!(vram["changed_pages"].as_u64().unwrap() > 0, "{vram}");
+    let held = vram["held_bytes"].as_u64().unwrap();
+    let stream = vram["stream_bytes"].as_u64().unwrap();
+    // ~90 % of the 64 MiB is not zero; nearly all of it is held.
+    assert!(held > 50 << 20, "{vram}");
+    assert_eq!(vram["sent_bytes"].as_u64().unwrap() + held, stream);
+    assert_eq!(sent["device_bytes"].as_u64().unwrap(), stream);
+}
+
+/// With the workload off nothing changes after pre-copy: no compared
+/// page is sent again.
+#[test]
+fn vram_precopy_of_an_idle_vf_sends_no_vram_page_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = source(
+        dir.path(),
+        &["emulated=on,vram=32M,id=gpu0,workload=off,bar_rate=1G"],
+        &[],
+    );
+    fill(&src, 0);
+    let dst = Host::start(dir.path(), "dst", &[]);
+    let url = format!("unix:{}", dir.path().join("mig.sock").display());
+    src.arm(&json!({ "vram_precopy": "on" }));
+    let (sent, received) = migrate(&src, &dst, &url, &send_config(&url));
+    assert_same_fingerprint(&sent["at_stop"], &received["at_switchover"]);
+    let vram = vram_report(&sent);
+    assert_eq!(vram["changed_pages"], 0, "{vram}");
+    assert_eq!(vram["precopy_read_bytes"], 32 << 20, "{vram}");
+    // Sent: the small state and the VRAM pages a window or container
+    // record cut in two (those are not compared).
+    assert!(vram["held_bytes"].as_u64().unwrap() > 31 << 20, "{vram}");
+}
+
+/// A destination that does not speak VRAM pre-copy gets the stream as
+/// before, on the VF's own connection.
+#[test]
+fn vram_precopy_with_an_older_destination_sends_all_in_stop_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = source(dir.path(), &["emulated=on,vram=16M,id=gpu0"], &[]);
+    let dst = Host::start(dir.path(), "dst", &[]);
+    let url = format!("unix:{}", dir.path().join("mig.sock").display());
+    src.arm(&json!({ "vram_precopy": "on" }));
+    dst.arm(&json!({
+        "verify": true,
+        "features": ["device-state", "switchover", "device-state-connections", "verify"],
+    }));
+    let receiver = dst.receive_in_background(&receive_config(&url));
+    let sent = src.send_migration(&send_config(&url));
+    assert!(receiver.join().unwrap().success());
+    assert!(sent.ok, "{}", sent.error);
+    let sent = sent.value;
+    assert_same_fingerprint(&sent["at_stop"], &dst.received_report()["at_switchover"]);
+    assert_eq!(sent["downtime"]["vram"], json!([]), "{}", sent["downtime"]);
+    assert_eq!(sent["downtime"]["device_state_connections"], 1);
+}

@@ -15,7 +15,7 @@
 //! roles are dropped with a warning (CH hands `Fault` to postcopy, which
 //! the host does not do).
 
-use std::io;
+use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -31,6 +31,7 @@ use xe_vf_glue::protocol::{Command, ConnectionRole, MemoryRangeTable, Request, R
 use super::conn::{connect, Conn, Listener, MigrationUrl};
 use super::failed;
 use crate::error::{HostError, HostResult};
+use crate::fault::MigrationFault;
 use crate::memory::{GuestMemory, COPY_CHUNK};
 
 /// Memory bytes per `Memory` request on an extra connection: small, so
@@ -200,13 +201,14 @@ impl ReceiveLanes {
         memory: Arc<GuestMemory>,
         devices: Arc<IncomingDevices>,
         timeout: Duration,
+        fault: Option<MigrationFault>,
     ) -> HostResult<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(LaneStats::default());
         let (s, st) = (stop.clone(), stats.clone());
         let accept = std::thread::Builder::new()
             .name("migrate-accept".into())
-            .spawn(move || Self::accept_loop(&listener, &memory, &devices, &s, &st, timeout))
+            .spawn(move || Self::accept_loop(&listener, &memory, &devices, &s, &st, timeout, fault))
             .map_err(|e| HostError::failed("extra connections", e))?;
         Ok(ReceiveLanes {
             stop,
@@ -222,6 +224,7 @@ impl ReceiveLanes {
         stop: &Arc<AtomicBool>,
         stats: &Arc<LaneStats>,
         timeout: Duration,
+        mut fault: Option<MigrationFault>,
     ) -> Vec<JoinHandle<()>> {
         let mut workers = Vec::new();
         loop {
@@ -253,9 +256,10 @@ impl ReceiveLanes {
             let n = workers.len() + 1;
             if role == ConnectionRole::DeviceState {
                 let (d, halt, st) = (devices.clone(), stop.clone(), stats.clone());
+                let fault = fault.take();
                 match std::thread::Builder::new()
                     .name(format!("migrate-dev-{n}"))
-                    .spawn(move || Self::serve_device_state(conn, &d, &halt, &st))
+                    .spawn(move || Self::serve_device_state(conn, &d, &halt, &st, fault))
                 {
                     Ok(w) => workers.push(w),
                     Err(e) => {
@@ -307,18 +311,33 @@ impl ReceiveLanes {
 
     /// Serves one VF's state once its request comes, which is only once
     /// the source paused (long after the connection opened): until then
-    /// it waits without a timeout, ending when `stop` is set.
+    /// it waits without a timeout, ending when `stop` is set. A
+    /// connection that pre-copies VRAM waits the same way between the
+    /// end of pre-copy and the pause. A `vram-precopy` test fault fires
+    /// once `after_bytes` of the connection were read (and dropped).
     fn serve_device_state(
         mut conn: Conn,
         devices: &IncomingDevices,
         stop: &AtomicBool,
         stats: &LaneStats,
+        fault: Option<MigrationFault>,
     ) {
         match wait_readable(conn.as_raw_fd(), stop) {
-            Ok(true) => devices.serve_lane(&mut conn),
-            Ok(false) => {}
-            Err(e) => Self::fail(stats, HostError::failed("device-state connection", e)),
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => return Self::fail(stats, HostError::failed("device-state connection", e)),
         }
+        if let Some(fault) = fault {
+            let mut skipped = 0u64;
+            let _ = io::copy(&mut (&mut conn).take(fault.after_bytes), &mut io::sink())
+                .map(|n| skipped = n);
+            debug!("migration: {skipped} bytes of a device-state connection dropped");
+            fault.fire(&conn);
+            return;
+        }
+        devices.serve_lane_waiting(&mut conn, &mut |c: &Conn| {
+            wait_readable(c.as_raw_fd(), stop)
+        });
     }
 
     /// Serves `Memory` requests until the source closes the connection.

@@ -23,6 +23,7 @@ pub mod lanes;
 pub mod outcome;
 pub mod receive;
 pub mod send;
+pub mod vram;
 
 use std::io::Read;
 

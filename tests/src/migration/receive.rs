@@ -249,9 +249,12 @@ impl Receiver<'_> {
     /// Serves commands until Complete; returns the VM to install.
     fn run(&mut self) -> HostResult<(Vm, bool)> {
         let result = self.serve_commands();
-        if matches!(&result, Err(e) if e.phase == "abandon") {
-            // The source gave up; a VF that failed on its own connection
-            // is why.
+        let lane_may_be_why = |e: &HostError| {
+            e.phase == "abandon" || (e.phase == "read command" && e.cause.contains("timed out"))
+        };
+        if matches!(&result, Err(e) if lane_may_be_why(e)) {
+            // The source gave up, or went silent while a VF's state was
+            // due on its own connection; a VF that failed there is why.
             if let Some(e) = self.device_lane_error() {
                 return Err(e);
             }
@@ -462,14 +465,20 @@ impl Receiver<'_> {
                 })
                 .collect()
         };
-        let incoming = IncomingDevices::check(handles, &config.streamed)
+        let mut incoming = IncomingDevices::check(handles, &config.streamed)
             .map_err(|e| HostError::conflict("config", chain(&e)))?;
+        if self.features.contains(ProtocolFeatures::VRAM_PRECOPY) {
+            let dir = self.req.vram_dir.clone().unwrap_or_else(std::env::temp_dir);
+            incoming = incoming.with_vram_dir(dir);
+        }
         self.incoming = Arc::new(incoming);
+        let lane_fault = fault::take_for(&mut self.fault, "vram-precopy");
         self.lanes = Some(ReceiveLanes::start(
             self.listener.clone(),
             vm.memory().clone(),
             self.incoming.clone(),
             timeout,
+            lane_fault,
         )?);
         self.vm = Some(vm);
         self.ok("config")

@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 use migration_ext::final_pass::{self, FinalPassMode, FinalPassReport};
-use migration_ext::lanes::DeviceLanes;
+use migration_ext::lanes::{DeviceLanes, VramPlan};
 use migration_ext::streamed::{self, Component};
 use migration_ext::verify::{self, VerifyPlan};
+use migration_ext::vram::VramPrecopyMode;
 use migration_ext::{checksum, connection, features, switchover};
 use serde::Serialize;
 use serde_json::json;
@@ -30,6 +31,7 @@ use xe_vf_plugin::engine::TransferOptions;
 use super::conn::{connect, Conn, MigrationUrl};
 use super::lanes::SendLanes;
 use super::outcome::Failure;
+use super::vram::{self, VramReport};
 use super::{failed, MigrationConfig};
 use crate::api_bodies::{SendMigrationData, TimeoutStrategy};
 use crate::error::{HostError, HostResult};
@@ -43,6 +45,9 @@ const MEMORY_CHUNK: u64 = 64 << 20;
 /// Longest wait for the destination to listen (CH does not wait; the
 /// host does, as tests start both sides at once).
 const CONNECT_RETRY: Duration = Duration::from_secs(10);
+/// How long memory pre-copy, converged, waits between passes for VRAM
+/// pre-copy to end.
+const VRAM_WAIT_SLICE: Duration = Duration::from_millis(50);
 
 /// What a completed migration reports.
 #[derive(Clone, Debug, Serialize)]
@@ -83,6 +88,9 @@ pub struct DowntimeBreakdown {
     /// What the final pass sent, and why (`migration_ext::final_pass`).
     #[serde(flatten)]
     pub final_pass: FinalPassReport,
+    /// Each VF's VRAM pre-copy and what its stop-copy stream cost
+    /// (`migration_ext::vram`; empty without it).
+    pub vram: Vec<VramReport>,
 }
 
 /// Everything that must be undone if the migration fails.
@@ -127,6 +135,10 @@ struct Sender<'a> {
     /// Memory bytes per second of the last pre-copy pass.
     link_rate: Option<f64>,
     breakdown: DowntimeBreakdown,
+    /// VRAM pre-copy as the test options ask (`auto` by default).
+    vram_mode: VramPrecopyMode,
+    /// A VRAM pre-copy runs on the device-state connections.
+    vram_running: bool,
 }
 
 /// `vm.send-migration`: checks the request, then migrates in a worker
@@ -240,6 +252,8 @@ fn send(
         verify: None,
         link_rate: None,
         breakdown: DowntimeBreakdown::default(),
+        vram_mode: options.vram_precopy,
+        vram_running: false,
     };
     let result = sender.run(started, initial);
     sender.lanes.close();
@@ -341,6 +355,7 @@ impl Sender<'_> {
         self.phase("connections");
         self.lanes = SendLanes::open(self.url, self.req.connections.get(), self.req.timeout())?;
         self.open_device_lanes()?;
+        self.start_vram_precopy()?;
 
         let leftover = self.precopy()?;
 
@@ -452,6 +467,66 @@ impl Sender<'_> {
         })
         .map_err(|e| failed("device-state connections", &e))?;
         Ok(())
+    }
+
+    /// With the destination agreeing to VRAM pre-copy and a connection
+    /// per VF: starts reading each VF's VRAM through its BAR and sending
+    /// it ahead, while memory pre-copy runs (`migration_ext::vram`).
+    fn start_vram_precopy(&mut self) -> HostResult<()> {
+        if self.vram_mode == VramPrecopyMode::Off
+            || !self.agreed.contains(ProtocolFeatures::VRAM_PRECOPY)
+            || self.device_lanes.is_empty()
+        {
+            return Ok(());
+        }
+        let sources: Vec<_> = {
+            let mut set = self.vm.devices();
+            let mut devices: Vec<_> = set
+                .devices_mut()
+                .iter()
+                .map(|d| (Snapshottable::id(d), d))
+                .collect();
+            streamed::wire_order(&mut devices, |(id, _)| id);
+            devices.into_iter().map(|(_, d)| vram::source(d)).collect()
+        };
+        if sources.iter().all(Option::is_none) {
+            return Ok(());
+        }
+        self.phase("vram pre-copy");
+        // Each connection hashes on its own thread: one thread's rate.
+        let plan = VerifyPlan::prepare(1).map_err(|e| failed("vram pre-copy", &e))?;
+        let plan = Arc::new(VramPlan {
+            mode: self.vram_mode,
+            begin: migration_ext::vram::wire::Begin {
+                function: plan.setup.function,
+                key: plan.setup.key.clone(),
+                bar_size: 0,
+            },
+            hash_rate: plan.hash_rate(),
+            digester: plan.digester,
+        });
+        self.device_lanes
+            .start_vram_precopy(sources, plan)
+            .map_err(|e| failed("vram pre-copy", &e))?;
+        self.vram_running = true;
+        Ok(())
+    }
+
+    /// Whether memory pre-copy must go on for VRAM's sake: its pre-copy
+    /// still reads. Once it ended, a failure of it fails the migration
+    /// here, before anything paused.
+    fn vram_precopy_pending(&mut self) -> HostResult<bool> {
+        if !self.vram_running {
+            return Ok(false);
+        }
+        if self.device_lanes.vram_precopy_running() {
+            return Ok(true);
+        }
+        self.vram_running = false;
+        self.device_lanes
+            .finish_vram_precopy()
+            .map_err(|e| failed("vram pre-copy", &e))?;
+        Ok(false)
     }
 
     /// With the destination agreeing to the verify pass (and the user not
@@ -569,15 +644,20 @@ impl Sender<'_> {
                 (table, bitmap)
             };
             let bytes = table.effective_size();
-            if bytes == 0 {
-                debug!("precopy: no more memory to transfer");
+            let converged =
+                bytes == 0 || rate.is_some_and(|rate| bytes as f64 / rate <= downtime_ms);
+            // VRAM still pre-copying: memory passes go on meanwhile.
+            let waiting_for_vram = converged && precopy_started.elapsed() < self.req.timeout() && {
+                self.vram_precopy_pending()?
+            };
+            if converged && !waiting_for_vram {
+                debug!("precopy: converged ({bytes} bytes left)");
                 return Ok(bitmap);
             }
-            if let Some(rate) = rate {
-                let estimate_ms = bytes as f64 / rate;
-                if estimate_ms <= downtime_ms {
-                    debug!("precopy: converged, {estimate_ms:.1} ms <= {downtime_ms} ms");
-                    return Ok(bitmap);
+            if waiting_for_vram {
+                std::thread::sleep(VRAM_WAIT_SLICE);
+                if bytes == 0 {
+                    continue;
                 }
             }
             if precopy_started.elapsed() >= self.req.timeout() {
@@ -734,7 +814,8 @@ impl Sender<'_> {
     ) -> HostResult<u64> {
         self.vmm
             .set_phase("send: final memory pass and device state");
-        let lanes = std::mem::replace(&mut self.device_lanes, DeviceLanes::none());
+        let mut lanes = std::mem::replace(&mut self.device_lanes, DeviceLanes::none());
+        lanes.set_link_rate(self.link_rate.unwrap_or(0.0));
         self.breakdown.device_state_connections = lanes.len();
         let vm = self.vm.clone();
         let mut set = vm.devices();
@@ -749,6 +830,7 @@ impl Sender<'_> {
         drop(set);
         let mut first_error = None;
         for o in outcomes {
+            self.breakdown.vram.extend(VramReport::of(&o));
             let done_ms = lanes_started + o.elapsed.as_secs_f64() * 1e3;
             self.breakdown.device_state_ms = self.breakdown.device_state_ms.max(done_ms);
             match o.result {
