@@ -359,7 +359,13 @@ fn send_windows<C: Connection>(
     link_rate: f64,
 ) -> (Result<u64, MigratableError>, VramOutcome) {
     let started = Instant::now();
-    let decision = rates::decide(plan.mode, v.bar_size, plan.hash_rate, link_rate);
+    // The stream carries about the VRAM pre-copy found not zero (the
+    // zero runs are elided); the whole BAR if pre-copy read nothing.
+    let stream_estimate = v
+        .report
+        .filter(|r| r.read_bytes > 0)
+        .map_or(v.bar_size, |r| r.data_bytes);
+    let decision = rates::decide(plan.mode, stream_estimate, plan.hash_rate, link_rate);
     info!(
         "Migration: {}: VRAM pre-copied ({} of {} bytes read); stop-copy {}: {}",
         component.id,

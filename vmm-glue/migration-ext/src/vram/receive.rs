@@ -6,6 +6,7 @@
 //! from the windows ([`Rebuild`]), read by the component's handle as if
 //! it came straight from the source.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::path::Path;
 
@@ -96,8 +97,17 @@ pub struct Rebuild<'a, C: Read + Write> {
     ended: bool,
     /// The source closed the connection between frames, before END.
     closed: bool,
+    /// Windows described and answered, waiting for their FILL.
+    described: VecDeque<(Window, Held)>,
     stats: WindowStats,
 }
+
+/// Most windows the source may describe before it fills them: the one it
+/// fills next and the one described meanwhile.
+const MAX_DESCRIBED: usize = 2;
+/// Bytes of FILL read at a time (a FILL is many short runs when held
+/// and changed pages alternate).
+const FILL_BUFFER: usize = 1 << 20;
 
 impl<'a, C: Read + Write> Rebuild<'a, C> {
     pub fn new(conn: &'a mut C, store: &'a VramStore) -> Self {
@@ -108,53 +118,89 @@ impl<'a, C: Read + Write> Rebuild<'a, C> {
             at: 0,
             ended: false,
             closed: false,
+            described: VecDeque::new(),
             stats: WindowStats::default(),
         }
     }
 
-    /// Reads the next frame: a window rebuilt into `out`, or END.
+    /// Reads frames until a window is rebuilt into `out` (its FILL came),
+    /// or END. A WINDOW is answered as soon as it is read: the source
+    /// describes the next window before it fills the last.
     fn next_window(&mut self) -> io::Result<()> {
-        // A stream cut short between frames reads as a stream that ends
-        // there: the component's own reader then says what it misses.
-        let Some(frame) = read_frame_or_eof(self.conn)? else {
-            self.closed = true;
-            return Ok(());
-        };
-        match frame.kind {
-            FrameKind::Window => {}
-            FrameKind::End => {
-                if frame.len != 8 {
-                    return Err(bad(format!("END of {} bytes", frame.len)));
-                }
-                let mut raw = [0u8; 8];
-                self.conn.read_exact(&mut raw)?;
-                let total = u64::from_le_bytes(raw);
-                if total != self.stats.stream_bytes {
-                    return Err(bad(format!(
-                        "END says {total} stream bytes, {} arrived",
-                        self.stats.stream_bytes
-                    )));
-                }
-                self.ended = true;
+        loop {
+            // A stream cut short between frames reads as a stream that
+            // ends there: the component's own reader then says what it
+            // misses.
+            let Some(frame) = read_frame_or_eof(self.conn)? else {
+                self.closed = true;
                 return Ok(());
+            };
+            match frame.kind {
+                FrameKind::Window => self.describe(frame.len)?,
+                FrameKind::Fill => return self.fill(frame.len),
+                FrameKind::End => return self.end(frame.len),
+                other => return Err(bad(format!("{other:?} frame in a VRAM stream"))),
             }
-            other => return Err(bad(format!("{other:?} frame in a VRAM stream"))),
         }
-        let window = Window::read_from(self.conn, frame.len)?;
+    }
+
+    /// A WINDOW: answered with the pages the store holds, kept until its
+    /// FILL.
+    fn describe(&mut self, len: u64) -> io::Result<()> {
+        if self.described.len() >= MAX_DESCRIBED {
+            return Err(bad(format!(
+                "more than {MAX_DESCRIBED} windows described and not filled"
+            )));
+        }
+        let window = Window::read_from(self.conn, len)?;
         let held = if window.runs.is_empty() {
-            Held {
-                runs: Vec::new(),
-                bytes: Vec::new(),
-            }
+            Held::default()
         } else {
             let held = self.store.held(&window.runs, &window.digests)?;
+            // One write: the source reads answers only between FILLs, and
+            // many small writes can fill a socket's buffer by their
+            // overhead alone.
+            let mut answer = Vec::with_capacity(16 + mismatches_len(&held.runs) as usize);
             Response::new(Status::Ok, mismatches_len(&held.runs))
-                .write_to(self.conn)
+                .write_to(&mut answer)
                 .map_err(io::Error::other)?;
-            write_mismatches(self.conn, &held.runs)?;
+            write_mismatches(&mut answer, &held.runs)?;
+            self.conn.write_all(&answer)?;
             self.conn.flush()?;
             held
         };
+        self.described.push_back((window, held));
+        Ok(())
+    }
+
+    /// END: every window filled, and as many bytes as the source counted.
+    fn end(&mut self, len: u64) -> io::Result<()> {
+        if len != 8 {
+            return Err(bad(format!("END of {len} bytes")));
+        }
+        if !self.described.is_empty() {
+            return Err(bad("END before every window was filled".into()));
+        }
+        let mut raw = [0u8; 8];
+        self.conn.read_exact(&mut raw)?;
+        let total = u64::from_le_bytes(raw);
+        if total != self.stats.stream_bytes {
+            return Err(bad(format!(
+                "END says {total} stream bytes, {} arrived",
+                self.stats.stream_bytes
+            )));
+        }
+        self.ended = true;
+        Ok(())
+    }
+
+    /// A FILL: the oldest described window rebuilt from it and the held
+    /// pages.
+    fn fill(&mut self, len: u64) -> io::Result<()> {
+        let (window, held) = self
+            .described
+            .pop_front()
+            .ok_or_else(|| bad("FILL without a WINDOW".into()))?;
         let segments = window::segments(&window.pieces, |o| in_runs(&held.runs, o));
         let fill_len: u64 = segments
             .iter()
@@ -163,21 +209,20 @@ impl<'a, C: Read + Write> Rebuild<'a, C> {
                 Segment::Held { .. } => 0,
             })
             .sum();
-        let frame = Frame::read_from(self.conn)?;
-        frame.expect(FrameKind::Fill)?;
-        if frame.len != fill_len {
+        if len != fill_len {
             return Err(bad(format!(
-                "FILL of {} bytes, the window needs {fill_len}",
-                frame.len
+                "FILL of {len} bytes, the window needs {fill_len}"
             )));
         }
         self.out.clear();
         self.out.resize(window.stream_len() as usize, 0);
+        // Read in large pieces, never past the FILL.
+        let mut fill = io::BufReader::with_capacity(FILL_BUFFER, (&mut *self.conn).take(len));
         let mut at = 0usize;
         for s in segments {
             match s {
                 Segment::Sent { len } => {
-                    self.conn.read_exact(&mut self.out[at..at + len as usize])?;
+                    fill.read_exact(&mut self.out[at..at + len as usize])?;
                     at += len as usize;
                 }
                 Segment::Held { page_offset } => {

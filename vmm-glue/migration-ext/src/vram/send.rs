@@ -21,6 +21,8 @@ use crate::verify::digest::{PageDigester, PAGE_SIZE};
 use crate::verify::wire::read_mismatches;
 
 const PAGE: u64 = PAGE_SIZE as u64;
+/// Bytes of FILL written at a time.
+const FILL_BUFFER: usize = 1 << 20;
 
 /// A VF's VRAM as the VMM maps it: its memory BAR. Reading device
 /// memory has no side effect, so it can be read while the VF runs.
@@ -63,6 +65,10 @@ pub fn precopy<W: Write + ?Sized>(
 ) -> io::Result<PrecopyReport> {
     let started = Instant::now();
     let mut report = PrecopyReport::default();
+    // Frames are small where zero and data pages alternate: written in
+    // large pieces.
+    let mut conn = io::BufWriter::with_capacity(FILL_BUFFER, conn);
+    let conn = &mut conn;
     let raw = begin.encode();
     Frame::new(FrameKind::Begin, raw.len() as u64).write_to(conn)?;
     conn.write_all(&raw)?;
@@ -151,6 +157,8 @@ pub struct WindowWriter<'a, C: Read + Write> {
     data: Vec<u8>,
     pieces: Vec<Piece>,
     mapped: Vec<Piece>,
+    /// The window described last, not filled yet, with its bytes.
+    described: Option<(super::wire::Window, Vec<u8>)>,
     stats: WindowStats,
 }
 
@@ -172,6 +180,7 @@ impl<'a, C: Read + Write> WindowWriter<'a, C> {
             data: Vec::new(),
             pieces: Vec::new(),
             mapped: Vec::new(),
+            described: None,
             stats: WindowStats::default(),
         })
     }
@@ -191,7 +200,10 @@ impl<'a, C: Read + Write> WindowWriter<'a, C> {
         self.pieces.push(piece);
     }
 
-    /// Sends the window collected so far.
+    /// Describes the window collected so far (sends WINDOW), then fills
+    /// the one described before it: the destination looks up this
+    /// window's pages while the source waits for nothing (at most two
+    /// windows are described and not filled, [`super::wire`]).
     fn send_window(&mut self) -> io::Result<()> {
         if self.data.is_empty() {
             return Ok(());
@@ -206,10 +218,20 @@ impl<'a, C: Read + Write> WindowWriter<'a, C> {
         };
         Frame::new(FrameKind::Window, window.encoded_len()).write_to(self.conn)?;
         window.write_to(self.conn)?;
+        self.conn.flush()?;
+        let data = std::mem::take(&mut self.data);
+        if let Some(earlier) = self.described.replace((window, data)) {
+            self.fill(earlier)?;
+        }
+        Ok(())
+    }
+
+    /// Reads the answer to a described window (if it asked one) and sends
+    /// its FILL.
+    fn fill(&mut self, (window, data): (super::wire::Window, Vec<u8>)) -> io::Result<()> {
         let held = if window.runs.is_empty() {
             Vec::new()
         } else {
-            self.conn.flush()?;
             let answer = read_window_answer(self.conn)?;
             let held = read_mismatches(self.conn, answer.length())?;
             for run in &held {
@@ -232,32 +254,49 @@ impl<'a, C: Read + Write> WindowWriter<'a, C> {
                 Segment::Held { .. } => 0,
             })
             .sum();
-        Frame::new(FrameKind::Fill, fill).write_to(self.conn)?;
+        // Written in large pieces: a FILL is many short runs when held and
+        // changed pages alternate.
+        let mut out = io::BufWriter::with_capacity(FILL_BUFFER, &mut *self.conn);
+        Frame::new(FrameKind::Fill, fill).write_to(&mut out)?;
         let mut at = 0usize;
         for s in segments {
             match s {
                 Segment::Sent { len } => {
-                    self.conn.write_all(&self.data[at..at + len as usize])?;
+                    out.write_all(&data[at..at + len as usize])?;
                     at += len as usize;
                 }
                 Segment::Held { .. } => at += PAGE_SIZE,
             }
         }
-        self.stats.stream_bytes += self.data.len() as u64;
+        out.flush()?;
+        drop(out);
+        self.stats.stream_bytes += data.len() as u64;
         self.stats.sent_bytes += fill;
-        self.stats.held_bytes += self.data.len() as u64 - fill;
+        self.stats.held_bytes += data.len() as u64 - fill;
         self.stats.changed_pages +=
             window.digests.len() as u64 - held.iter().map(|r| r.pages).sum::<u64>();
         self.stats.windows += 1;
-        self.data.clear();
-        self.pieces = window.pieces;
-        self.pieces.clear();
+        // The next window reuses the buffers.
+        let (mut data, mut pieces) = (data, window.pieces);
+        data.clear();
+        pieces.clear();
+        self.data = data;
+        self.pieces = pieces;
+        Ok(())
+    }
+
+    /// Describes what is left and fills every described window.
+    fn flush_windows(&mut self) -> io::Result<()> {
+        self.send_window()?;
+        if let Some(last) = self.described.take() {
+            self.fill(last)?;
+        }
         Ok(())
     }
 
     /// Sends what is left and END; returns what the stream cost.
     pub fn finish(mut self) -> io::Result<WindowStats> {
-        self.send_window()?;
+        self.flush_windows()?;
         Frame::new(FrameKind::End, 8).write_to(self.conn)?;
         self.conn
             .write_all(&self.stats.stream_bytes.to_le_bytes())?;
@@ -269,7 +308,7 @@ impl<'a, C: Read + Write> WindowWriter<'a, C> {
     /// END, so the destination sees the same truncated stream it would
     /// have without windows.
     pub fn abandon(mut self) -> WindowStats {
-        if let Err(e) = self.send_window().and_then(|()| self.conn.flush()) {
+        if let Err(e) = self.flush_windows().and_then(|()| self.conn.flush()) {
             debug!("VRAM stream: sending the last window of a failed stream: {e}");
         }
         self.stats

@@ -34,26 +34,44 @@ pub struct VramStore {
 }
 
 /// The pages of a window the destination holds, with their bytes.
+#[derive(Default)]
 pub struct Held {
     /// Page runs in ascending order (the answer to the source).
     pub runs: Vec<PageRun>,
+    /// Where each run's bytes start in `bytes`.
+    starts: Vec<usize>,
     /// The bytes of those pages, run after run.
     pub bytes: Vec<u8>,
 }
 
 impl Held {
+    fn push(&mut self, page_offset: u64, page: &[u8]) {
+        let joins = self
+            .runs
+            .last()
+            .is_some_and(|r| r.gpa + r.pages * PAGE == page_offset);
+        if joins {
+            if let Some(last) = self.runs.last_mut() {
+                last.pages += 1;
+            }
+        } else {
+            self.runs.push(PageRun {
+                gpa: page_offset,
+                pages: 1,
+            });
+            self.starts.push(self.bytes.len());
+        }
+        self.bytes.extend_from_slice(page);
+    }
+
     /// The held bytes of BAR page `page_offset`, if held.
     pub fn page(&self, page_offset: u64) -> Option<&[u8]> {
-        let mut at = 0usize;
-        for run in &self.runs {
-            let len = run.pages * PAGE;
-            if (run.gpa..run.gpa + len).contains(&page_offset) {
-                let start = at + (page_offset - run.gpa) as usize;
-                return self.bytes.get(start..start + PAGE_SIZE);
-            }
-            at += len as usize;
-        }
-        None
+        let i = self
+            .runs
+            .partition_point(|r| r.gpa + r.pages * PAGE <= page_offset);
+        let run = self.runs.get(i).filter(|r| r.gpa <= page_offset)?;
+        let start = self.starts[i] + (page_offset - run.gpa) as usize;
+        self.bytes.get(start..start + PAGE_SIZE)
     }
 }
 
@@ -172,10 +190,7 @@ impl VramStore {
     /// this store holds: the recorded digest matches and the bytes in the
     /// file hash to it again. Reads only the candidates.
     pub fn held(&self, runs: &[PageRun], digests: &[Digest]) -> io::Result<Held> {
-        let mut held = Held {
-            runs: Vec::new(),
-            bytes: Vec::new(),
-        };
+        let mut held = Held::default();
         let mut digests = digests.iter();
         // Candidates, grouped into runs read with one pread each.
         let mut candidates: Vec<(u64, Vec<Digest>)> = Vec::new();
@@ -200,8 +215,7 @@ impl VramStore {
             read_at_most(&self.file, &mut buf, start)?;
             for (i, (page, d)) in buf.chunks(PAGE_SIZE).zip(&ds).enumerate() {
                 if self.digester.digest(page) == *d {
-                    crate::verify::wire::push_page(&mut held.runs, start / PAGE + i as u64);
-                    held.bytes.extend_from_slice(page);
+                    held.push(start + i as u64 * PAGE, page);
                 }
             }
         }

@@ -165,8 +165,8 @@ const MIB: usize = 1 << 20;
 
 #[test]
 fn vram_precopy_a_page_the_device_wrote_after_precopy_is_caught_and_sent() {
-    let bar = pattern(24 * MIB, 1);
-    let changed_pages = (0..24 * MIB / PAGE_SIZE).step_by(10).count();
+    let bar = pattern(56 * MIB, 1);
+    let changed_pages = (0..56 * MIB / PAGE_SIZE).step_by(10).count();
     let run = migrate(
         bar,
         |vram| {
@@ -177,12 +177,12 @@ fn vram_precopy_a_page_the_device_wrote_after_precopy_is_caught_and_sent() {
         TestLayout::new(0),
         |_| {},
     );
-    assert_eq!(run.precopy.read_bytes, 24 << 20);
+    assert_eq!(run.precopy.read_bytes, 56 << 20);
     // Every changed page was compared and found changed.
     assert_eq!(run.sent.changed_pages, changed_pages as u64);
     // Sent: the changed pages, the headers and prefix; pages cut by a
     // window's edge at most two per window.
-    let headers = (24 * HEADER + 24) as u64;
+    let headers = (56 * HEADER + 24) as u64;
     let changed = (changed_pages * PAGE_SIZE) as u64;
     let edges = 2 * run.sent.windows * PAGE_SIZE as u64;
     assert!(

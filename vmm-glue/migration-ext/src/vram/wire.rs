@@ -21,9 +21,11 @@
 //!   WINDOW  u32 piece count P, u32 page run count R, P x { u64 BAR
 //!           offset or RAW_PIECE, u64 bytes }, R x { u64 BAR offset,
 //!           u64 pages }, one 16-byte digest per page of the runs
-//!           (answered Ok with the runs the destination holds and
-//!           matched; then FILL)
-//!   FILL    the window's bytes that are not in held pages, in order
+//!           (answered at once, if R > 0, with an Ok whose payload lists
+//!           the runs the destination holds and matched)
+//!   FILL    the bytes of the oldest window not filled yet that are not
+//!           in its held pages, in order; the source describes window
+//!           n + 1 before it fills window n, never further ahead
 //!   END     u64 stream bytes
 //! ```
 //!
