@@ -95,7 +95,7 @@ enum Command {
         vfs: Vec<usize>,
         #[arg(long, value_delimiter = ',', default_value = "unix")]
         transports: Vec<TransportKind>,
-        #[arg(long, value_delimiter = ',', default_value = "qemu,ours")]
+        #[arg(long, value_delimiter = ',', default_value = "qemu,ours,ours-vram")]
         methods: Vec<vm::VmMethod>,
         #[arg(long, default_value_t = 3)]
         reps: usize,
@@ -109,6 +109,13 @@ enum Command {
         /// Share of zero pages in each VF's VRAM.
         #[arg(long, default_value_t = 50)]
         vram_zero_percent: u8,
+        /// Share of each VF's VRAM its work rewrites after pre-copy (in
+        /// every method, at the same point).
+        #[arg(long, default_value_t = 10)]
+        vram_change_percent: u8,
+        /// BAR read rate of the emulated VFs (per second).
+        #[arg(long, default_value = "128M")]
+        bar_rate: String,
         #[arg(long, default_value_t = 600)]
         case_timeout: u64,
         #[arg(long, default_value = "target/bench-vm")]
@@ -221,6 +228,8 @@ fn main() {
             dma_pages_per_gib,
             dma_set_percent,
             vram_zero_percent,
+            vram_change_percent,
+            bar_rate,
             case_timeout,
             out_dir,
         } => (|| {
@@ -234,6 +243,11 @@ fn main() {
                 dma_pages_per_gib,
                 dma_set_percent,
                 vram_zero_percent,
+                vram_change_percent,
+                bar_rate: orchestrate::parse_sizes(std::slice::from_ref(&bar_rate))?
+                    .first()
+                    .copied()
+                    .unwrap_or(128 << 20),
                 out_dir,
                 case_timeout: std::time::Duration::from_secs(case_timeout),
             })

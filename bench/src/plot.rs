@@ -208,6 +208,7 @@ pub fn vm_downtime(rows: &[crate::vm::VmRow], path: &Path) -> Result<()> {
         ("limit", colour(Method::Limit)),
         ("qemu", colour(Method::Qemu)),
         ("ours", colour(Method::Ours)),
+        ("ours-vram", RGBColor(148, 103, 189)),
     ];
     for ((t, vfs, vram), panel) in panels_of.iter().zip(panels.iter()) {
         let these: Vec<&crate::vm::VmRow> = rows

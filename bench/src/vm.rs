@@ -13,13 +13,23 @@
 //!   into, then each VF's state in turn on the main connection
 //!   (`final_pass: Resend`, `device_state_connections: false`);
 //! - **ours**: the verify pass where it pays (`final_pass: Auto`), every
-//!   VF's state on its own connection while the final pass runs;
+//!   VF's state on its own connection while the final pass runs, VRAM
+//!   all in stop-copy (`vram_precopy: off`);
+//! - **ours-vram**: ours with VRAM pre-copy through the VFs' BARs
+//!   (`vram_precopy: auto`): in stop-copy only the VRAM pages that
+//!   changed since pre-copy read them travel;
 //! - **limit**: what really changed since the last pre-copy pass (the
 //!   CPU-dirty bytes, the pages the verify pass found changed, the VF
-//!   state without its zero runs), divided by the link's rate measured
-//!   from a hot buffer into a hot buffer (`xe-vf-bench probe`);
+//!   state without its zero runs, or with VRAM pre-copy in the case only
+//!   the stream bytes that were not pre-copied), divided by the link's
+//!   rate measured from a hot buffer into a hot buffer (`xe-vf-bench
+//!   probe`);
 //! - **upstream CH**: refuses (`start_dirty_log` fails for a VF without
 //!   DMA logging, `vfio_common` asks for `DMA_LOGGING_START`).
+//!
+//! Once memory pre-copy converged (and VRAM pre-copy ended), every VF
+//! rewrites `vram_change_percent` of its VRAM, spread out, in every
+//! method: the VRAM the GPU changed after pre-copy read it.
 //!
 //! Every run is verified: memory checksum and VF digests of the source at
 //! its stop equal the destination's at the switch-over.
@@ -46,20 +56,31 @@ const MIB: f64 = (1 << 20) as f64;
 pub enum VmMethod {
     Qemu,
     Ours,
+    OursVram,
 }
 
 impl VmMethod {
+    pub const ALL: [VmMethod; 3] = [VmMethod::Qemu, VmMethod::Ours, VmMethod::OursVram];
+
     pub fn name(self) -> &'static str {
         match self {
             VmMethod::Qemu => "qemu",
             VmMethod::Ours => "ours",
+            VmMethod::OursVram => "ours-vram",
         }
     }
 
     fn final_pass(self) -> &'static str {
         match self {
             VmMethod::Qemu => "Resend",
-            VmMethod::Ours => "Auto",
+            VmMethod::Ours | VmMethod::OursVram => "Auto",
+        }
+    }
+
+    fn vram_precopy(self) -> &'static str {
+        match self {
+            VmMethod::OursVram => "auto",
+            VmMethod::Qemu | VmMethod::Ours => "off",
         }
     }
 }
@@ -79,6 +100,10 @@ pub struct VmPlan {
     /// keep landing in: a GPU's buffers, rewritten over and over.
     pub dma_set_percent: f64,
     pub vram_zero_percent: u8,
+    /// Share of each VF's VRAM rewritten after pre-copy (every method).
+    pub vram_change_percent: u8,
+    /// BAR read rate of the emulated VFs (bytes per second).
+    pub bar_rate: u64,
     pub out_dir: PathBuf,
     pub case_timeout: Duration,
 }
@@ -108,6 +133,19 @@ pub struct VmRun {
     pub verified: bool,
     pub src_peak_rss: u64,
     pub dst_peak_rss: u64,
+    /// With VRAM pre-copy (all VFs): the longest pre-copy, the stream
+    /// bytes taken from pre-copied VRAM and sent in stop-copy, the
+    /// compared pages found changed, and whether every VF compared.
+    #[serde(default)]
+    pub vram_precopy_ms: f64,
+    #[serde(default)]
+    pub vram_held_bytes: u64,
+    #[serde(default)]
+    pub vram_sent_bytes: u64,
+    #[serde(default)]
+    pub vram_changed_pages: u64,
+    #[serde(default)]
+    pub vram_compared: bool,
 }
 
 fn testhost() -> Result<PathBuf> {
@@ -216,7 +254,7 @@ fn run_one(
         src_cmd.args([
             "--device",
             &format!(
-                "emulated=on,vram={},id=gpu{i},dma_pages={},dma_set={},seed={}",
+                "emulated=on,vram={},id=gpu{i},dma_pages={},dma_set={},seed={},bar_rate={}",
                 vram,
                 // The VM's DMA rate is shared among its VFs.
                 (u64::from(plan.dma_pages_per_gib) * ram)
@@ -224,7 +262,8 @@ fn run_one(
                     .max(1),
                 ((ram as f64 * plan.dma_set_percent / 100.0) as u64 / vfs as u64).max(4096) / 4096
                     * 4096,
-                0x5eed + i
+                0x5eed + i,
+                plan.bar_rate
             ),
         ]);
     }
@@ -252,11 +291,15 @@ fn run_one(
     let timeout_s = plan.case_timeout.as_secs();
     dst.put(
         "vm.arm-migration",
-        json!({ "verify": true, "timeout_s": timeout_s }),
+        json!({ "verify": true, "timeout_s": timeout_s, "prefault_vram": true }),
     )?;
     src.put(
         "vm.arm-migration",
-        json!({ "device_state_connections": method == VmMethod::Ours }),
+        json!({
+            "device_state_connections": method != VmMethod::Qemu,
+            "vram_precopy": method.vram_precopy(),
+            "vram_change_percent": plan.vram_change_percent,
+        }),
     )?;
     let receiver = {
         let api = dst.api.clone();
@@ -301,6 +344,20 @@ fn run_one(
         bail!("receive-migration: {} {}", answer.status, answer.error());
     }
     let received = dst.info()?["migration"]["last"]["received"].clone();
+    // Both hosts' logs, next to the results.
+    let logs = plan.out_dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    for side in ["src", "dst"] {
+        let name = format!(
+            "{}-{}-{}x{}-{}-{rep}-{side}.log",
+            transport.name().replace(':', "-"),
+            size(ram).replace(' ', ""),
+            vfs,
+            size(vram).replace(' ', ""),
+            method.name()
+        );
+        std::fs::copy(dir.path().join(format!("{side}.log")), logs.join(name))?;
+    }
     let at_stop = &sent["at_stop"];
     let at_switchover = &received["at_switchover"];
     let same_devices = |a: &Value, b: &Value| {
@@ -324,6 +381,11 @@ fn run_one(
     // The destination's checksum of all memory and VF state, taken while
     // the VM waits to resume, is the benchmark's check, not downtime.
     let check_ms = f(&received["fingerprint_ms"]);
+    let lanes: Vec<&Value> = d["vram"]
+        .as_array()
+        .map(|v| v.iter().collect())
+        .unwrap_or_default();
+    let vram_sum = |key: &str| lanes.iter().map(|v| u(&v[key])).sum::<u64>();
     Ok(VmRun {
         transport: transport.name(),
         ram,
@@ -347,6 +409,14 @@ fn run_one(
         verified,
         src_peak_rss: src.peak_rss(),
         dst_peak_rss: dst.peak_rss(),
+        vram_precopy_ms: lanes
+            .iter()
+            .map(|v| f(&v["precopy_ms"]))
+            .fold(0.0, f64::max),
+        vram_held_bytes: vram_sum("held_bytes"),
+        vram_sent_bytes: vram_sum("sent_bytes"),
+        vram_changed_pages: vram_sum("changed_pages"),
+        vram_compared: !lanes.is_empty() && lanes.iter().all(|v| v["compared"] == true),
     })
 }
 
@@ -409,6 +479,13 @@ pub struct VmRow {
     pub device_state_ms: f64,
     pub switchover_ms: f64,
     pub final_pass_mib: f64,
+    /// Whole migration, from send-migration to the destination running.
+    #[serde(default)]
+    pub total_ms: f64,
+    #[serde(default)]
+    pub src_peak_rss_mib: f64,
+    #[serde(default)]
+    pub dst_peak_rss_mib: f64,
     pub note: String,
 }
 
@@ -435,7 +512,7 @@ fn rows(runs: &[VmRun], link_rates: &BTreeMap<String, f64>) -> Vec<VmRow> {
             .iter()
             .filter(|r| r.transport == t && r.ram == ram && r.vfs == vfs && r.vram == vram)
             .collect();
-        for m in [VmMethod::Qemu, VmMethod::Ours] {
+        for m in VmMethod::ALL {
             let of: Vec<&&VmRun> = case.iter().filter(|r| r.method == m).collect();
             if of.is_empty() {
                 continue;
@@ -457,23 +534,55 @@ fn rows(runs: &[VmRun], link_rates: &BTreeMap<String, f64>) -> Vec<VmRow> {
                 device_state_ms: med(|r| r.device_state_ms),
                 switchover_ms: med(|r| r.switchover_ms),
                 final_pass_mib: med(|r| r.final_pass_bytes as f64) / MIB,
-                note: if m == VmMethod::Ours {
-                    format!(
+                total_ms: med(|r| r.total_ms),
+                src_peak_rss_mib: med(|r| r.src_peak_rss as f64) / MIB,
+                dst_peak_rss_mib: med(|r| r.dst_peak_rss as f64) / MIB,
+                note: match m {
+                    VmMethod::Qemu => String::new(),
+                    VmMethod::Ours => format!(
                         "DMA pages: {}; {:.1} MiB differed",
                         modes.join("/"),
                         median(of.iter().map(|r| r.differing_bytes as f64).collect()) / MIB
-                    )
-                } else {
-                    String::new()
+                    ),
+                    VmMethod::OursVram => format!(
+                        "DMA pages: {}; VRAM pre-copy {:.0} ms, compared: {}; stop-copy sent \
+                         {:.1} MiB, {:.1} MiB from pre-copy",
+                        modes.join("/"),
+                        med(|r| r.vram_precopy_ms),
+                        if of.iter().all(|r| r.vram_compared) {
+                            "yes"
+                        } else {
+                            "not all"
+                        },
+                        med(|r| r.vram_sent_bytes as f64) / MIB,
+                        med(|r| r.vram_held_bytes as f64) / MIB
+                    ),
                 },
             });
         }
         // The limit: what really changed, at the link's hot-buffer rate.
-        let ours: Vec<&&VmRun> = case.iter().filter(|r| r.method == VmMethod::Ours).collect();
+        // With VRAM pre-copy in the case, of the VFs' streams only what
+        // pre-copy did not already hold.
+        let with_vram: Vec<&&VmRun> = case
+            .iter()
+            .filter(|r| r.method == VmMethod::OursVram)
+            .collect();
+        let ours: Vec<&&VmRun> = if with_vram.is_empty() {
+            case.iter().filter(|r| r.method == VmMethod::Ours).collect()
+        } else {
+            with_vram
+        };
         if let (Some(rate), false) = (link_rates.get(&t), ours.is_empty()) {
             let changed = median(
                 ours.iter()
-                    .map(|r| (r.cpu_dirty_bytes + r.differing_bytes + r.device_bytes) as f64)
+                    .map(|r| {
+                        let device = if r.method == VmMethod::OursVram {
+                            r.vram_sent_bytes
+                        } else {
+                            r.device_bytes
+                        };
+                        (r.cpu_dirty_bytes + r.differing_bytes + device) as f64
+                    })
                     .collect(),
             );
             let ms = changed / rate * 1e3;
@@ -491,6 +600,9 @@ fn rows(runs: &[VmRun], link_rates: &BTreeMap<String, f64>) -> Vec<VmRow> {
                 device_state_ms: 0.0,
                 switchover_ms: 0.0,
                 final_pass_mib: changed / MIB,
+                total_ms: 0.0,
+                src_peak_rss_mib: 0.0,
+                dst_peak_rss_mib: 0.0,
                 note: format!(
                     "{:.1} MiB changed at {:.0} MiB/s",
                     changed / MIB,
@@ -512,6 +624,9 @@ fn rows(runs: &[VmRun], link_rates: &BTreeMap<String, f64>) -> Vec<VmRow> {
             device_state_ms: 0.0,
             switchover_ms: 0.0,
             final_pass_mib: 0.0,
+            total_ms: 0.0,
+            src_peak_rss_mib: 0.0,
+            dst_peak_rss_mib: 0.0,
             note: "refuses: the VF has no DMA logging".into(),
         });
     }
@@ -527,12 +642,12 @@ fn size(b: u64) -> String {
 }
 
 pub fn print(rows: &[VmRow]) {
-    println!("| link | RAM | VFs x VRAM | method | downtime ms (median; min-max) | final memory ms | device state ms | switch-over ms | final pass MiB | note |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| link | RAM | VFs x VRAM | method | downtime ms (median; min-max) | final memory ms | device state ms | switch-over ms | final pass MiB | total ms | peak RSS MiB src / dst | note |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         if r.reps == 0 {
             println!(
-                "| {} | {} | {} x {} | {} | refuses | | | | | {} |",
+                "| {} | {} | {} x {} | {} | refuses | | | | | | | {} |",
                 r.transport,
                 size(r.ram),
                 r.vfs,
@@ -543,7 +658,7 @@ pub fn print(rows: &[VmRow]) {
             continue;
         }
         println!(
-            "| {} | {} | {} x {} | {} | {:.0} ({:.0}-{:.0}) | {:.0} | {:.0} | {:.0} | {:.1} | {} |",
+            "| {} | {} | {} x {} | {} | {:.0} ({:.0}-{:.0}) | {:.0} | {:.0} | {:.0} | {:.1} | {} | {} | {} |",
             r.transport,
             size(r.ram),
             r.vfs,
@@ -556,6 +671,16 @@ pub fn print(rows: &[VmRow]) {
             r.device_state_ms,
             r.switchover_ms,
             r.final_pass_mib,
+            if r.total_ms > 0.0 {
+                format!("{:.0}", r.total_ms)
+            } else {
+                String::new()
+            },
+            if r.src_peak_rss_mib > 0.0 {
+                format!("{:.0} / {:.0}", r.src_peak_rss_mib, r.dst_peak_rss_mib)
+            } else {
+                String::new()
+            },
             r.note
         );
     }
@@ -602,10 +727,49 @@ pub fn targets(rows: &[VmRow]) {
                 if o / q <= bound { "yes" } else { "NO" }
             );
         }
-        for m in ["ours", "qemu"] {
+        if let (Some(v), Some(o), Some(q)) = (
+            find(&t, ram, vram, 1, "ours-vram"),
+            find(&t, ram, vram, 1, "ours"),
+            find(&t, ram, vram, 1, "qemu"),
+        ) {
+            let want = |bound: f64| {
+                if t.contains("10gbit") {
+                    format!("<= {bound}")
+                } else {
+                    "(reference)".into()
+                }
+            };
+            let holds = |x: f64, bound: f64| {
+                if !t.contains("10gbit") {
+                    "-"
+                } else if x <= bound {
+                    "yes"
+                } else {
+                    "NO"
+                }
+            };
+            println!(
+                "| {t} {} RAM, VF {}: ours-vram {} x ours (pre-copy off) | {:.2} x | {} |",
+                size(ram),
+                size(vram),
+                want(0.35),
+                v / o,
+                holds(v / o, 0.35)
+            );
+            println!(
+                "| {t} {} RAM, VF {}: ours-vram {} x QEMU style | {:.2} x | {} |",
+                size(ram),
+                size(vram),
+                want(0.15),
+                v / q,
+                holds(v / q, 0.15)
+            );
+        }
+        for m in ["ours-vram", "ours", "qemu"] {
             if let (Some(two), Some(one)) = (find(&t, ram, vram, 2, m), find(&t, ram, vram, 1, m)) {
-                let want = if m == "ours" { "<= 1.3" } else { "(reference)" };
-                let holds = if m == "ours" {
+                let ours = m.starts_with("ours");
+                let want = if ours { "<= 1.3" } else { "(reference)" };
+                let holds = if ours {
                     if two / one <= 1.3 {
                         "yes"
                     } else {

@@ -345,4 +345,35 @@ mod tests {
         // 16 MiB at 64 MiB/s: at least 250 ms.
         assert!(started.elapsed() >= Duration::from_millis(250));
     }
+
+    #[test]
+    fn vram_precopy_change_vram_rewrites_the_share_asked_spread_out() {
+        let dev = EmulatedXeVf::new(EmulatedConfig {
+            vram_size: 8 * MIB,
+            workload: false,
+            bar_read_rate: 0,
+            ..EmulatedConfig::default()
+        })
+        .unwrap();
+        dev.fill_vram(1, 0).unwrap();
+        let bar = dev.vram_bar();
+        let read = || {
+            let mut v = vec![0u8; 8 * MIB as usize];
+            bar.read_at(&mut v, 0).unwrap();
+            v
+        };
+        let before = read();
+        assert_eq!(dev.change_vram(10, 3).unwrap(), 12 * 64 * 1024);
+        let after = read();
+        let changed: Vec<usize> = before
+            .chunks(64 << 10)
+            .zip(after.chunks(64 << 10))
+            .enumerate()
+            .filter(|(_, (a, b))| a != b)
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(changed.len(), 12);
+        // Spread: no two changed blocks next to each other.
+        assert!(changed.windows(2).all(|w| w[1] - w[0] >= 9), "{changed:?}");
+    }
 }

@@ -240,10 +240,22 @@ pub struct MigrationTestOptions {
     /// so far: the patched ch-remote has no such option yet.
     #[serde(default)]
     pub vram_precopy: VramPrecopyMode,
+    /// Source, for benchmarks: once memory pre-copy has converged (and
+    /// VRAM pre-copy ended), each emulated VF's own work rewrites this
+    /// share of its VRAM, spread out, before the VM pauses: "VRAM changed
+    /// after pre-copy". The same point with or without VRAM pre-copy.
+    #[serde(default)]
+    pub vram_change_percent: u8,
     /// Destination: where pre-copied VRAM is kept (default: the system's
     /// temporary directory).
     #[serde(default)]
     pub vram_dir: Option<PathBuf>,
+    /// Destination, for benchmarks: allocate every emulated VF's LMEM
+    /// when it is created at Config, as device memory always is, so that
+    /// loading its state pays no page allocation (as `xe-vf-bench run`
+    /// does for its destination VFs).
+    #[serde(default)]
+    pub prefault_vram: bool,
 }
 
 fn yes() -> bool {
@@ -297,7 +309,9 @@ impl Default for MigrationTestOptions {
             device_faults: BTreeMap::new(),
             device_state_connections: true,
             vram_precopy: VramPrecopyMode::default(),
+            vram_change_percent: 0,
             vram_dir: None,
+            prefault_vram: false,
         }
     }
 }

@@ -259,6 +259,35 @@ impl EmulatedXeVf {
         Ok(())
     }
 
+    /// Rewrites `percent` of LMEM with new bytes from `seed`, in 64 KiB
+    /// blocks spread evenly over it, as a GPU's own work would between
+    /// two looks at its memory (for benchmarks of VRAM pre-copy).
+    /// Returns the bytes rewritten.
+    pub fn change_vram(&self, percent: u8, seed: u64) -> Result<u64> {
+        const BLOCK: u64 = 64 << 10;
+        let percent = u64::from(percent.min(100));
+        let blocks = self.model.vram.size() / BLOCK;
+        let mut buf = vec![0u8; BLOCK as usize];
+        let mut changed = 0;
+        for block in 0..blocks {
+            // Block `block` is one of the chosen when the running share
+            // steps up here: evenly spread, exactly `percent` in all.
+            if block * percent / 100 == (block + 1) * percent / 100 {
+                continue;
+            }
+            SplitMix(seed ^ block.wrapping_mul(0x9e37_79b9_7f4a_7c15)).fill(&mut buf);
+            self.model
+                .vram
+                .write_at(&buf, block * BLOCK)
+                .map_err(|source| DeviceError::Ioctl {
+                    op: "change emulated VRAM",
+                    source,
+                })?;
+            changed += BLOCK;
+        }
+        Ok(changed)
+    }
+
     /// LMEM as the VMM reads it through the VF's BAR while the VF runs:
     /// the device's own memory, paced to the configured BAR read rate.
     pub fn vram_bar(&self) -> Arc<dyn VramBar> {

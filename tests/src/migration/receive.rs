@@ -26,6 +26,7 @@ use xe_vf_glue::migration::{IncomingState, Snapshot};
 use xe_vf_glue::protocol::{
     Command, MemoryRangeTable, ProtocolFeatures, Request, Response, DEVICE_STATE_SELF_DELIMITED,
 };
+use xe_vf_plugin::backend::Backend;
 use xe_vf_plugin::device_config::DeviceConfig;
 use xe_vf_plugin::engine::TransferOptions;
 
@@ -445,6 +446,14 @@ impl Receiver<'_> {
             }
         }
         let vm = Vm::create(config.vm.clone(), true, None)?;
+        if self.req.prefault_vram {
+            for d in vm.devices().devices_mut() {
+                if let Backend::Emulated(vf) = d.backend() {
+                    vf.prefault_vram()
+                        .map_err(|e| HostError::failed("config: prefault VRAM", e))?;
+                }
+            }
+        }
         for (id, faults) in &self.req.device_faults {
             for f in faults {
                 vm.inject_fault(id, f.to_fault()?)?;

@@ -26,6 +26,7 @@ use xe_vf_glue::device_set::XeVfSet;
 use xe_vf_glue::error_chain::{chain, Chain};
 use xe_vf_glue::migration::{Migratable, MigratableError, Snapshot, Snapshottable};
 use xe_vf_glue::protocol::{MemoryRangeTable, ProtocolFeatures, Request};
+use xe_vf_plugin::backend::Backend;
 use xe_vf_plugin::engine::TransferOptions;
 
 use super::conn::{connect, Conn, MigrationUrl};
@@ -139,6 +140,9 @@ struct Sender<'a> {
     vram_mode: VramPrecopyMode,
     /// A VRAM pre-copy runs on the device-state connections.
     vram_running: bool,
+    /// Share of each VF's VRAM its work rewrites once pre-copy converged
+    /// (a benchmark's test option); `None` once done.
+    vram_change_percent: Option<u8>,
 }
 
 /// `vm.send-migration`: checks the request, then migrates in a worker
@@ -254,6 +258,7 @@ fn send(
         breakdown: DowntimeBreakdown::default(),
         vram_mode: options.vram_precopy,
         vram_running: false,
+        vram_change_percent: Some(options.vram_change_percent).filter(|p| *p > 0),
     };
     let result = sender.run(started, initial);
     sender.lanes.close();
@@ -512,6 +517,20 @@ impl Sender<'_> {
         Ok(())
     }
 
+    /// Benchmarks: each emulated VF rewrites `percent` of its VRAM.
+    fn change_vram(&mut self, percent: u8) -> HostResult<()> {
+        let mut set = self.vm.devices();
+        for (i, d) in set.devices_mut().iter().enumerate() {
+            if let Backend::Emulated(vf) = d.backend() {
+                let bytes = vf
+                    .change_vram(percent, 0xc4a9_e000 + i as u64)
+                    .map_err(|e| HostError::failed("vram change", e))?;
+                info!("test option: {} rewrote {bytes} bytes of its VRAM", d.id());
+            }
+        }
+        Ok(())
+    }
+
     /// Whether memory pre-copy must go on for VRAM's sake: its pre-copy
     /// still reads. Once it ended, a failure of it fails the migration
     /// here, before anything paused.
@@ -651,6 +670,11 @@ impl Sender<'_> {
                 self.vram_precopy_pending()?
             };
             if converged && !waiting_for_vram {
+                if let Some(percent) = self.vram_change_percent.take() {
+                    // The VFs' work moves on; memory pre-copy goes on too.
+                    self.change_vram(percent)?;
+                    continue;
+                }
                 debug!("precopy: converged ({bytes} bytes left)");
                 return Ok(bitmap);
             }
