@@ -529,7 +529,17 @@ impl IncomingDevices {
             stats.held_bytes,
             precopied.store.stored_bytes()
         );
-        Response::ok().write_to(conn)
+        let answered = Response::ok().write_to(conn);
+        // Closing the file frees its pages, which takes long for GiBs of
+        // VRAM; the VMM waits for this connection before the switch-over,
+        // so that happens off its path.
+        let dropped = std::thread::Builder::new()
+            .name("vram-store-drop".into())
+            .spawn(move || drop(precopied));
+        if let Err(e) = dropped {
+            log::debug!("VRAM store closed in place: {e}");
+        }
+        answered
     }
 }
 
