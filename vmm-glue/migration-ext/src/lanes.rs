@@ -135,17 +135,15 @@ impl<C: Connection> DeviceLanes<C> {
 
     /// Closes the connections unused (a migration that failed before the
     /// components' turn): the destination's handlers see them end. A
-    /// running VRAM pre-copy is stopped first.
+    /// running VRAM pre-copy is told to stop and not waited for (it may
+    /// be blocked writing to a destination that stopped reading): its
+    /// thread ends at its next step, or when its write fails, and closes
+    /// its connection then.
     ///
     /// Closing is dropping: nothing else holds these sockets, and CH's
     /// migration worker has no seccomp rule for `shutdown(2)`.
     pub fn close(&mut self) {
         self.stop_precopy.store(true, Ordering::Relaxed);
-        for lane in &mut self.lanes {
-            if let Some(t) = lane.vram.as_mut().and_then(|v| v.running.take()) {
-                let _ = t.join();
-            }
-        }
         self.lanes.clear();
     }
 
