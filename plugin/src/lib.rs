@@ -7,8 +7,9 @@
 //! the test host): device access behind [`device::MigrationDevice`], the
 //! uAPI state machine in [`fsm`], the Xe packet stream in [`xe_stream`],
 //! the VMM-side device-state format in [`state_format`], and the streaming
-//! save/restore paths in [`engine`]; [`host`] finds, prepares and checks
-//! VFs on a real host.
+//! save/restore paths in [`engine`]; [`vram_bar`] reads a VF's VRAM
+//! through its BAR for pre-copy; [`host`] finds, prepares and checks VFs
+//! on a real host.
 
 pub mod backend;
 pub mod device;

@@ -21,6 +21,9 @@
 //!   instead of resent, when the measured rates say that is faster;
 //! - [`switchover`]: the two-step switch-over, so no failure leaves the VM
 //!   running on both hosts;
+//! - [`vram`]: a VF's VRAM read through its BAR and sent ahead while the
+//!   VM runs, on its connection of its own; in stop-copy only what the
+//!   destination does not already hold is sent;
 //! - [`ranges`]: dirty ranges from several sources merged, so a page is
 //!   sent once per pass;
 //! - [`checksum`]: a guest memory checksum both sides can log, for tests.
