@@ -10,12 +10,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use log::debug;
-use vm_migration::MigratableError;
+use vm_migration::protocol::{Response, Status};
 
 use super::window::{self, in_runs, Segment};
 use super::wire::{Begin, Frame, FrameKind, Piece, MAX_DATA, MAX_WINDOW};
-use vm_migration::protocol::{Response, Status};
-
 use crate::connection::read_message;
 use crate::verify::digest::{PageDigester, PAGE_SIZE};
 use crate::verify::wire::read_mismatches;
@@ -366,9 +364,4 @@ pub fn read_window_answer<C: Read + ?Sized>(conn: &mut C) -> io::Result<Response
             read_message(&mut conn, &response).unwrap_or_else(|| "Error".into())
         ))),
     }
-}
-
-/// Turns a failed stream into the error a lane reports.
-pub fn send_failed(what: &str, e: io::Error) -> MigratableError {
-    MigratableError::MigrateSend(anyhow::anyhow!(e).context(what.to_string()))
 }

@@ -49,6 +49,9 @@ pub const MAX_PIECES: u32 = 1 << 16;
 pub const RAW_PIECE: u64 = u64::MAX;
 /// Bytes of a BEGIN payload.
 pub const BEGIN_LEN: usize = 16 + KEY_LEN;
+/// Largest BAR a destination keeps digests for (its table is 4 MiB per
+/// GiB, allocated at BEGIN): above any Xe VF's LMEM.
+pub const MAX_BAR_SIZE: u64 = 64 << 30;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -146,12 +149,18 @@ impl Begin {
         if page as usize != PAGE_SIZE {
             return Err(bad(format!("page size {page}, only {PAGE_SIZE} is known")));
         }
+        let bar_size = le64(&raw[8..16]);
+        if bar_size == 0 || bar_size > MAX_BAR_SIZE {
+            return Err(bad(format!(
+                "BAR of {bar_size} bytes (1..={MAX_BAR_SIZE} are taken)"
+            )));
+        }
         let mut key = [0u8; KEY_LEN];
         key.copy_from_slice(&raw[16..]);
         Ok(Begin {
             function,
             key: DigestKey(key),
-            bar_size: le64(&raw[8..16]),
+            bar_size,
         })
     }
 }
@@ -317,6 +326,12 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("page size"));
+        let huge = Begin {
+            bar_size: MAX_BAR_SIZE + 1,
+            ..begin.clone()
+        };
+        let e = Begin::decode(&huge.encode()).unwrap_err();
+        assert!(e.to_string().contains("BAR of"), "{e}");
 
         let window = Window {
             pieces: vec![Piece::raw(24), Piece::bar(8192, 8192)],
