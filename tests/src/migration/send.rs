@@ -670,13 +670,16 @@ impl Sender<'_> {
                 self.vram_precopy_pending()?
             };
             if converged && !waiting_for_vram {
-                if let Some(percent) = self.vram_change_percent.take() {
-                    // The VFs' work moves on; memory pre-copy goes on too.
-                    self.change_vram(percent)?;
+                let Some(percent) = self.vram_change_percent.take() else {
+                    debug!("precopy: converged ({bytes} bytes left)");
+                    return Ok(bitmap);
+                };
+                // The VFs' work moves on; so does memory pre-copy, with
+                // this pass's pages.
+                self.change_vram(percent)?;
+                if bytes == 0 {
                     continue;
                 }
-                debug!("precopy: converged ({bytes} bytes left)");
-                return Ok(bitmap);
             }
             if waiting_for_vram {
                 std::thread::sleep(VRAM_WAIT_SLICE);
