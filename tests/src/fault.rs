@@ -197,10 +197,12 @@ pub struct MigrationTestOptions {
     /// `final-memory`, `state`, `device-state`, `complete`, `ready` (the
     /// destination answered Complete, Switchover not sent yet),
     /// `switchover-sent` (Switchover went out, no answer read yet).
-    /// Destination: `memory`, `memory#N`, `state`, `device-state`,
-    /// `complete` (before the checks), `ready` (answered Complete, before
-    /// reading Switchover), `switchover` (got Switchover, before
-    /// resuming), `resumed` (the VM resumed, before the Ok).
+    /// Destination: `memory`, `memory#N`, `vram-precopy` (on a VF's
+    /// connection of its own, after `after_bytes` of it), `state`,
+    /// `device-state`, `complete` (before the checks), `ready` (answered
+    /// Complete, before reading Switchover), `switchover` (got
+    /// Switchover, before resuming), `resumed` (the VM resumed, before
+    /// the Ok).
     #[serde(default)]
     pub fault: Option<MigrationFault>,
     /// Announce only these optional protocol features in Start (source)

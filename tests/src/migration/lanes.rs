@@ -328,9 +328,8 @@ impl ReceiveLanes {
             Err(e) => return Self::fail(stats, HostError::failed("device-state connection", e)),
         }
         if let Some(fault) = fault {
-            let mut skipped = 0u64;
-            let _ = io::copy(&mut (&mut conn).take(fault.after_bytes), &mut io::sink())
-                .map(|n| skipped = n);
+            let skipped =
+                io::copy(&mut (&mut conn).take(fault.after_bytes), &mut io::sink()).unwrap_or(0);
             debug!("migration: {skipped} bytes of a device-state connection dropped");
             fault.fire(&conn);
             return;
