@@ -613,6 +613,13 @@ fn stop_copy_read_stalls() {
     // Without VRAM pre-copy the bytes read before the stall reach the
     // destination at once, and it times out on the silence after them.
     c.send_options = json!({ "vram_precopy": "off" });
+    let r = stalled_save(&c);
+    c.check_destination(&r, "device-state gpu0", "timed out");
+}
+
+/// gpu0's data fd stalls after 100 KB of its stop-copy stream: the
+/// source gives up on it and runs on; returns the destination's answer.
+fn stalled_save(c: &Cell) -> Answer {
     c.inject("gpu0", json!({ "stall_save": { "after_bytes": 100_000 } }));
     let (s, r) = c.failed_migration(None, json!({}));
     c.check_source(
@@ -620,7 +627,7 @@ fn stop_copy_read_stalls() {
         "device-state gpu0",
         "stop-copy read: device data stream stalled",
     );
-    c.check_destination(&r, "device-state gpu0", "timed out");
+    r
 }
 
 #[test]
@@ -632,13 +639,7 @@ fn vram_precopy_stop_copy_read_stalls() {
     // long). Either way it fails in the VF's stream and runs nothing, and
     // the source runs on with its VF intact.
     let c = Cell::new();
-    c.inject("gpu0", json!({ "stall_save": { "after_bytes": 100_000 } }));
-    let (s, r) = c.failed_migration(None, json!({}));
-    c.check_source(
-        &s,
-        "device-state gpu0",
-        "stop-copy read: device data stream stalled",
-    );
+    let r = stalled_save(&c);
     let cause = if c.dst.log_text().contains("ended before its END record") {
         "ended before its END record"
     } else {

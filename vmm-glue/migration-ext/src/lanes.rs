@@ -401,13 +401,7 @@ fn send_windows<C: Connection>(
             Err(e) => return Err(with_refusal(conn, e)),
         };
         outcome.stream = stats;
-        let answer = vram::send::read_window_answer(conn).map_err(failed)?;
-        if answer.length() != 0 {
-            return Err(MigratableError::MigrateSend(anyhow!(
-                "the destination's Ok carries {} unexpected bytes",
-                answer.length()
-            )));
-        }
+        vram::send::expect_stream_loaded(conn).map_err(failed)?;
         info!(
             "Migration: {}: {} bytes of streamed state in {} ms, {} of them sent, {} from \
              pre-copied VRAM",
@@ -561,17 +555,14 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn every_state_streams_on_its_own_connection_while_memory_goes() {
-        let (h0, loaded0) = handle("xe");
-        let (h1, loaded1) = handle("xe");
-        let handles: Vec<(String, Box<dyn IncomingState>)> =
-            vec![("gpu0".into(), h0), ("gpu1".into(), h1)];
-        let incoming = std::sync::Arc::new(
-            IncomingDevices::check(handles, &described(&["gpu0", "gpu1"])).unwrap(),
-        );
+    /// `count` device-state connections over socket pairs, each served by
+    /// `incoming` on a thread of its own (joined by the caller).
+    fn served_lanes(
+        count: usize,
+        incoming: &std::sync::Arc<IncomingDevices>,
+    ) -> (DeviceLanes<UnixStream>, Vec<std::thread::JoinHandle<()>>) {
         let mut servers = Vec::new();
-        let lanes = DeviceLanes::open(2, || {
+        let lanes = DeviceLanes::open(count, || {
             let (a, mut b) = UnixStream::pair().unwrap();
             let incoming = incoming.clone();
             servers.push(std::thread::spawn(move || {
@@ -584,6 +575,19 @@ mod tests {
             Ok(a)
         })
         .unwrap();
+        (lanes, servers)
+    }
+
+    #[test]
+    fn every_state_streams_on_its_own_connection_while_memory_goes() {
+        let (h0, loaded0) = handle("xe");
+        let (h1, loaded1) = handle("xe");
+        let handles: Vec<(String, Box<dyn IncomingState>)> =
+            vec![("gpu0".into(), h0), ("gpu1".into(), h1)];
+        let incoming = std::sync::Arc::new(
+            IncomingDevices::check(handles, &described(&["gpu0", "gpu1"])).unwrap(),
+        );
+        let (lanes, servers) = served_lanes(2, &incoming);
         let (mut a, mut b) = (
             Fake {
                 kind: "xe".into(),
@@ -628,17 +632,7 @@ mod tests {
         let incoming = std::sync::Arc::new(
             IncomingDevices::check(vec![("gpu0".into(), h0)], &described(&["gpu0"])).unwrap(),
         );
-        let mut servers = Vec::new();
-        let lanes = DeviceLanes::open(1, || {
-            let (a, mut b) = UnixStream::pair().unwrap();
-            let incoming = incoming.clone();
-            servers.push(std::thread::spawn(move || {
-                ConnectionRole::read_from(&mut b).unwrap();
-                incoming.serve_lane(&mut b);
-            }));
-            Ok(a)
-        })
-        .unwrap();
+        let (lanes, servers) = served_lanes(1, &incoming);
         // Larger than the handle takes: it refuses after the length prefix.
         let mut big = Fake {
             kind: "xe".into(),
@@ -763,17 +757,7 @@ mod tests {
             incoming = incoming.with_vram_dir(dir);
         }
         let incoming = Arc::new(incoming);
-        let mut servers = Vec::new();
-        let mut lanes = DeviceLanes::open(1, || {
-            let (a, mut b) = UnixStream::pair().unwrap();
-            let incoming = incoming.clone();
-            servers.push(std::thread::spawn(move || {
-                ConnectionRole::read_from(&mut b).unwrap();
-                incoming.serve_lane(&mut b);
-            }));
-            Ok(a)
-        })
-        .unwrap();
+        let (mut lanes, servers) = served_lanes(1, &incoming);
         let source = VramSource {
             bar: Arc::new(FakeBar(bar)),
             layout: Box::new(FakeLayout { at: 0 }),

@@ -351,10 +351,23 @@ impl<C: Read + Write> Write for WindowWriter<'_, C> {
     }
 }
 
+/// After END: the destination's plain `Ok` once its component loaded the
+/// stream, or its reason for refusing it.
+pub fn expect_stream_loaded<C: Read + ?Sized>(conn: &mut C) -> io::Result<()> {
+    let answer = read_window_answer(conn)?;
+    if answer.length() != 0 {
+        return Err(io::Error::other(format!(
+            "the destination's Ok carries {} unexpected bytes",
+            answer.length()
+        )));
+    }
+    Ok(())
+}
+
 /// The destination's answer to a WINDOW (`Ok` with the held pages) or to
 /// the whole stream (`Ok`), or its reason for giving up, worded as a
 /// refusal mid-stream is elsewhere ("the destination said: ...").
-pub fn read_window_answer<C: Read + ?Sized>(conn: &mut C) -> io::Result<Response> {
+fn read_window_answer<C: Read + ?Sized>(conn: &mut C) -> io::Result<Response> {
     let mut conn = conn;
     let response = Response::read_from(&mut conn).map_err(io::Error::other)?;
     match response.status() {
