@@ -46,9 +46,6 @@ const MEMORY_CHUNK: u64 = 64 << 20;
 /// Longest wait for the destination to listen (CH does not wait; the
 /// host does, as tests start both sides at once).
 const CONNECT_RETRY: Duration = Duration::from_secs(10);
-/// How long memory pre-copy, converged, waits between passes for VRAM
-/// pre-copy to end.
-const VRAM_WAIT_SLICE: Duration = Duration::from_millis(50);
 
 /// What a completed migration reports.
 #[derive(Clone, Debug, Serialize)]
@@ -138,8 +135,6 @@ struct Sender<'a> {
     breakdown: DowntimeBreakdown,
     /// VRAM pre-copy as the test options ask (`auto` by default).
     vram_mode: VramPrecopyMode,
-    /// A VRAM pre-copy runs on the device-state connections.
-    vram_running: bool,
     /// Share of each VF's VRAM its work rewrites once pre-copy converged
     /// (a benchmark's test option); `None` once done.
     vram_change_percent: Option<u8>,
@@ -257,7 +252,6 @@ fn send(
         link_rate: None,
         breakdown: DowntimeBreakdown::default(),
         vram_mode: options.vram_precopy,
-        vram_running: false,
         vram_change_percent: Some(options.vram_change_percent).filter(|p| *p > 0),
     };
     let result = sender.run(started, initial);
@@ -498,22 +492,10 @@ impl Sender<'_> {
             return Ok(());
         }
         self.phase("vram pre-copy");
-        // Each connection hashes on its own thread: one thread's rate.
-        let plan = VerifyPlan::prepare(1).map_err(|e| failed("vram pre-copy", &e))?;
-        let plan = Arc::new(VramPlan {
-            mode: self.vram_mode,
-            begin: migration_ext::vram::wire::Begin {
-                function: plan.setup.function,
-                key: plan.setup.key.clone(),
-                bar_size: 0,
-            },
-            hash_rate: plan.hash_rate(),
-            digester: plan.digester,
-        });
+        let plan = VramPlan::prepare(self.vram_mode).map_err(|e| failed("vram pre-copy", &e))?;
         self.device_lanes
-            .start_vram_precopy(sources, plan)
+            .start_vram_precopy(sources, Arc::new(plan))
             .map_err(|e| failed("vram pre-copy", &e))?;
-        self.vram_running = true;
         Ok(())
     }
 
@@ -529,23 +511,6 @@ impl Sender<'_> {
             }
         }
         Ok(())
-    }
-
-    /// Whether memory pre-copy must go on for VRAM's sake: its pre-copy
-    /// still reads. Once it ended, a failure of it fails the migration
-    /// here, before anything paused.
-    fn vram_precopy_pending(&mut self) -> HostResult<bool> {
-        if !self.vram_running {
-            return Ok(false);
-        }
-        if self.device_lanes.vram_precopy_running() {
-            return Ok(true);
-        }
-        self.vram_running = false;
-        self.device_lanes
-            .finish_vram_precopy()
-            .map_err(|e| failed("vram pre-copy", &e))?;
-        Ok(false)
     }
 
     /// With the destination agreeing to the verify pass (and the user not
@@ -663,13 +628,18 @@ impl Sender<'_> {
                 (table, bitmap)
             };
             let bytes = table.effective_size();
-            let converged =
+            let memory_converged =
                 bytes == 0 || rate.is_some_and(|rate| bytes as f64 / rate <= downtime_ms);
             // VRAM still pre-copying: memory passes go on meanwhile.
-            let waiting_for_vram = converged && precopy_started.elapsed() < self.req.timeout() && {
-                self.vram_precopy_pending()?
-            };
-            if converged && !waiting_for_vram {
+            let converged = self
+                .device_lanes
+                .hold_convergence(
+                    memory_converged,
+                    precopy_started.elapsed(),
+                    self.req.timeout(),
+                )
+                .map_err(|e| failed("vram pre-copy", &e))?;
+            if converged {
                 let Some(percent) = self.vram_change_percent.take() else {
                     debug!("precopy: converged ({bytes} bytes left)");
                     return Ok(bitmap);
@@ -681,11 +651,9 @@ impl Sender<'_> {
                     continue;
                 }
             }
-            if waiting_for_vram {
-                std::thread::sleep(VRAM_WAIT_SLICE);
-                if bytes == 0 {
-                    continue;
-                }
+            // Held back for VRAM's sake, with nothing to send.
+            if memory_converged && bytes == 0 {
+                continue;
             }
             if precopy_started.elapsed() >= self.req.timeout() {
                 match self.req.timeout_strategy {

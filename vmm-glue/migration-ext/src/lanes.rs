@@ -34,6 +34,7 @@ use vm_migration::MigratableError;
 use crate::connection::{chain, is_eof, with_refusal, write_error, Connection};
 use crate::streamed::{send_one, wire_index, Component, IncomingDevices};
 use crate::verify::digest::PageDigester;
+use crate::verify::VerifyPlan;
 use crate::vram::{
     self, rates, PrecopyReport, StreamLayout, VramPrecopyMode, VramSource, WindowStats,
     WindowWriter, VRAM_PRECOPY_LANE,
@@ -62,6 +63,28 @@ pub struct VramPlan {
     pub digester: PageDigester,
     pub hash_rate: f64,
 }
+
+impl VramPlan {
+    /// Chooses the digest function and a fresh key, and measures one
+    /// thread's hash rate: each connection hashes on its own thread.
+    pub fn prepare(mode: VramPrecopyMode) -> Result<Self, MigratableError> {
+        let plan = VerifyPlan::prepare(1)?;
+        Ok(VramPlan {
+            mode,
+            begin: vram::wire::Begin {
+                function: plan.setup.function,
+                key: plan.setup.key.clone(),
+                bar_size: 0,
+            },
+            hash_rate: plan.hash_rate(),
+            digester: plan.digester,
+        })
+    }
+}
+
+/// How long memory pre-copy waits before another pass when it is only
+/// waiting for VRAM pre-copy: an idle VM's passes would spin otherwise.
+pub const VRAM_WAIT_SLICE: Duration = Duration::from_millis(50);
 
 /// The source's device-state connections, one per streamed component.
 pub struct DeviceLanes<C: Connection> {
@@ -161,6 +184,38 @@ impl<C: Connection> DeviceLanes<C> {
                 .and_then(|v| v.running.as_ref())
                 .is_some_and(|t| !t.is_finished())
         })
+    }
+
+    /// Memory pre-copy's convergence with VRAM pre-copy beside it: a pass
+    /// that `converged` is held back (`false`, after [`VRAM_WAIT_SLICE`])
+    /// while VRAM pre-copy still reads and the pre-copy phase is within
+    /// `timeout`, since pausing would send the unread VRAM in stop-copy.
+    /// Past `timeout` pre-copy converges as it would have: [`Self::send`]
+    /// stops the VRAM pre-copy and stop-copy sends the rest. Once VRAM
+    /// pre-copy ended, its failure fails the migration here, while the
+    /// VM still runs.
+    pub fn hold_convergence(
+        &mut self,
+        converged: bool,
+        precopy_elapsed: Duration,
+        timeout: Duration,
+    ) -> Result<bool, MigratableError> {
+        if !converged || precopy_elapsed >= timeout || !self.vram_precopy_started() {
+            return Ok(converged);
+        }
+        if self.vram_precopy_running() {
+            std::thread::sleep(VRAM_WAIT_SLICE);
+            return Ok(false);
+        }
+        self.finish_vram_precopy()?;
+        Ok(true)
+    }
+
+    /// Whether a VRAM pre-copy was started and not yet waited for.
+    fn vram_precopy_started(&self) -> bool {
+        self.lanes
+            .iter()
+            .any(|l| l.vram.as_ref().is_some_and(|v| v.running.is_some()))
     }
 
     /// Stops the VRAM pre-copy at its next step (it then ends cleanly).
@@ -699,6 +754,106 @@ mod tests {
         fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
             buf.copy_from_slice(&self.0[offset as usize..offset as usize + buf.len()]);
             Ok(())
+        }
+    }
+
+    /// A BAR whose reads wait until `open` is set.
+    struct GatedBar {
+        open: Arc<AtomicBool>,
+    }
+
+    impl vram::BarSource for GatedBar {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+
+        fn read_at(&self, buf: &mut [u8], _offset: u64) -> io::Result<()> {
+            while !self.open.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            buf.fill(0x77);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn vram_precopy_holds_memory_convergence_until_it_ends_or_the_timeout() {
+        let (h0, _) = handle("xe");
+        let incoming = Arc::new(
+            IncomingDevices::check(vec![("gpu0".into(), h0)], &described(&["gpu0"]))
+                .unwrap()
+                .with_vram_dir(std::env::temp_dir()),
+        );
+        let (mut lanes, servers) = served_lanes(1, &incoming);
+        let timeout = Duration::from_secs(60);
+        // Nothing started: memory decides alone.
+        assert!(lanes
+            .hold_convergence(true, Duration::ZERO, timeout)
+            .unwrap());
+        let open = Arc::new(AtomicBool::new(false));
+        let source = VramSource {
+            bar: Arc::new(GatedBar { open: open.clone() }),
+            layout: Box::new(FakeLayout { at: 0 }),
+        };
+        lanes
+            .start_vram_precopy(vec![Some(source)], plan(VramPrecopyMode::On))
+            .unwrap();
+        // Still reading: held back, but not a pass that did not converge
+        // and not past the timeout.
+        assert!(!lanes
+            .hold_convergence(true, Duration::ZERO, timeout)
+            .unwrap());
+        assert!(!lanes
+            .hold_convergence(false, Duration::ZERO, timeout)
+            .unwrap());
+        assert!(lanes.hold_convergence(true, timeout, timeout).unwrap());
+        open.store(true, Ordering::Relaxed);
+        while lanes.vram_precopy_running() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(lanes
+            .hold_convergence(true, Duration::ZERO, timeout)
+            .unwrap());
+        let reports = lanes.finish_vram_precopy().unwrap();
+        assert_eq!(reports[0].read_bytes, 1 << 20);
+        lanes.close();
+        for s in servers {
+            s.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn vram_precopy_failure_fails_the_held_convergence_while_the_vm_runs() {
+        let (h0, _) = handle("xe");
+        // The destination did not accept VRAM_PRECOPY (no dir): it
+        // refuses the pre-copy request.
+        let incoming = Arc::new(
+            IncomingDevices::check(vec![("gpu0".into(), h0)], &described(&["gpu0"])).unwrap(),
+        );
+        let (mut lanes, servers) = served_lanes(1, &incoming);
+        let source = VramSource {
+            bar: Arc::new(FakeBar(vec![0x77; 4 << 20])),
+            layout: Box::new(FakeLayout { at: 0 }),
+        };
+        lanes
+            .start_vram_precopy(vec![Some(source)], plan(VramPrecopyMode::On))
+            .unwrap();
+        let timeout = Duration::from_secs(60);
+        let e = loop {
+            match lanes.hold_convergence(true, Duration::ZERO, timeout) {
+                Ok(false) => continue,
+                Ok(true) => panic!("converged past a failed VRAM pre-copy"),
+                Err(e) => break e,
+            }
+        };
+        assert!(
+            chain(&e).contains("VRAM pre-copy of component #0"),
+            "{}",
+            chain(&e)
+        );
+        drop(lanes);
+        for s in servers {
+            s.join().unwrap();
         }
     }
 
