@@ -9,13 +9,15 @@
 //! them for one VF and [`device_set::XeVfSet`] orders several;
 //! [`snapshot`] owns the on-disk layout and [`dirty`] the dirty-tracking
 //! policy. [`wire`] and [`error_chain`] hold what CH's crate does not: the
-//! wire format's sizes, and printing an error with its causes.
+//! wire format's sizes, and printing an error with its causes. [`vram`]
+//! hands a VF's VRAM to the engine's VRAM pre-copy.
 
 pub mod device_set;
 pub mod dirty;
 pub mod error_chain;
 pub mod iommufd_dirty;
 pub mod snapshot;
+pub mod vram;
 pub mod wire;
 pub mod xe_vf;
 

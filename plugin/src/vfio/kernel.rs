@@ -23,6 +23,11 @@ pub(crate) trait FeatureIoctl: Send + Sync {
     fn device_feature(&self, req: &mut FeatureRequest) -> io::Result<()>;
     /// `VFIO_DEVICE_RESET`.
     fn reset(&self) -> io::Result<()>;
+    /// The device fd itself, for region reads; `None` where there is none
+    /// (a unit test's stand-in).
+    fn device_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
 }
 
 /// Where the device fd comes from; owns whatever keeps it usable.
@@ -78,6 +83,12 @@ impl FeatureIoctl for DeviceFd {
         // SAFETY: the fd is open and owned by `self`; VFIO_DEVICE_RESET takes
         // no argument and touches no memory of ours.
         check(unsafe { ioctl(self, VFIO_DEVICE_RESET) })
+    }
+
+    fn device_fd(&self) -> Option<BorrowedFd<'_>> {
+        // SAFETY: the fd is open for as long as `self` lives, which the
+        // borrow's lifetime ties it to.
+        Some(unsafe { BorrowedFd::borrow_raw(self.raw()) })
     }
 }
 

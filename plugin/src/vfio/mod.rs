@@ -16,6 +16,7 @@
 pub mod cdev;
 mod feature;
 mod kernel;
+pub mod lmem_bar;
 mod placement;
 pub(crate) mod sysfs;
 #[cfg(test)]
@@ -186,6 +187,15 @@ impl VfioMigrationDevice {
         }
         info!("using VFIO device {} as {identity}", device.name);
         Ok(device)
+    }
+
+    /// The VF's LMEM BAR for VRAM pre-copy, if VFIO lets the host read
+    /// one ([`lmem_bar`]).
+    pub fn lmem_bar(&self) -> Result<Option<lmem_bar::LmemBar>> {
+        let Some(fd) = self.kernel.device_fd() else {
+            return Ok(None);
+        };
+        lmem_bar::LmemBar::open(fd).map_err(Self::ioctl_error("reading the LMEM BAR's region info"))
     }
 
     /// Identity from a PCI sysfs directory, for an fd handed over by the

@@ -32,7 +32,7 @@ use xe_vf_plugin::engine::TransferOptions;
 use super::conn::{connect, Conn, MigrationUrl};
 use super::lanes::SendLanes;
 use super::outcome::Failure;
-use super::vram::{self, VramReport};
+use super::vram::VramReport;
 use super::{failed, MigrationConfig};
 use crate::api_bodies::{SendMigrationData, TimeoutStrategy};
 use crate::error::{HostError, HostResult};
@@ -486,7 +486,7 @@ impl Sender<'_> {
                 .map(|d| (Snapshottable::id(d), d))
                 .collect();
             streamed::wire_order(&mut devices, |(id, _)| id);
-            devices.into_iter().map(|(_, d)| vram::source(d)).collect()
+            devices.into_iter().map(|(_, d)| d.vram_source()).collect()
         };
         if sources.iter().all(Option::is_none) {
             return Ok(());
