@@ -14,9 +14,9 @@
 //!   (`final_pass: Resend`, `device_state_connections: false`);
 //! - **ours**: the verify pass where it pays (`final_pass: Auto`), every
 //!   VF's state on its own connection while the final pass runs, VRAM
-//!   all in stop-copy (`vram_precopy: off`);
+//!   all in stop-copy (`vram_precopy: Off`);
 //! - **ours-vram**: ours with VRAM pre-copy through the VFs' BARs
-//!   (`vram_precopy: auto`): in stop-copy only the VRAM pages that
+//!   (`vram_precopy: Auto`): in stop-copy only the VRAM pages that
 //!   changed since pre-copy read them travel;
 //! - **limit**: what really changed since the last pre-copy pass (the
 //!   CPU-dirty bytes, the pages the verify pass found changed, the VF
@@ -79,8 +79,8 @@ impl VmMethod {
 
     fn vram_precopy(self) -> &'static str {
         match self {
-            VmMethod::OursVram => "auto",
-            VmMethod::Qemu | VmMethod::Ours => "off",
+            VmMethod::OursVram => "Auto",
+            VmMethod::Qemu | VmMethod::Ours => "Off",
         }
     }
 }

@@ -612,7 +612,7 @@ fn stop_copy_read_stalls() {
     let mut c = Cell::new();
     // Without VRAM pre-copy the bytes read before the stall reach the
     // destination at once, and it times out on the silence after them.
-    c.send_options = json!({ "vram_precopy": "off" });
+    c.send_options = json!({ "vram_precopy": "Off" });
     let r = stalled_save(&c);
     c.check_destination(&r, "device-state gpu0", "timed out");
 }

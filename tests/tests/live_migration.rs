@@ -566,7 +566,7 @@ fn vram_precopy_catches_vram_the_workload_wrote_after_it_was_read() {
     fill(&src, 10);
     let dst = Host::start(dir.path(), "dst", &[]);
     let url = format!("unix:{}", dir.path().join("mig.sock").display());
-    src.arm(&json!({ "vram_precopy": "on" }));
+    src.arm(&json!({ "vram_precopy": "On" }));
     let sent = migrate_and_verify(&src, &dst, &url);
     let vram = vram_report(&sent);
     assert_eq!(vram["precopy_read_bytes"], 64 << 20, "{vram}");
@@ -595,7 +595,7 @@ fn vram_precopy_of_an_idle_vf_sends_no_vram_page_again() {
     fill(&src, 0);
     let dst = Host::start(dir.path(), "dst", &[]);
     let url = format!("unix:{}", dir.path().join("mig.sock").display());
-    src.arm(&json!({ "vram_precopy": "on" }));
+    src.arm(&json!({ "vram_precopy": "On" }));
     let (sent, received) = migrate(&src, &dst, &url, &send_config(&url));
     assert_same_fingerprint(&sent["at_stop"], &received["at_switchover"]);
     let vram = vram_report(&sent);
@@ -614,7 +614,7 @@ fn vram_precopy_with_an_older_destination_sends_all_in_stop_copy() {
     let src = source(dir.path(), &["emulated=on,vram=16M,id=gpu0"], &[]);
     let dst = Host::start(dir.path(), "dst", &[]);
     let url = format!("unix:{}", dir.path().join("mig.sock").display());
-    src.arm(&json!({ "vram_precopy": "on" }));
+    src.arm(&json!({ "vram_precopy": "On" }));
     dst.arm(&json!({
         "verify": true,
         "features": ["device-state", "switchover", "device-state-connections", "verify"],
@@ -644,7 +644,7 @@ fn vram_precopy_cut_short_by_the_timeout_sends_the_rest_in_stop_copy() {
     fill(&src, 0);
     let dst = Host::start(dir.path(), "dst", &[]);
     let url = format!("unix:{}", dir.path().join("mig.sock").display());
-    src.arm(&json!({ "vram_precopy": "on" }));
+    src.arm(&json!({ "vram_precopy": "On" }));
     let (sent, received) = migrate(
         &src,
         &dst,

@@ -18,9 +18,10 @@
 use std::fmt;
 use std::str::FromStr;
 
-/// What the user asked for (`vram_precopy=` on the migration).
+/// What the user asked for (`vram_precopy=auto|on|off` on the migration;
+/// in JSON `Auto`, `On`, `Off`, as Cloud Hypervisor spells its other
+/// enums).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
 pub enum VramPrecopyMode {
     /// Pre-copy; compare in stop-copy when the rates say it pays.
     #[default]
