@@ -356,7 +356,10 @@ fn vm_restore(vmm: &Vmm, b: &RestoreConfig) -> HostResult<Reply> {
 fn receive_migration(vmm: &Vmm, b: &ReceiveMigrationData) -> HostResult<Reply> {
     // Validation first: a refused body leaves the armed hooks armed.
     let url = b.check()?;
-    let options = vmm.take_test_options();
+    let mut options = vmm.take_test_options();
+    if let Some(dir) = &b.vram_dir {
+        options.vram_dir = Some(dir.clone());
+    }
     receive::receive(vmm, &url, &options)?;
     Ok(Reply::empty(204))
 }

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use migration_ext::final_pass::FinalPassMode;
+use migration_ext::vram::VramPrecopyMode;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -85,6 +86,11 @@ pub struct SendMigrationData {
     /// patched ch-remote): honoured.
     #[serde(default)]
     pub final_pass: FinalPassMode,
+    /// VRAM pre-copy through the VFs' BARs (our series' field,
+    /// `vram_precopy=` of the patched ch-remote): honoured; a test's
+    /// armed option overrides it.
+    #[serde(default)]
+    pub vram_precopy: VramPrecopyMode,
     /// After a migration whose outcome is unknown: the user checked that
     /// the VM does not run on the other host (our series' field,
     /// `outcome_checked=on` of the patched ch-remote): honoured.
@@ -238,6 +244,10 @@ pub struct ReceiveMigrationData {
     /// Memory zones to move to host NUMA nodes: the host has no zones.
     #[serde(default)]
     pub zone_updates: Vec<ZoneUpdate>,
+    /// Where pre-copied VRAM is kept (our series' field, `vram_dir=` of
+    /// the patched ch-remote): honoured, over a test's armed option.
+    #[serde(default)]
+    pub vram_dir: Option<PathBuf>,
 }
 
 /// CH's `VmMemoryZoneUpdateData`.
@@ -285,6 +295,9 @@ impl ReceiveMigrationData {
                 return Err(invalid(
                     "One or more memory zone updates contained an empty ID",
                 ));
+            }
+            if let Some(dir) = self.vram_dir.as_ref().filter(|d| !d.is_dir()) {
+                return Err(invalid(format!("vram_dir {dir:?} is not a directory")));
             }
             let refuse = |field: &str, why: &str| {
                 Err(invalid(format!(

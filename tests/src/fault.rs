@@ -237,11 +237,11 @@ pub struct MigrationTestOptions {
     /// connection after the final memory pass (QEMU style).
     #[serde(default = "yes")]
     pub device_state_connections: bool,
-    /// Source: VRAM pre-copy through the VF's BAR (`auto`: pre-copy,
-    /// compare in stop-copy when the rates say it pays). Test-host only
-    /// so far: the patched ch-remote has no such option yet.
+    /// Source: VRAM pre-copy through the VF's BAR, over send-migration's
+    /// `vram_precopy` (`Auto`: pre-copy, compare in stop-copy when the
+    /// rates say it pays).
     #[serde(default)]
-    pub vram_precopy: VramPrecopyMode,
+    pub vram_precopy: Option<VramPrecopyMode>,
     /// Source, for benchmarks: once memory pre-copy has converged (and
     /// VRAM pre-copy ended), each emulated VF's own work rewrites this
     /// share of its VRAM, spread out, before the VM pauses: "VRAM changed
@@ -310,7 +310,7 @@ impl Default for MigrationTestOptions {
             timeout_s: default_receive_timeout_s(),
             device_faults: BTreeMap::new(),
             device_state_connections: true,
-            vram_precopy: VramPrecopyMode::default(),
+            vram_precopy: None,
             vram_change_percent: 0,
             vram_dir: None,
             prefault_vram: false,

@@ -562,12 +562,13 @@ fn vram_report(sent: &Value) -> &Value {
 #[test]
 fn vram_precopy_catches_vram_the_workload_wrote_after_it_was_read() {
     let dir = tempfile::tempdir().unwrap();
-    let src = source(dir.path(), &["emulated=on,vram=64M,id=gpu0"], &[]);
+    let mut src = source(dir.path(), &["emulated=on,vram=64M,id=gpu0"], &[]);
     fill(&src, 10);
     let dst = Host::start(dir.path(), "dst", &[]);
     let url = format!("unix:{}", dir.path().join("mig.sock").display());
-    src.arm(&json!({ "vram_precopy": "On" }));
-    let sent = migrate_and_verify(&src, &dst, &url);
+    // Forced (our series' field, so the patched ch-remote).
+    src.speak_patched();
+    let sent = migrate_and_verify_with(&src, &dst, &url, ",vram_precopy=on");
     let vram = vram_report(&sent);
     assert_eq!(vram["precopy_read_bytes"], 64 << 20, "{vram}");
     assert_eq!(vram["compared"], true, "{vram}");
@@ -593,11 +594,34 @@ fn vram_precopy_of_an_idle_vf_sends_no_vram_page_again() {
         &[],
     );
     fill(&src, 0);
-    let dst = Host::start(dir.path(), "dst", &[]);
+    let mut dst = Host::start(dir.path(), "dst", &[]);
     let url = format!("unix:{}", dir.path().join("mig.sock").display());
     src.arm(&json!({ "vram_precopy": "On" }));
-    let (sent, received) = migrate(&src, &dst, &url, &send_config(&url));
-    assert_same_fingerprint(&sent["at_stop"], &received["at_switchover"]);
+    // Where the destination keeps pre-copied VRAM, as the patched
+    // ch-remote gives it; one that is not a directory is refused.
+    dst.speak_patched();
+    let missing = dir.path().join("no-such-dir");
+    let refused = dst.ch(&[
+        "receive-migration",
+        &format!("receiver_url={url},vram_dir={}", missing.display()),
+    ]);
+    assert!(!refused.success());
+    assert!(
+        refused.stderr.contains("is not a directory"),
+        "{}",
+        refused.stderr
+    );
+    let vram_dir = tempfile::tempdir().unwrap();
+    dst.arm(&json!({ "verify": true }));
+    let receiver = dst.receive_in_background(&format!(
+        "receiver_url={url},vram_dir={}",
+        vram_dir.path().display()
+    ));
+    let sent = src.send_migration(&send_config(&url));
+    assert!(receiver.join().unwrap().success(), "{}", dst.log_text());
+    assert!(sent.ok, "{}", sent.error);
+    let sent = sent.value;
+    assert_same_fingerprint(&sent["at_stop"], &dst.received_report()["at_switchover"]);
     let vram = vram_report(&sent);
     assert_eq!(vram["changed_pages"], 0, "{vram}");
     assert_eq!(vram["precopy_read_bytes"], 32 << 20, "{vram}");

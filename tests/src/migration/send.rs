@@ -251,7 +251,7 @@ fn send(
         verify: None,
         link_rate: None,
         breakdown: DowntimeBreakdown::default(),
-        vram_mode: options.vram_precopy,
+        vram_mode: options.vram_precopy.unwrap_or(req.vram_precopy),
         vram_change_percent: Some(options.vram_change_percent).filter(|p| *p > 0),
     };
     let result = sender.run(started, initial);

@@ -250,7 +250,7 @@ impl Host {
     }
 
     /// Drives this host with the patched ch-remote from now on, for our
-    /// fields (`final_pass=`).
+    /// fields (`final_pass=`, `vram_precopy=`, `vram_dir=`).
     pub fn speak_patched(&mut self) {
         self.ch_remote = patched_ch_remote();
     }
@@ -334,9 +334,11 @@ impl Host {
     pub fn receive_in_background(&self, config: &str) -> JoinHandle<ChOutput> {
         let socket = self.socket().to_path_buf();
         let config = config.to_string();
+        let binary = self.ch_remote.clone();
         let before = self.migration_status()["attempts"].as_u64().unwrap_or(0);
-        let handle =
-            std::thread::spawn(move || run_ch_remote(&socket, &["receive-migration", &config]));
+        let handle = std::thread::spawn(move || {
+            run_ch_remote_binary(&binary, &socket, &["receive-migration", &config])
+        });
         poll(&format!("{} listening", self.name), || {
             let s = self.migration_status();
             let started = s["attempts"].as_u64().unwrap_or(0) > before;
