@@ -86,12 +86,20 @@ impl VramPlan {
 /// waiting for VRAM pre-copy: an idle VM's passes would spin otherwise.
 pub const VRAM_WAIT_SLICE: Duration = Duration::from_millis(50);
 
+/// How long [`DeviceLanes::send`] waits, by default, for a VRAM pre-copy
+/// it told to stop: one step is a BAR read and a write of at most
+/// [`vram::wire::MAX_DATA`] bytes, well under a second on any link a
+/// migration runs on. Past it the pre-copy is blocked writing to a
+/// destination that stopped reading.
+pub const VRAM_STOP_WAIT: Duration = Duration::from_secs(10);
+
 /// The source's device-state connections, one per streamed component.
 pub struct DeviceLanes<C: Connection> {
     lanes: Vec<Lane<C>>,
     stop_precopy: Arc<AtomicBool>,
     plan: Option<Arc<VramPlan>>,
     link_rate: f64,
+    vram_stop_wait: Duration,
 }
 
 /// What one connection of its own carried.
@@ -124,6 +132,7 @@ impl<C: Connection> DeviceLanes<C> {
             stop_precopy: Arc::new(AtomicBool::new(false)),
             plan: None,
             link_rate: 0.0,
+            vram_stop_wait: VRAM_STOP_WAIT,
         }
     }
 
@@ -218,6 +227,39 @@ impl<C: Connection> DeviceLanes<C> {
             .any(|l| l.vram.as_ref().is_some_and(|v| v.running.is_some()))
     }
 
+    /// How long [`Self::send`] waits for a VRAM pre-copy to stop
+    /// ([`VRAM_STOP_WAIT`] unless set).
+    pub fn set_vram_stop_wait(&mut self, wait: Duration) {
+        self.vram_stop_wait = wait;
+    }
+
+    /// Gives up on every VRAM pre-copy that has not ended `within` of
+    /// now (blocked writing to a destination that stopped reading): its
+    /// component then fails, so the VM resumes here instead of waiting
+    /// for ever, and its thread ends when its write fails.
+    fn abandon_stuck_precopy(&mut self, within: Duration) -> Option<MigratableError> {
+        let deadline = Instant::now() + within;
+        while self.vram_precopy_running() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut first_error = None;
+        for (position, lane) in self.lanes.iter_mut().enumerate() {
+            let Some(v) = lane.vram.as_mut() else {
+                continue;
+            };
+            if v.running.as_ref().is_some_and(|t| !t.is_finished()) {
+                // Detached: it holds the connection until its write fails.
+                v.running = None;
+                first_error.get_or_insert(MigratableError::MigrateSend(anyhow!(
+                    "VRAM pre-copy of component #{position} did not stop within {} ms: \
+                     the destination stopped reading its connection",
+                    within.as_millis()
+                )));
+            }
+        }
+        first_error
+    }
+
     /// Stops the VRAM pre-copy at its next step (it then ends cleanly).
     pub fn stop_vram_precopy(&self) {
         self.stop_precopy.store(true, Ordering::Relaxed);
@@ -264,7 +306,8 @@ impl<C: Connection> DeviceLanes<C> {
     /// Streams every paused component (in wire order, one per connection)
     /// while `during` runs on the calling thread; returns what `during`
     /// returned and each connection's outcome, in wire order. A VRAM
-    /// pre-copy still running is stopped and waited for first.
+    /// pre-copy still running is stopped and waited for first, at most
+    /// [`VRAM_STOP_WAIT`] (then its component fails).
     pub fn send<R>(
         mut self,
         components: &mut [Component],
@@ -272,7 +315,8 @@ impl<C: Connection> DeviceLanes<C> {
     ) -> (R, Vec<LaneOutcome>) {
         let started = Instant::now();
         self.stop_vram_precopy();
-        let precopy_failed = self.finish_vram_precopy().err();
+        let stuck = self.abandon_stuck_precopy(self.vram_stop_wait);
+        let precopy_failed = stuck.or(self.finish_vram_precopy().err());
         let lanes = std::mem::take(&mut self.lanes);
         let (plan, link_rate) = (self.plan.clone(), self.link_rate);
         std::thread::scope(|s| {
@@ -820,6 +864,48 @@ mod tests {
         for s in servers {
             s.join().unwrap();
         }
+    }
+
+    #[test]
+    fn vram_precopy_blocked_by_a_destination_that_stopped_reading_fails_its_component_in_bounded_time(
+    ) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut a = Some(a);
+        let mut lanes = DeviceLanes::open(1, || Ok(a.take().unwrap())).unwrap();
+        // 64 MiB of data against a socket buffer of a few hundred KiB
+        // that nobody reads: the pre-copy thread blocks in a write.
+        let source = VramSource {
+            bar: Arc::new(FakeBar(vec![0x77; 64 << 20])),
+            layout: Box::new(FakeLayout { at: 0 }),
+        };
+        lanes
+            .start_vram_precopy(vec![Some(source)], plan(VramPrecopyMode::On))
+            .unwrap();
+        // Blocked, not merely started (a pre-copy told to stop before its
+        // first write ends cleanly).
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(lanes.vram_precopy_running());
+        lanes.set_vram_stop_wait(Duration::from_millis(300));
+        let mut fake = Fake {
+            kind: "xe".into(),
+            byte: 0x77,
+            len: 1 << 20,
+        };
+        let mut components = [Component {
+            id: "gpu0".into(),
+            state: &mut fake,
+        }];
+        let started = Instant::now();
+        let (during, outcomes) = lanes.send(&mut components, || "final pass done");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(during, "final pass done");
+        let e = chain(outcomes[0].result.as_ref().unwrap_err());
+        assert!(
+            e.contains("VRAM pre-copy of component #0 did not stop within 300 ms"),
+            "{e}"
+        );
+        // The destination goes: the detached thread's write fails.
+        drop(b);
     }
 
     #[test]
