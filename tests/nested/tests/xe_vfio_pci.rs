@@ -68,6 +68,7 @@ const PATCHED_CHECKS: &[&str] = &[
     "live-migration/destination-running",
     "live-migration/vram-checked",
     "live-migration/source-ended",
+    "live-migration/vram-precopy-without-lmem-bar",
     "live-migration-tcp/completed",
     "live-migration-tcp/receive-returned",
     "live-migration-tcp/destination-running",
