@@ -133,7 +133,8 @@ struct Sender<'a> {
     /// Memory bytes per second of the last pre-copy pass.
     link_rate: Option<f64>,
     breakdown: DowntimeBreakdown,
-    /// VRAM pre-copy as the test options ask (`auto` by default).
+    /// VRAM pre-copy as send-migration's `vram_precopy` asks (`Auto` by
+    /// default), unless a test's armed option says otherwise.
     vram_mode: VramPrecopyMode,
     /// Share of each VF's VRAM its work rewrites once pre-copy converged
     /// (a benchmark's test option); `None` once done.
