@@ -92,19 +92,26 @@ impl FeatureIoctl for DeviceFd {
     }
 }
 
-/// Reads `buf.len()` bytes of the device's PCI config space from its start:
-/// `VFIO_DEVICE_GET_REGION_INFO` for the config region, then `pread` at
-/// the offset it names. For a device fd the VMM opened, whose sysfs entry
-/// (an mdev's) may have no ids.
-pub(crate) fn read_config_head(device: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<()> {
+/// `VFIO_DEVICE_GET_REGION_INFO` for region `index` of `device`: where
+/// the region starts in the fd's offsets, its size and flags.
+pub(crate) fn region_info(device: BorrowedFd<'_>, index: u32) -> io::Result<vfio_region_info> {
     let mut info = vfio_region_info {
         argsz: size_of::<vfio_region_info>() as u32,
-        index: VFIO_PCI_CONFIG_REGION_INDEX,
+        index,
         ..Default::default()
     };
     // SAFETY: the fd is open for the whole call; the kernel writes at most
     // `argsz` bytes into `info`, which we own and borrow exclusively.
     check(unsafe { ioctl_with_mut_ref(&device, VFIO_DEVICE_GET_REGION_INFO, &mut info) })?;
+    Ok(info)
+}
+
+/// Reads `buf.len()` bytes of the device's PCI config space from its start:
+/// `VFIO_DEVICE_GET_REGION_INFO` for the config region, then `pread` at
+/// the offset it names. For a device fd the VMM opened, whose sysfs entry
+/// (an mdev's) may have no ids.
+pub(crate) fn read_config_head(device: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<()> {
+    let info = region_info(device, VFIO_PCI_CONFIG_REGION_INDEX)?;
     if info.size < buf.len() as u64 {
         return Err(io::Error::other(format!(
             "config region of {} bytes, need {}",

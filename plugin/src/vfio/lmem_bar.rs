@@ -14,15 +14,11 @@
 //! every byte as before.
 
 use std::io;
-use std::mem::size_of;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 
-use vfio_bindings::bindings::vfio::{
-    vfio_region_info, VFIO_PCI_BAR2_REGION_INDEX, VFIO_REGION_INFO_FLAG_READ,
-};
-use vmm_sys_util::ioctl::ioctl_with_mut_ref;
+use vfio_bindings::bindings::vfio::{VFIO_PCI_BAR2_REGION_INDEX, VFIO_REGION_INFO_FLAG_READ};
 
-use super::feature::VFIO_DEVICE_GET_REGION_INFO;
+use super::kernel::region_info;
 use crate::vram_bar::VramBar;
 
 /// The VFIO region of an Xe VF's LMEM BAR.
@@ -41,18 +37,7 @@ impl LmemBar {
     /// The LMEM BAR of the device behind `device`, if it has a readable
     /// one (`None`: no BAR 2, or one VFIO does not let the host read).
     pub fn open(device: BorrowedFd<'_>) -> io::Result<Option<Self>> {
-        let mut info = vfio_region_info {
-            argsz: size_of::<vfio_region_info>() as u32,
-            index: LMEM_BAR_REGION,
-            ..Default::default()
-        };
-        // SAFETY: the fd is open for the whole call; the kernel writes at
-        // most `argsz` bytes into `info`, which we own and borrow
-        // exclusively.
-        let ret = unsafe { ioctl_with_mut_ref(&device, VFIO_DEVICE_GET_REGION_INFO, &mut info) };
-        if ret < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let info = region_info(device, LMEM_BAR_REGION)?;
         if info.size == 0 || info.flags & VFIO_REGION_INFO_FLAG_READ == 0 {
             return Ok(None);
         }

@@ -835,13 +835,11 @@ mod tests {
             .hold_convergence(true, Duration::ZERO, timeout)
             .unwrap());
         let open = Arc::new(AtomicBool::new(false));
-        let source = VramSource {
-            bar: Arc::new(GatedBar { open: open.clone() }),
-            layout: Box::new(FakeLayout { at: 0 }),
-        };
-        lanes
-            .start_vram_precopy(vec![Some(source)], plan(VramPrecopyMode::On))
-            .unwrap();
+        start_fake_precopy(
+            &mut lanes,
+            GatedBar { open: open.clone() },
+            VramPrecopyMode::On,
+        );
         // Still reading: held back, but not a pass that did not converge
         // and not past the timeout.
         assert!(!lanes
@@ -874,13 +872,11 @@ mod tests {
         let mut lanes = DeviceLanes::open(1, || Ok(a.take().unwrap())).unwrap();
         // 64 MiB of data against a socket buffer of a few hundred KiB
         // that nobody reads: the pre-copy thread blocks in a write.
-        let source = VramSource {
-            bar: Arc::new(FakeBar(vec![0x77; 64 << 20])),
-            layout: Box::new(FakeLayout { at: 0 }),
-        };
-        lanes
-            .start_vram_precopy(vec![Some(source)], plan(VramPrecopyMode::On))
-            .unwrap();
+        start_fake_precopy(
+            &mut lanes,
+            FakeBar(vec![0x77; 64 << 20]),
+            VramPrecopyMode::On,
+        );
         // Blocked, not merely started (a pre-copy told to stop before its
         // first write ends cleanly).
         std::thread::sleep(Duration::from_millis(500));
@@ -917,13 +913,11 @@ mod tests {
             IncomingDevices::check(vec![("gpu0".into(), h0)], &described(&["gpu0"])).unwrap(),
         );
         let (mut lanes, servers) = served_lanes(1, &incoming);
-        let source = VramSource {
-            bar: Arc::new(FakeBar(vec![0x77; 4 << 20])),
-            layout: Box::new(FakeLayout { at: 0 }),
-        };
-        lanes
-            .start_vram_precopy(vec![Some(source)], plan(VramPrecopyMode::On))
-            .unwrap();
+        start_fake_precopy(
+            &mut lanes,
+            FakeBar(vec![0x77; 4 << 20]),
+            VramPrecopyMode::On,
+        );
         let timeout = Duration::from_secs(60);
         let e = loop {
             match lanes.hold_convergence(true, Duration::ZERO, timeout) {
@@ -964,6 +958,22 @@ mod tests {
         }
     }
 
+    /// Starts VRAM pre-copy on the one lane of `lanes`, reading `bar`
+    /// laid out as a [`Fake`]'s stream.
+    fn start_fake_precopy(
+        lanes: &mut DeviceLanes<UnixStream>,
+        bar: impl vram::BarSource + 'static,
+        mode: VramPrecopyMode,
+    ) {
+        let source = VramSource {
+            bar: Arc::new(bar),
+            layout: Box::new(FakeLayout { at: 0 }),
+        };
+        lanes
+            .start_vram_precopy(vec![Some(source)], plan(mode))
+            .unwrap();
+    }
+
     fn plan(mode: VramPrecopyMode) -> Arc<VramPlan> {
         let key = crate::verify::DigestKey([5; 32]);
         let function = crate::verify::DigestFunction::Nh128;
@@ -999,13 +1009,7 @@ mod tests {
         }
         let incoming = Arc::new(incoming);
         let (mut lanes, servers) = served_lanes(1, &incoming);
-        let source = VramSource {
-            bar: Arc::new(FakeBar(bar)),
-            layout: Box::new(FakeLayout { at: 0 }),
-        };
-        lanes
-            .start_vram_precopy(vec![Some(source)], plan(mode))
-            .unwrap();
+        start_fake_precopy(&mut lanes, FakeBar(bar), mode);
         if let Err(e) = lanes.finish_vram_precopy() {
             drop(lanes);
             for s in servers {
